@@ -1,0 +1,1 @@
+"""Deployment pieces: the local stack launcher (``tessera up``), Dockerfiles and cluster configs."""

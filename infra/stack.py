@@ -1,0 +1,269 @@
+"""The local stack without Docker: a Ray head, an MLflow server on SQLite and one BentoML server per domain.
+
+State, logs and PIDs live under one folder (``TESSERA_HOME``, default ``./.tessera``): ``mlflow/`` (SQLite
+database and artifacts), ``ray/`` (Ray's temp dir), ``ray_results/`` (training checkpoints), ``bentoml/``,
+``logs/`` and ``pids/``. Ports follow the design (MLflow 5000, Ray 6379/8265, services 3001...) and can be
+moved with ``TESSERA_<NAME>_PORT`` variables (tests run a second stack beside a user's).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import registry
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def home() -> Path:
+    return Path(os.environ.get("TESSERA_HOME", Path.cwd() / ".tessera")).resolve()
+
+
+def port(name: str, default: int) -> int:
+    return int(os.environ.get(f"TESSERA_{name.upper()}_PORT", default))
+
+
+def mlflow_url() -> str:
+    return f"http://127.0.0.1:{port('mlflow', 5000)}"
+
+
+def dashboard_url() -> str:
+    return f"http://127.0.0.1:{port('dashboard', 8265)}"
+
+
+def service_url(domain: str) -> str:
+    return f"http://127.0.0.1:{port(domain, registry.get(domain).port)}"
+
+
+@dataclass
+class Component:
+    name: str
+    url: str
+    health: str  # path answering 200 when healthy
+
+    @property
+    def pid_file(self) -> Path:
+        return home() / "pids" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return home() / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + self.health, timeout=timeout) as response:
+                return 200 <= response.status < 300
+        except (OSError, ValueError):
+            return False
+
+
+def components(domains: Iterable[str] | None = None) -> list[Component]:
+    chosen = list(domains) if domains is not None else registry.names()
+    return [
+        Component("mlflow", mlflow_url(), "/health"),
+        Component("ray", dashboard_url(), "/api/version"),
+        *[Component(d, service_url(d), "/livez") for d in chosen],
+    ]
+
+
+def child_env() -> dict[str, str]:
+    """Environment of every stack process (and, through the Ray head, of every job driver)."""
+    env = dict(os.environ)
+    env.update({
+        "MLFLOW_TRACKING_URI": mlflow_url(),
+        "TESSERA_HOME": str(home()),
+        "TESSERA_STORAGE": str(home() / "ray_results"),
+        "BENTOML_HOME": str(home() / "bentoml"),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _spawn(component: Component, argv: list[str]) -> None:
+    component.log_file.parent.mkdir(parents=True, exist_ok=True)
+    component.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(component.log_file, "ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=child_env(), cwd=PROJECT_ROOT, start_new_session=True)
+    component.pid_file.write_text(str(process.pid))
+
+
+def _ray_temp_dir() -> Path:
+    # Ray's unix sockets live under its temp dir; keep the path short (the socket path limit is 107 bytes).
+    return Path(os.environ.get("TESSERA_RAY_TMP", home() / "ray"))
+
+
+def start_mlflow(component: Component) -> None:
+    state = home() / "mlflow"
+    (state / "artifacts").mkdir(parents=True, exist_ok=True)
+    _spawn(component, [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+        "--artifacts-destination", str(state / "artifacts"), "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(port("mlflow", 5000)), "--workers", "1",
+    ])
+
+
+def start_ray(component: Component, num_cpus: int | None) -> None:
+    temp = _ray_temp_dir()
+    temp.mkdir(parents=True, exist_ok=True)
+    argv = [
+        _bin("ray"), "start", "--head", f"--port={port('ray', 6379)}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={port('dashboard', 8265)}",
+        f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats",
+        f"--num-cpus={num_cpus or os.cpu_count() or 2}",
+    ]
+    component.log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(component.log_file, "ab") as log:
+        subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
+                       cwd=PROJECT_ROOT, check=True, timeout=180)
+    gcs = _ray_processes()
+    component.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    component.pid_file.write_text(str(gcs[0] if gcs else ""))
+
+
+def start_service(component: Component) -> None:
+    domain = registry.get(component.name)
+    _spawn(component, [
+        _bin("bentoml"), "serve", domain.service, "--host", "127.0.0.1",
+        "--port", str(port(domain.name, domain.port)),
+    ])
+
+
+def _ray_processes() -> list[int]:
+    """PIDs of the Ray processes of this stack (their command lines name our temp dir)."""
+    import psutil
+
+    marker = str(_ray_temp_dir())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if marker in cmdline and proc.info["pid"] != os.getpid():
+            found.append(proc.info["pid"])
+    return sorted(found)
+
+
+def wait_healthy(items: list[Component], timeout: float) -> list[Component]:
+    """Wait until every component answers its health check; returns the ones that did not."""
+    deadline = time.monotonic() + timeout
+    pending = list(items)
+    while pending and time.monotonic() < deadline:
+        pending = [c for c in pending if not c.healthy()]
+        if pending:
+            time.sleep(1.0)
+    return pending
+
+
+def up(domains: Iterable[str] | None = None, *, num_cpus: int | None = None, timeout: float = 240.0) -> list[Component]:
+    """Start whatever is not running yet and wait for health; returns the components."""
+    items = components(domains)
+    for component in items:
+        if component.healthy():
+            continue
+        if component.name == "mlflow":
+            start_mlflow(component)
+        elif component.name == "ray":
+            start_ray(component, num_cpus)
+        else:
+            start_service(component)
+    failed = wait_healthy(items, timeout)
+    if failed:
+        names = ", ".join(f"{c.name} (log: {c.log_file})" for c in failed)
+        raise RuntimeError(f"not healthy after {timeout:.0f}s: {names}")
+    return items
+
+
+def _terminate(pids: list[int], grace: float = 15.0) -> None:
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs.extend([proc, *proc.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            continue
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM) if proc.pid == os.getpgid(proc.pid) else proc.terminate()
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def down(domains: Iterable[str] | None = None) -> None:
+    """Stop the stack's processes (services first, Ray, then MLflow). Saved state stays on disk."""
+    items = components(domains)
+    for component in reversed(items):
+        if component.name == "ray":
+            if _owns_all_ray():  # graceful first; `ray stop` would also stop other Rays on this machine
+                component.log_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(component.log_file, "ab") as log:
+                    subprocess.run([_bin("ray"), "stop", "--grace-period", "10"], stdout=log,
+                                   stderr=subprocess.STDOUT, env=child_env(), check=False, timeout=60)
+            _terminate(_ray_processes())
+        else:
+            pid = component.pid()
+            if pid is not None:
+                _terminate([pid])
+        component.pid_file.unlink(missing_ok=True)
+
+
+def _owns_all_ray() -> bool:
+    """`ray stop` stops every Ray on the machine; use it only when all Ray processes here are ours."""
+    import psutil
+
+    ours = set(_ray_processes())
+    for proc in psutil.process_iter(["pid", "name"]):
+        name = proc.info.get("name") or ""
+        if name in ("raylet", "gcs_server") and proc.info["pid"] not in ours:
+            return False
+    return bool(ours)
+
+
+def status(domains: Iterable[str] | None = None) -> list[dict[str, object]]:
+    rows = []
+    for component in components(domains):
+        pid = component.pid() if component.name != "ray" else (_ray_processes() or [None])[0]
+        rows.append({"component": component.name, "url": component.url, "pid": pid,
+                     "healthy": component.healthy(), "log": str(component.log_file)})
+    return rows

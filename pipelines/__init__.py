@@ -1,0 +1,1 @@
+"""Training and evaluation jobs that run on Ray and log to MLflow, plus the `tessera` command line."""

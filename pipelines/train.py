@@ -1,0 +1,107 @@
+"""Training job entry point: ``python -m pipelines.train <domain> [--model M] [--data PATH] [--set k=v ...]``.
+
+Runs on the connected Ray cluster (inside a Ray job, or a local Ray started on the spot), trains with the
+shared trainer, registers the model in MLflow under the domain's name, moves the alias ``production`` only
+when the new model beats the current one on validation, and prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared import registry
+from shared.config import parse_overrides, to_dict
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("TESSERA_HOME", Path.cwd() / ".tessera")).resolve()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    parser.add_argument("domain", help=f"one of: {', '.join(registry.names())}")
+    parser.add_argument("--model", help="model of the domain (default: the domain's first)")
+    parser.add_argument("--data", help="data path (default: the domain's synthetic data)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --set epochs=1 d_model=128")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
+    parser.add_argument("--no-register", action="store_true", help="train and log only")
+    return parser.parse_args(argv)
+
+
+def _connect_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith("http"):  # a jobs/dashboard URL is for submission, not for ray.init
+        address = ""
+    ray.init(address=address or None, log_to_driver=True, configure_logging=False)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    import mlflow
+
+    from pipelines.trainer import fit
+    from shared import tracking
+
+    args = parse_args(argv)
+    domain = registry.get(args.domain)
+    if args.model and args.model not in domain.models:
+        raise SystemExit(f"unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
+    cfg = domain.make_config(args.model, args.data, parse_overrides(args.overrides))
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(args.experiment or domain.name)
+    storage = os.environ.get("TESSERA_STORAGE") or str(state_home() / "ray_results")
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    _connect_ray()
+    model_name = getattr(cfg, "model", domain.models[0])
+    data_name = Path(cfg.data).name if getattr(cfg, "data", None) else "synthetic"
+    with mlflow.start_run(run_name=f"{model_name}-{data_name}") as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({"domain": domain.name, "model": model_name, "data": data_name,
+                         "ray_job_id": os.environ.get("RAY_JOB_ID", os.environ.get("RAY_JOB_SUBMISSION_ID", ""))})
+        params = to_dict(cfg)
+        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        print(f"MLflow run {run_id} at {uri}", flush=True)
+        fit(domain.name, cfg, run_id=run_id, tracking_uri=uri, storage_path=storage)
+
+    client = tracking.client(uri)
+    metrics = client.get_run(run_id).data.metrics
+    if f"best_val_{domain.val_metric}" not in metrics:
+        raise RuntimeError(f"run {run_id} finished without final metrics; see the worker logs above")
+
+    result: dict[str, Any] = {"run_id": run_id, "domain": domain.name, "model": model_name,
+                              "version": None, "promoted": False}
+    result.update({k: v for k, v in metrics.items() if k.startswith(("test_", "best_val_", "epochs_run"))})
+    if not args.no_register:
+        info_path = client.download_artifacts(run_id, f"{tracking.MODEL_DIR}/stats.json")
+        info = json.loads(Path(info_path).read_text())
+        signature = domain.eval_signature(cfg, info)
+        val = float(metrics[f"best_val_{domain.val_metric}"])
+        version = tracking.register(client, domain.name, run_id, tags={
+            "model": model_name, "data": data_name, "eval_signature": signature,
+            f"val_{domain.val_metric}": f"{val:.6f}"})
+        promoted, reason = tracking.promote_if_better(client, domain.name, version, domain.val_metric, val,
+                                                      signature)
+        result.update(version=int(version.version), promoted=promoted, promotion=reason)
+        print(f"registered {domain.name} v{version.version}; "
+              f"{'promoted to @production' if promoted else 'not promoted'}: {reason}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    result = run(argv)
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

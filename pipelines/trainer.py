@@ -1,0 +1,217 @@
+"""The one trainer every domain uses: Ray Train ``TorchTrainer`` with per-epoch checkpoints.
+
+Domains supply data, a model and a loss (``shared.registry.Domain``); this module owns the loop: optimizer,
+learning-rate schedule, early stopping on the validation metric, checkpoints every epoch (a restarted worker
+resumes from the last one), progress lines, and MLflow logging from rank 0 (per-epoch metrics, final test
+metrics, plots and the model folder).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from shared import registry
+from shared.config import from_dict, to_dict
+
+FAIL_ONCE_ENV = "TESSERA_FAIL_ONCE_AT_EPOCH"  # fault injection for tests: "<epoch>:<marker file>"
+
+
+def learning_rate(base: float, schedule: str, epoch: int, epochs: int) -> float:
+    """lr for 0-based ``epoch``. 'halve' is the benchmark code's type1: two epochs at base, then halved."""
+    if schedule == "halve":
+        return base * 0.5 ** max(0, epoch - 1)
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+    return base
+
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def _maybe_fail(epoch: int) -> None:
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if epoch == int(at) and marker and not Path(marker).exists():
+        Path(marker).write_text("failed once\n")
+        print(f"fault injection: worker exits during epoch {epoch}", flush=True)
+        os._exit(1)
+
+
+def _loss_figure(history: list[dict[str, float]], metric: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax.plot(epochs, [h[f"val_{metric}"] for h in history], marker="o", label=f"val {metric}")
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function; ``config`` holds the domain name, its config dict and the MLflow run."""
+    import ray.train
+    import ray.train.torch
+    from mlflow import MlflowClient
+
+    from shared.tracking import log_model, unwrap
+
+    domain = registry.get(config["domain"])
+    cfg = from_dict(domain.config_cls, config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(getattr(cfg, "cpus_per_worker", 1))))
+    torch.manual_seed(int(getattr(cfg, "seed", 0)))
+    device = ray.train.torch.get_device()
+    mlflow = MlflowClient(tracking_uri=config["tracking_uri"]) if rank == 0 else None
+    run_id = config["run_id"]
+    metric = domain.val_metric
+
+    data = domain.load_data(cfg)
+    model = domain.build_model(cfg, data.info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
+    state: dict[str, Any] = {"epoch": 0, "best_val": float("inf"), "best_model": None, "bad_epochs": 0,
+                             "history": [], "stopped": False}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["trainer"]
+        _log(rank, f"resumed from checkpoint after epoch {state['epoch']} (best val_{metric} {state['best_val']:.4f})")
+    model = ray.train.torch.prepare_model(model)
+    loader_kw = {"num_workers": 0, "pin_memory": device.type == "cuda"}
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
+                   **loader_kw))
+    val_loader = DataLoader(data.val, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
+    test_loader = DataLoader(data.test, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    steps = len(train_loader) if not cfg.max_steps_per_epoch else min(len(train_loader), cfg.max_steps_per_epoch)
+    _log(rank, f"{domain.name}/{getattr(cfg, 'model', '')}: {sum(p.numel() for p in model.parameters()):,} "
+               f"parameters, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples, "
+               f"{world} worker(s) on {device}")
+
+    def evaluate(loader: DataLoader) -> dict[str, float]:
+        bare = unwrap(model)
+        bare.eval()
+        with torch.inference_mode(), autocast:
+            return domain.evaluate(bare, loader, device)
+
+    while state["epoch"] < cfg.epochs and not state["stopped"]:
+        epoch = state["epoch"]
+        _maybe_fail(epoch)
+        lr = learning_rate(cfg.lr, cfg.lr_schedule, epoch, cfg.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if world > 1 and hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        started, total, seen = time.perf_counter(), 0.0, 0
+        report_every = max(1, steps // 5)
+        for step, batch in enumerate(train_loader):
+            if step >= steps:
+                break
+            with autocast:
+                loss = domain.training_loss(model, batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            seen += cfg.batch_size * world
+            if (step + 1) % report_every == 0 or step + 1 == steps:
+                rate = seen / (time.perf_counter() - started)
+                _log(rank, f"epoch {epoch + 1}/{cfg.epochs} [{'#' * ((step + 1) * 20 // steps):<20}] "
+                           f"{step + 1}/{steps} loss {total / (step + 1):.4f} {rate:.0f} samples/s")
+        elapsed = time.perf_counter() - started
+        val = evaluate(val_loader)
+        record = {"epoch": epoch + 1, "train_loss": total / max(1, steps), "lr": lr, "epoch_seconds": elapsed,
+                  "samples_per_second": seen / elapsed, **{f"val_{k}": v for k, v in val.items()}}
+        state["history"].append(record)
+        if val[metric] < state["best_val"]:
+            state["best_val"] = val[metric]
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            state["bad_epochs"] = 0
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            state["stopped"] = True
+        _log(rank, f"epoch {epoch + 1}: train {record['train_loss']:.4f} "
+                   + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
+                   + f" lr {lr:.2e} {elapsed:.1f}s" + (" (early stop)" if state["stopped"] else ""))
+        if mlflow is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    mlflow.log_metric(run_id, key, float(value), step=epoch + 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                            "trainer": state}, Path(tmp) / "state.pt")
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in record.items()}, checkpoint=ckpt)
+
+    # Final: best weights, test metrics, plots and the model folder (rank 0 only).
+    if state["best_model"] is not None:
+        unwrap(model).load_state_dict(state["best_model"])
+    final: dict[str, Any] = {"epochs_run": state["epoch"], f"best_val_{metric}": state["best_val"]}
+    if rank == 0 and mlflow is not None:
+        test = evaluate(test_loader)
+        final.update({f"test_{k}": v for k, v in test.items()})
+        for key, value in final.items():
+            mlflow.log_metric(run_id, key, float(value))
+        bare = unwrap(model).to(device).eval()
+        figures = {"loss.png": _loss_figure(state["history"], metric)} if state["history"] else {}
+        with torch.inference_mode():
+            figures.update(domain.figures(bare, data, cfg))
+        for name, fig in figures.items():
+            mlflow.log_figure(run_id, fig, f"plots/{name}")
+        log_model(mlflow, run_id, bare, domain.name, cfg, data.info)
+        _log(rank, "test: " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    ray.train.report(final, checkpoint=None)
+
+
+def fit(domain_name: str, cfg: Any, *, run_id: str, tracking_uri: str, storage_path: str) -> None:
+    """Run the trainer on the connected Ray cluster; rank 0 logs every result to the MLflow run ``run_id``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"domain": domain_name, "cfg": to_dict(cfg), "run_id": run_id,
+                           "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{domain_name}-{run_id}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in (FAIL_ONCE_ENV,) if k in os.environ}},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    print(f"trainer finished; last checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)

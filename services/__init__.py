@@ -1,0 +1,1 @@
+"""Domain services; each sub-package registers one domain with ``shared.registry``."""

@@ -1,0 +1,87 @@
+"""The forecasting domain: iTransformer and Autoformer on multivariate time series."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.config import apply_overrides
+from shared.registry import DataBundle, Domain, register
+
+from .config import MODELS, ForecastingConfig
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+
+@register
+class Forecasting(Domain):
+    name = "forecasting"
+    models = MODELS
+    port = 3001
+    endpoint = "/forecast"
+    service = "services.forecasting.service:Forecasting"
+    config_cls = ForecastingConfig
+    val_metric = "mse"
+
+    def make_config(self, model: str | None = None, data: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> ForecastingConfig:
+        overrides = dict(overrides or {})
+        model = model or overrides.pop("model", None) or MODELS[0]
+        pred_len = int(overrides.get("pred_len", 96))
+        cfg = ForecastingConfig.published(str(model), pred_len=pred_len,
+                                          data=str(Path(data).resolve()) if data else None)
+        return apply_overrides(cfg, overrides)
+
+    def load_data(self, cfg: ForecastingConfig) -> DataBundle:
+        from .data import WindowDataset, load_frame, prepare
+
+        frame, name, fingerprint = load_frame(cfg.data, synthetic_steps=cfg.synthetic_steps,
+                                              synthetic_vars=cfg.synthetic_vars, seed=cfg.seed)
+        prepared = prepare(frame, seq_len=cfg.seq_len, pred_len=cfg.pred_len, split=cfg.split, name=name,
+                           time_features=cfg.time_features, fingerprint=fingerprint)
+        splits = [WindowDataset(prepared.values[a:b], prepared.marks[a:b], cfg.seq_len, cfg.label_len, cfg.pred_len)
+                  for a, b in prepared.borders]
+        return DataBundle(train=splits[0], val=splits[1], test=splits[2], info=prepared.info)
+
+    def build_model(self, cfg: ForecastingConfig, info: Mapping[str, Any]) -> torch.nn.Module:
+        n_vars, n_marks = len(info["columns"]), len(info["marks"])
+        if cfg.model == "autoformer":
+            from .model_autoformer import Autoformer
+
+            return Autoformer(cfg, n_vars, n_marks)
+        from .model_itransformer import ITransformer
+
+        return ITransformer(cfg, n_vars, n_marks)
+
+    def eval_signature(self, cfg: ForecastingConfig, info: Mapping[str, Any]) -> str:
+        return f"{info['fingerprint']}:{info['split']}:L{cfg.seq_len}:H{cfg.pred_len}"
+
+    @staticmethod
+    def _forward(model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, x_mark, y_mark = (t.to(device, non_blocking=True) for t in batch)
+        if x_mark.shape[-1] == 0:
+            x_mark = y_mark = None
+        return model(x, x_mark, y_mark), y
+
+    def training_loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        pred, y = self._forward(model, batch, device)
+        return F.mse_loss(pred.float(), y)
+
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+        from .metrics import ErrorAccumulator
+
+        acc = ErrorAccumulator()
+        for batch in batches:
+            pred, y = self._forward(model, batch, device)
+            acc.update(pred, y)
+        return acc.compute()
+
+    def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
+        from .plots import forecast_figure
+
+        return {"forecast_vs_truth.png": forecast_figure(model, data, cfg)}

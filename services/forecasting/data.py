@@ -1,0 +1,228 @@
+"""Forecasting data: CSV/Parquet readers, the standard splits, calendar features and a synthetic generator.
+
+Conventions follow the long-horizon benchmark protocol (Informer / Autoformer / iTransformer): ETT files split
+12/4/4 months, other files 70/10/20 %, validation and test windows start ``seq_len`` earlier so their first
+target follows the previous split, and a standard scaler fitted on the training rows only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+TIME_COLUMNS = ("date", "time", "timestamp", "datetime", "ds")
+HOURS_PER_MONTH = 30 * 24
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file; raises ``ValueError`` with the reason when it is not a numeric table."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        frame = pd.read_parquet(path)
+    elif path.suffix.lower() in (".csv", ".txt", ".gz"):
+        frame = pd.read_csv(path)
+    else:
+        raise ValueError(f"{path.name}: unsupported format {path.suffix!r} (use .csv or .parquet)")
+    if frame.empty:
+        raise ValueError(f"{path.name}: no rows")
+    return frame
+
+
+def find_time_column(frame: pd.DataFrame) -> str | None:
+    for column in frame.columns:
+        if str(column).strip().lower() in TIME_COLUMNS:
+            return str(column)
+    if pd.api.types.is_datetime64_any_dtype(frame.iloc[:, 0]):
+        return str(frame.columns[0])
+    return None
+
+
+def infer_step(times: pd.DatetimeIndex) -> pd.Timedelta:
+    """The sampling step: the most common difference between consecutive timestamps."""
+    if len(times) < 2:
+        raise ValueError("need at least two timestamps to infer the sampling step")
+    diffs = pd.Series(times[1 : min(len(times), 2000)] - times[: min(len(times), 2000) - 1])
+    step = diffs.mode().iloc[0]
+    if step <= pd.Timedelta(0):
+        raise ValueError("timestamps must be strictly increasing")
+    return pd.Timedelta(step)
+
+
+def mark_names(step: pd.Timedelta) -> list[str]:
+    """Calendar features that vary at this sampling step (the 'timeF' encoding of the benchmark code)."""
+    if step < pd.Timedelta(hours=1):
+        return ["minute_of_hour", "hour_of_day", "day_of_week", "day_of_month", "day_of_year"]
+    if step < pd.Timedelta(days=1):
+        return ["hour_of_day", "day_of_week", "day_of_month", "day_of_year"]
+    if step < pd.Timedelta(days=7):
+        return ["day_of_week", "day_of_month", "day_of_year"]
+    return ["day_of_month", "week_of_year", "month_of_year"]
+
+
+def calendar_features(times: pd.DatetimeIndex, names: list[str]) -> np.ndarray:
+    """(T, F) features scaled to [-0.5, 0.5]."""
+    columns = {
+        "minute_of_hour": times.minute / 59.0,
+        "hour_of_day": times.hour / 23.0,
+        "day_of_week": times.dayofweek / 6.0,
+        "day_of_month": (times.day - 1) / 30.0,
+        "day_of_year": (times.dayofyear - 1) / 365.0,
+        "week_of_year": (times.isocalendar().week.to_numpy() - 1) / 52.0,
+        "month_of_year": (times.month - 1) / 11.0,
+    }
+    if not names:
+        return np.zeros((len(times), 0), dtype=np.float32)
+    return np.stack([np.asarray(columns[n], dtype=np.float64) - 0.5 for n in names], axis=1).astype(np.float32)
+
+
+def future_times(last: pd.Timestamp, step: pd.Timedelta, horizon: int) -> pd.DatetimeIndex:
+    return pd.DatetimeIndex([last + step * (i + 1) for i in range(horizon)])
+
+
+def synthetic_frame(steps: int = 6000, n_vars: int = 7, seed: int = 0) -> pd.DataFrame:
+    """An hourly multivariate series with known structure: trend, daily and weekly seasonality, lagged
+    cross-variate coupling and AR(1) noise. Variable ``v{j}`` follows ``v0`` with a lag of ``3*j`` hours."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps + 3 * n_vars, dtype=np.float64)
+    driver = (
+        0.002 * t
+        + 1.5 * np.sin(2 * np.pi * t / 24)
+        + 0.8 * np.sin(2 * np.pi * t / 168 + 0.5)
+        + 0.3 * np.sin(2 * np.pi * t / 12 + 1.0)
+    )
+    columns: dict[str, np.ndarray] = {}
+    for j in range(n_vars):
+        lag = 3 * j
+        base = driver[3 * n_vars - lag : 3 * n_vars - lag + steps]
+        noise = np.zeros(steps)
+        eps = rng.normal(0, 0.15, steps)
+        for i in range(1, steps):
+            noise[i] = 0.7 * noise[i - 1] + eps[i]
+        columns[f"v{j}"] = (1 + 0.2 * j) * base + 0.5 * j + noise
+    frame = pd.DataFrame(columns)
+    frame.insert(0, "date", pd.date_range("2020-01-01", periods=steps, freq="h"))
+    return frame
+
+
+@dataclass
+class Prepared:
+    """A series ready for windowing: standardized values, calendar features and the split borders."""
+
+    values: np.ndarray  # (T, N) standardized
+    marks: np.ndarray  # (T, F)
+    borders: list[tuple[int, int]]  # train, val, test row ranges (val/test start seq_len early)
+    info: dict[str, Any]
+
+
+def split_borders(n_rows: int, seq_len: int, kind: str, step: pd.Timedelta | None) -> list[tuple[int, int]]:
+    if kind == "ett":
+        per_month = HOURS_PER_MONTH
+        if step is not None and step < pd.Timedelta(hours=1):
+            per_month = int(HOURS_PER_MONTH * (pd.Timedelta(hours=1) / step))
+        n_train, n_val, n_test = 12 * per_month, 4 * per_month, 4 * per_month
+        if n_train + n_val + n_test > n_rows:
+            raise ValueError(f"ETT split needs {n_train + n_val + n_test} rows, the file has {n_rows}")
+        return [(0, n_train), (n_train - seq_len, n_train + n_val), (n_train + n_val - seq_len, n_train + n_val + n_test)]
+    n_train = int(n_rows * 0.7)
+    n_test = int(n_rows * 0.2)
+    n_val = n_rows - n_train - n_test
+    return [(0, n_train), (n_train - seq_len, n_train + n_val), (n_rows - n_test - seq_len, n_rows)]
+
+
+def prepare(frame: pd.DataFrame, *, seq_len: int, pred_len: int, split: str = "auto", name: str = "data",
+            time_features: bool = True, fingerprint: str | None = None) -> Prepared:
+    """Standardize (train statistics only), add calendar features and compute split borders."""
+    time_column = find_time_column(frame)
+    times: pd.DatetimeIndex | None = None
+    step: pd.Timedelta | None = None
+    if time_column is not None:
+        times = pd.DatetimeIndex(pd.to_datetime(frame[time_column]))
+        step = infer_step(times)
+        frame = frame.drop(columns=[time_column])
+    non_numeric = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if non_numeric:
+        raise ValueError(f"{name}: non-numeric columns {non_numeric}; keep one time column and numeric variables")
+    raw = frame.to_numpy(dtype=np.float64)
+    if not np.isfinite(raw).all():
+        raw = pd.DataFrame(raw).ffill().bfill().to_numpy()
+        if not np.isfinite(raw).all():
+            raise ValueError(f"{name}: a column is entirely missing")
+    kind = split
+    if kind == "auto":
+        kind = "ett" if name.upper().startswith("ETT") else "ratio"
+    borders = split_borders(len(raw), seq_len, kind, step)
+    if min(end - start for start, end in borders) < seq_len + pred_len:
+        raise ValueError(
+            f"{name}: {len(raw)} rows are too few for seq_len={seq_len} + pred_len={pred_len} in every split"
+        )
+    train = raw[borders[0][0] : borders[0][1]]
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std < 1e-8, 1.0, std)
+    values = ((raw - mean) / std).astype(np.float32)
+    names = mark_names(step) if (time_features and times is not None and step is not None) else []
+    marks = calendar_features(times, names) if (times is not None and names) else np.zeros((len(raw), 0), np.float32)
+    info: dict[str, Any] = {
+        "dataset": name,
+        "fingerprint": fingerprint,
+        "columns": [str(c) for c in frame.columns],
+        "time_column": time_column,
+        "step_seconds": step.total_seconds() if step is not None else None,
+        "marks": names,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "split": kind,
+        "borders": borders,
+        "rows": len(raw),
+    }
+    return Prepared(values=values, marks=marks, borders=borders, info=info)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class WindowDataset(Dataset[tuple[torch.Tensor, ...]]):
+    """Sliding windows: (x (L, N), y (H, N), x_mark (L, F), y_mark (label_len + H, F))."""
+
+    def __init__(self, values: np.ndarray, marks: np.ndarray, seq_len: int, label_len: int, pred_len: int):
+        self.values = torch.from_numpy(np.ascontiguousarray(values))
+        self.marks = torch.from_numpy(np.ascontiguousarray(marks))
+        self.seq_len, self.label_len, self.pred_len = seq_len, label_len, pred_len
+        self.length = len(values) - seq_len - pred_len + 1
+        if self.length < 1:
+            raise ValueError(f"series of {len(values)} steps is shorter than seq_len + pred_len")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        end = i + self.seq_len
+        return (
+            self.values[i:end],
+            self.values[end : end + self.pred_len],
+            self.marks[i:end],
+            self.marks[end - self.label_len : end + self.pred_len],
+        )
+
+
+def load_frame(data: str | None, *, synthetic_steps: int, synthetic_vars: int, seed: int) -> tuple[pd.DataFrame, str, str]:
+    """(frame, dataset name, fingerprint) for a path, or the synthetic series when ``data`` is None."""
+    if data is None:
+        frame = synthetic_frame(synthetic_steps, synthetic_vars, seed=0)
+        return frame, "synthetic", f"synthetic-{synthetic_steps}x{synthetic_vars}"
+    path = Path(data)
+    return read_table(path), path.stem, file_fingerprint(path)

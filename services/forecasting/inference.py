@@ -1,0 +1,64 @@
+"""Request-to-tensor plumbing for the forecasting service (kept out of service.py, which stays thin).
+
+The public service packs each request into one float32 array ``(L + H, N + F)``: the last ``seq_len`` raw
+rows of history in the first ``N`` channels, and calendar features for the history and the forecast span in
+the last ``F``. The model runner batches such arrays, standardizes with the training statistics, runs the
+model and returns ``(H + 1, N)`` per item: ``H`` forecast rows in original units plus one row holding the
+model version that produced them (so a response always names its model, even across a hot swap).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shared.tracking import LoadedModel
+
+from .data import calendar_features, future_times
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    cfg, info = loaded.cfg, loaded.info
+    return {
+        **loaded.describe(),
+        "columns": info["columns"], "seq_len": cfg.seq_len, "label_len": cfg.label_len, "pred_len": cfg.pred_len,
+        "marks": info["marks"], "step_seconds": info["step_seconds"], "dataset": info["dataset"],
+    }
+
+
+def pack(meta: dict[str, Any], values: np.ndarray, times: pd.DatetimeIndex | None) -> np.ndarray:
+    """(L_in, N) raw history (+ its timestamps) -> (seq_len + pred_len, N + F) float32 runner input."""
+    seq_len, pred_len, marks = meta["seq_len"], meta["pred_len"], meta["marks"]
+    n = len(meta["columns"])
+    packed = np.zeros((seq_len + pred_len, n + len(marks)), dtype=np.float32)
+    packed[:seq_len, :n] = values[-seq_len:]
+    if marks:
+        assert times is not None and meta["step_seconds"]
+        span = times[-seq_len:].append(future_times(times[-1], pd.Timedelta(seconds=meta["step_seconds"]), pred_len))
+        packed[:, n:] = calendar_features(span, marks)
+    return packed
+
+
+@torch.inference_mode()
+def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
+    """(B, L + H, N + F) packed inputs -> (B, H + 1, N): forecasts in original units + a version row."""
+    cfg, info = loaded.cfg, loaded.info
+    n, f = len(info["columns"]), len(info["marks"])
+    expected = (cfg.seq_len + cfg.pred_len, n + f)
+    if batch.ndim != 3 or tuple(batch.shape[1:]) != expected:
+        raise ValueError(f"runner input has shape {tuple(batch.shape)}; model v{loaded.version} expects "
+                         f"(B, {expected[0]}, {expected[1]})")
+    mean = torch.tensor(info["mean"], dtype=torch.float32)
+    std = torch.tensor(info["std"], dtype=torch.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    x = (tensor[:, : cfg.seq_len, :n] - mean) / std  # (B, L, N)
+    x_mark = tensor[:, : cfg.seq_len, n:] if f else None  # (B, L, F)
+    y_mark = tensor[:, cfg.seq_len - cfg.label_len :, n:] if f else None  # (B, label_len + H, F)
+    device = next(loaded.model.parameters()).device
+    pred = loaded.model(x.to(device), *(m.to(device) if m is not None else None for m in (x_mark, y_mark)))
+    out = pred.float().cpu() * std + mean  # (B, H, N)
+    version_row = torch.full((out.shape[0], 1, n), float(loaded.version or 0))
+    return torch.cat([out, version_row], dim=1).numpy()

@@ -1,0 +1,1 @@
+"""Tessera's common transformer core: attention, blocks, registry, config and MLflow model I/O."""

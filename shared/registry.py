@@ -1,0 +1,117 @@
+"""The domain registry: one name per domain, everywhere.
+
+A domain is a folder ``services/<name>/`` whose ``__init__.py`` declares a :class:`Domain` subclass with the
+``@register`` decorator. Its heavy parts (torch models, data readers, the BentoML service) are imported
+lazily by the domain's methods, so listing domains stays cheap. The single trainer in ``pipelines/`` only
+talks to domains through this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import pkgutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+    from torch.utils.data import Dataset
+
+
+@dataclass
+class DataBundle:
+    """Train/validation/test datasets plus the JSON-ready statistics saved with the model."""
+
+    train: Dataset[Any]
+    val: Dataset[Any]
+    test: Dataset[Any]
+    info: dict[str, Any] = field(default_factory=dict)  # scalers, columns, frequency, ... (saved as stats.json)
+
+
+class Domain(abc.ABC):
+    """What a domain supplies to the shared trainer, tracker and services."""
+
+    name: ClassVar[str]  # registry key, services/<name>, compose service, MLflow model, Bento
+    models: ClassVar[tuple[str, ...]]  # model names accepted by --model (the first is the default)
+    port: ClassVar[int]  # BentoML service port
+    endpoint: ClassVar[str]  # the prediction route, e.g. "/forecast"
+    service: ClassVar[str]  # "module:Class" of the BentoML service, for `bentoml serve`
+    config_cls: ClassVar[type]
+    val_metric: ClassVar[str]  # metric compared for promotion (lower is better)
+
+    @abc.abstractmethod
+    def make_config(self, model: str | None = None, data: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> Any:
+        """The validated config for ``model`` (published defaults when data is a known benchmark)."""
+
+    @abc.abstractmethod
+    def load_data(self, cfg: Any) -> DataBundle:
+        """Read (or synthesize) the data and split it; statistics come from the training split only."""
+
+    @abc.abstractmethod
+    def build_model(self, cfg: Any, info: Mapping[str, Any]) -> torch.nn.Module:
+        """A fresh model for ``cfg`` and the data statistics ``info``."""
+
+    @abc.abstractmethod
+    def training_loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        """The loss of one batch (the trainer owns the loop, optimizer and schedule)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: torch.nn.Module, batches: Any, device: torch.device) -> dict[str, float]:
+        """Metrics over an iterable of batches; must include ``val_metric``."""
+
+    def eval_signature(self, cfg: Any, info: Mapping[str, Any]) -> str:
+        """Identifies the validation data: scores are compared for promotion only when signatures match."""
+        return str(info.get("fingerprint"))
+
+    def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
+        """Plots logged to MLflow after training (file name -> figure)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Domain]] = {}
+_discovered = False
+
+
+def register(cls: type[Domain]) -> type[Domain]:
+    """Class decorator: make a domain known under ``cls.name``."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"domain {cls.name!r} is registered twice ({existing.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    import services
+
+    for module in pkgutil.iter_modules(services.__path__):
+        if module.ispkg:
+            importlib.import_module(f"services.{module.name}")
+    _discovered = True
+
+
+def names() -> list[str]:
+    """Names of all registered domains, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Domain:
+    """The domain called ``name``; unknown names raise ``KeyError`` listing the known ones."""
+    _discover()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise KeyError(f"unknown domain {name!r}; known domains: {', '.join(sorted(_REGISTRY)) or '(none)'}") from None
+
+
+def domains() -> Iterator[Domain]:
+    for name in names():
+        yield get(name)

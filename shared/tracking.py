@@ -1,0 +1,161 @@
+"""MLflow tracking and model I/O shared by every domain.
+
+A registered model is a folder of plain data, never pickles: ``weights.safetensors`` (the state dict),
+``config.json`` (domain, model name and the full config) and ``stats.json`` (scalers, columns, grid, ...).
+It is logged as run artifacts under ``model/`` and registered as a model version whose source is that
+folder; the alias ``production`` marks the version the services answer with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from safetensors.torch import load_file, save_file
+
+from shared import registry
+from shared.config import from_dict, to_dict
+
+PRODUCTION = "production"
+MODEL_DIR = "model"
+DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def save_model_dir(path: Path, model: torch.nn.Module, domain: str, cfg: Any, info: dict[str, Any]) -> Path:
+    """Write weights, config and statistics of a model into ``path`` (created)."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, str(path / "weights.safetensors"))
+    (path / "config.json").write_text(json.dumps({"domain": domain, "config": to_dict(cfg)}, indent=2))
+    (path / "stats.json").write_text(json.dumps(info, indent=2))
+    return path
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    cfg: Any
+    info: dict[str, Any]
+    domain: str
+    name: str | None = None  # registered model name
+    version: str | None = None
+    run_id: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id,
+                "architecture": getattr(self.cfg, "model", None)}
+
+
+def load_model_dir(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a model from a folder written by :func:`save_model_dir` (no code is unpickled)."""
+    meta = json.loads((path / "config.json").read_text())
+    info = json.loads((path / "stats.json").read_text())
+    domain = registry.get(meta["domain"])
+    cfg = from_dict(domain.config_cls, meta["config"])
+    model = domain.build_model(cfg, info)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "weights.safetensors")), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    return LoadedModel(model=model, cfg=cfg, info=info, domain=meta["domain"])
+
+
+def log_model(mlflow_client: MlflowClient, run_id: str, model: torch.nn.Module, domain: str, cfg: Any,
+              info: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_dir(Path(tmp) / MODEL_DIR, model, domain, cfg, info)
+        mlflow_client.log_artifacts(run_id, str(Path(tmp) / MODEL_DIR), artifact_path=MODEL_DIR)
+
+
+def production_version(mlflow_client: MlflowClient, name: str, alias: str = PRODUCTION) -> ModelVersion | None:
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def register(mlflow_client: MlflowClient, name: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
+    """Register ``runs:/<run_id>/model`` as a new version of ``name``."""
+    try:
+        mlflow_client.create_registered_model(name, description=f"Tessera {name} models (weights + config + stats)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run = mlflow_client.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_DIR}"
+    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    for _ in range(60):
+        if version.status == "READY":
+            break
+        time.sleep(0.5)
+        version = mlflow_client.get_model_version(name, version.version)
+    return version
+
+
+def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVersion, metric: str,
+                      value: float, signature: str, alias: str = PRODUCTION) -> tuple[bool, str]:
+    """Move ``alias`` to ``version`` when it beats the current holder on ``metric`` (lower is better).
+
+    Scores are only comparable on the same validation data (``signature``); a model evaluated on other
+    data replaces the holder, and the reason says so.
+    """
+    current = production_version(mlflow_client, name, alias)
+    if current is None:
+        reason = "first model: no production version yet"
+    else:
+        cur_sig = current.tags.get("eval_signature")
+        cur_val = current.tags.get(f"val_{metric}")
+        if cur_sig == signature and cur_val is not None:
+            if value >= float(cur_val):
+                return False, (f"val_{metric} {value:.4f} does not beat production v{current.version} "
+                               f"({float(cur_val):.4f})")
+            reason = f"val_{metric} {value:.4f} beats production v{current.version} ({float(cur_val):.4f})"
+        else:
+            reason = (f"production v{current.version} was validated on other data ({cur_sig}); "
+                      f"the newest model for {signature} takes over")
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return True, reason
+
+
+def load_registered(name: str, alias: str = PRODUCTION, uri: str | None = None,
+                    device: str | torch.device = "cpu") -> LoadedModel | None:
+    """Download and rebuild ``models:/<name>@<alias>``; None when no version holds the alias."""
+    mlflow_client = client(uri)
+    version = production_version(mlflow_client, name, alias)
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow_client.download_artifacts(version.run_id, MODEL_DIR, tmp) if version.run_id else None
+        if local is None:
+            raise ValueError(f"model version {name} v{version.version} has no run to download from")
+        loaded = load_model_dir(Path(local), device)
+    loaded.name, loaded.version, loaded.run_id = name, str(version.version), version.run_id
+    return loaded
