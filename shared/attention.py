@@ -1,0 +1,442 @@
+"""The one attention entry point of Tessera.
+
+Every model attends through :func:`attention` (or :class:`MultiHeadAttention`, which wraps it); nothing else in
+the project calls SDPA, ``nn.MultiheadAttention`` or flash-attn (``tests/test_no_direct_attention.py``). The
+function picks the fastest kernel that supports its inputs:
+
+* ``"flash_attn"``: FlashAttention-2 (``flash_attn_func``; ``flash_attn_varlen_func`` for padded batches) on CUDA
+  (sm80+) with fp16/bf16, head dim <= 256 and no arbitrary ``attn_mask``;
+* ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on CUDA and on CPU);
+* ``"reference"``: an explicit ``softmax(Q Kᵀ · scale + mask) V`` in plain torch, the ground truth of the tests.
+
+One set of semantics holds for every backend:
+
+* layout (B, H, L, D) as in SDPA; ``v`` may have its own head dim Dv (not on flash-attn);
+* ``attn_mask`` is bool (True = may attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk);
+* ``key_padding_mask`` is (B, Lk) bool with True = a real token;
+* ``causal`` is top-left aligned (query i sees keys j <= i), SDPA's ``is_causal``, also when Lq != Lk;
+  flash-attn aligns bottom-right, so those cases go to SDPA;
+* a query row that may attend to no key at all returns zeros (and zero gradients), never NaN;
+* ``dropout_p`` is applied whenever it is > 0: callers pass 0 in eval mode (:class:`MultiHeadAttention` does).
+
+Backend choice: the ``backend`` argument, else the ``TESSERA_ATTENTION_BACKEND`` environment variable, else
+automatic. A forced backend that cannot run the inputs raises ``ValueError`` rather than silently falling back.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("flash_attn", "sdpa", "reference")
+ENV_VAR = "TESSERA_ATTENTION_BACKEND"
+FLASH_MAX_HEAD_DIM = 256
+_HALF = (torch.float16, torch.bfloat16)
+# Devices whose SDPA kernels return zeros for fully-masked rows (PyTorch >= 2.5 on CPU; checked by the tests).
+# Elsewhere (CUDA's memory-efficient kernel has returned NaN for them) such rows are patched around the call.
+_SDPA_SAFE_DEVICES = {"cpu"}
+
+
+@functools.cache
+def _flash_module() -> ModuleType | None:
+    """The ``flash_attn`` package, or None when it is absent or cannot load (a build for another CUDA/torch)."""
+    try:
+        return importlib.import_module("flash_attn")
+    except Exception:  # a broken GPU build must not take CPU users down with it
+        return None
+
+
+def _flash_device_ok(t: Tensor) -> bool:
+    """True when ``t`` is an fp16/bf16 tensor on a CUDA GPU that FlashAttention-2 supports (Ampere or newer)."""
+    if not t.is_cuda or t.dtype not in _HALF:
+        return False
+    major, _ = torch.cuda.get_device_capability(t.device)
+    return major >= 8
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, fastest first (flash-attn only when the package imports)."""
+    return (["flash_attn"] if _flash_module() is not None else []) + ["sdpa", "reference"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation and backend selection
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                  key_padding_mask: Tensor | None, dropout_p: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, L, D), got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise ValueError(f"attention: {name} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, _) = q.shape, k.shape, v.shape
+    if not b == bk == bv:
+        raise ValueError(f"attention: batch sizes differ: q {b}, k {bk}, v {bv}")
+    if not h == hk == hv:
+        raise ValueError(f"attention: numbers of heads differ: q {h}, k {hk}, v {hv} (shapes are (B, H, L, D))")
+    if dk != d:
+        raise ValueError(f"attention: q and k head dims differ: {d} vs {dk}")
+    if lv != lk:
+        raise ValueError(f"attention: k and v lengths differ: {lk} vs {lv}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(f"attention: attn_mask must be bool (True = may attend) or float, got {attn_mask.dtype}")
+        target = (b, h, lq, lk)
+        shape = (1,) * (4 - attn_mask.dim()) + _shape(attn_mask)
+        if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
+            raise ValueError(f"attention: attn_mask of shape {_shape(attn_mask)} does not broadcast to "
+                             f"(B, H, Lq, Lk) = {target}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"attention: key_padding_mask must be bool (True = real token), got "
+                             f"{key_padding_mask.dtype}")
+        if _shape(key_padding_mask) != (b, lk):
+            raise ValueError(f"attention: key_padding_mask must have shape (B, Lk) = {(b, lk)}, got "
+                             f"{_shape(key_padding_mask)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p={dropout_p} must be in [0, 1)")
+
+
+def _flash_unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                       key_padding_mask: Tensor | None, causal: bool) -> str | None:
+    """Why flash-attn cannot run these inputs, or None when it can."""
+    if _flash_module() is None:
+        return "the flash_attn package is not installed"
+    if not all(_flash_device_ok(t) for t in (q, k, v)):
+        return "flash_attn needs fp16/bf16 tensors on a CUDA GPU of compute capability >= 8.0"
+    if q.shape[-1] > FLASH_MAX_HEAD_DIM or v.shape[-1] != q.shape[-1]:
+        return f"flash_attn needs one head dim <= {FLASH_MAX_HEAD_DIM} for q, k and v"
+    if attn_mask is not None:
+        return "flash_attn takes no arbitrary attn_mask (key_padding_mask is fine)"
+    if causal and (q.shape[-2] != k.shape[-2] or key_padding_mask is not None):
+        return "flash_attn aligns the causal mask bottom-right; Tessera's causal is top-left"
+    return None
+
+
+def _requested_backend(backend: str | None) -> str | None:
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "").strip().lower()
+    if name in (None, "", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: expected one of {list(BACKENDS)} or 'auto'")
+    return name
+
+
+def _select(requested: str | None, flash_reason: str | None) -> str:
+    if requested is None:
+        return "flash_attn" if flash_reason is None else "sdpa"
+    if requested == "flash_attn" and flash_reason is not None:
+        raise ValueError(f"attention backend 'flash_attn' was forced but cannot run these inputs: {flash_reason}")
+    return requested
+
+
+def select_backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
+                   key_padding_mask: Tensor | None = None, causal: bool = False,
+                   backend: str | None = None) -> str:
+    """The backend :func:`attention` uses for these arguments (the argument, else the env var, else auto)."""
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, 0.0)
+    requested = _requested_backend(backend)
+    return _select(requested, _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masks
+
+
+def _keep_only(mask: Tensor | None, keep: Tensor) -> Tensor:
+    """``mask`` restricted to where ``keep`` (bool) is True; stays bool, or float with -inf where dropped."""
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return torch.where(keep, mask, float("-inf"))
+
+
+def _combined_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                   causal: bool) -> Tensor | None:
+    """One bool or float mask broadcastable to (B, H, Lq, Lk) from the three ways of masking."""
+    mask = attn_mask
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    if key_padding_mask is not None:
+        mask = _keep_only(mask, key_padding_mask[:, None, None, :])  # (B, 1, 1, Lk)
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        mask = _keep_only(mask, torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril())  # (Lq, Lk)
+    return mask
+
+
+def _live_rows(mask: Tensor) -> Tensor:
+    """(..., Lq, 1) bool: query rows that may attend to at least one key."""
+    if mask.dtype == torch.bool:
+        return mask.any(dim=-1, keepdim=True)
+    return ~torch.isneginf(mask).all(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float,
+               scale: float | None) -> Tensor:
+    out_dtype = q.dtype
+    compute = torch.float32 if out_dtype in _HALF else out_dtype
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (B, H, Lq, 1): nothing to attend to (or Lk = 0)
+    probs = scores.masked_fill(dead, 0.0).softmax(dim=-1).masked_fill(dead, 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return (probs @ v).to(out_dtype)  # (B, H, Lq, Dv)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+          causal: bool, dropout_p: float, scale: float | None) -> Tensor:
+    if attn_mask is None and key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    mask = _combined_mask(q, k, attn_mask, key_padding_mask, causal)
+    assert mask is not None
+    if q.device.type in _SDPA_SAFE_DEVICES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    # Let dead rows attend everywhere (finite values and gradients), then zero them.
+    live = _live_rows(mask)
+    mask = mask | ~live if mask.dtype == torch.bool else mask.masked_fill(~live, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(~live, 0.0)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, dropout_p: float,
+           scale: float | None) -> Tensor:
+    fa = _flash_module()
+    assert fa is not None
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, L, H, D): flash-attn's layout
+    if key_padding_mask is None:
+        out = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)  # (B, Lq, H, D)
+        return out.transpose(1, 2)  # (B, H, Lq, D)
+    # Padded keys: pack the real keys, keep every query (a cross-attention query side may have no padding).
+    batch, lq, heads, dim = q.shape
+    k_packed, cu_k, max_k = pack(k, key_padding_mask)  # (total_k, H, D)
+    v_packed = v[key_padding_mask]  # (total_k, H, D)
+    cu_q = torch.arange(0, (batch + 1) * lq, lq, dtype=torch.int32, device=q.device)
+    out = fa.flash_attn_varlen_func(q.reshape(batch * lq, heads, dim), k_packed, v_packed, cu_q, cu_k, lq, max_k,
+                                    dropout_p=dropout_p, softmax_scale=scale, causal=False)  # (B * Lq, H, D)
+    return out.view(batch, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+              key_padding_mask: Tensor | None = None, causal: bool = False, dropout_p: float = 0.0,
+              scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Scaled dot-product attention: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv).
+
+    See the module docstring for the mask conventions and how the backend is chosen.
+    """
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p)
+    name = _select(_requested_backend(backend), _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal))
+    if name == "flash_attn":
+        return _flash(q, k, v, key_padding_mask, causal, dropout_p, scale)
+    if name == "sdpa":
+        return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)
+    return _reference(q, k, v, _combined_mask(q, k, attn_mask, key_padding_mask, causal), dropout_p, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packed variable-length sequences (flash-attn's convention: int32 cu_seqlens of length B + 1)
+
+
+def pack(x: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Drop the padding of ``x`` (B, L, ...) with mask (B, L) (True = real): (total, ...), cu_seqlens, max_seqlen.
+
+    Real tokens keep their order; :func:`unpack` puts them back left-aligned, so the round trip is exact for
+    right-padded batches.
+    """
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+        raise ValueError(f"pack: key_padding_mask must be 2-D bool (B, L), got {key_padding_mask.dtype} "
+                         f"{_shape(key_padding_mask)}")
+    if x.shape[:2] != key_padding_mask.shape:
+        raise ValueError(f"pack: x {_shape(x)} and key_padding_mask {_shape(key_padding_mask)} differ in (B, L)")
+    lengths = key_padding_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))  # (B + 1,)
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return x[key_padding_mask], cu_seqlens, max_seqlen  # (total, ...)
+
+
+def _token_index(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """(sequence, position) of every packed token, each (total,)."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
+    pos = torch.arange(total, device=cu.device) - cu[:-1][seq]
+    return seq, pos
+
+
+def unpack(packed: Tensor, cu_seqlens: Tensor, batch: int, max_len: int) -> Tensor:
+    """Inverse of :func:`pack`: (total, ...) -> (batch, max_len, ...), sequences left-aligned, zeros after."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() != batch + 1:
+        raise ValueError(f"unpack: cu_seqlens must have length batch + 1 = {batch + 1}, got {_shape(cu_seqlens)}")
+    seq, pos = _token_index(cu_seqlens, packed.shape[0])
+    out = packed.new_zeros((batch, max_len, *packed.shape[1:]))  # (B, Lmax, ...)
+    return out.index_put((seq, pos), packed)
+
+
+def _check_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                  max_seqlen_q: int, max_seqlen_k: int, dropout_p: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"varlen_attention: {name} must be 3-D (total_tokens, H, D), got shape {_shape(t)}")
+    if not q.shape[1] == k.shape[1] == v.shape[1]:
+        raise ValueError(f"varlen_attention: numbers of heads differ: q {q.shape[1]}, k {k.shape[1]}, "
+                         f"v {v.shape[1]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"varlen_attention: q and k head dims differ: {q.shape[2]} vs {k.shape[2]}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"varlen_attention: k and v token counts differ: {k.shape[0]} vs {v.shape[0]}")
+    for name, cu, t in (("cu_seqlens_q", cu_seqlens_q, q), ("cu_seqlens_k", cu_seqlens_k, k)):
+        if cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point() or cu.dtype == torch.bool:
+            raise ValueError(f"varlen_attention: {name} must be a 1-D integer tensor of length B + 1, got "
+                             f"{cu.dtype} {_shape(cu)}")
+        if cu.device.type == "cpu" and int(cu[-1]) != t.shape[0]:  # free on CPU; a sync on GPU, so skipped
+            raise ValueError(f"varlen_attention: {name}[-1] = {int(cu[-1])} but there are {t.shape[0]} tokens")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"varlen_attention: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
+                         f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"varlen_attention: max_seqlen_q={max_seqlen_q}, max_seqlen_k={max_seqlen_k} must be >= 0")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"varlen_attention: dropout_p={dropout_p} must be in [0, 1)")
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False, dropout_p: float = 0.0,
+                     scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Attention over packed sequences: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv) -> (total_q, H, Dv).
+
+    Sequence b holds tokens ``cu_seqlens[b]:cu_seqlens[b + 1]`` and attends only within itself. flash-attn runs
+    it as is; otherwise the batch is padded to (B, H, Lmax, D), run through :func:`attention` with a key-padding
+    mask and re-packed. ``causal`` is top-left per sequence, like :func:`attention`.
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p)
+    flash_reason = None
+    if _flash_module() is None:
+        flash_reason = "the flash_attn package is not installed"
+    elif not all(_flash_device_ok(t) for t in (q, k, v)):
+        flash_reason = "flash_attn needs fp16/bf16 tensors on a CUDA GPU of compute capability >= 8.0"
+    elif q.shape[-1] > FLASH_MAX_HEAD_DIM or v.shape[-1] != q.shape[-1]:
+        flash_reason = f"flash_attn needs one head dim <= {FLASH_MAX_HEAD_DIM} for q, k and v"
+    elif causal and cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        flash_reason = "flash_attn aligns the causal mask bottom-right; Tessera's causal is top-left"
+    name = _select(_requested_backend(backend), flash_reason)
+    if name == "flash_attn":
+        fa = _flash_module()
+        assert fa is not None
+        return fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                         max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, softmax_scale=scale,
+                                         causal=causal)
+    batch = cu_seqlens_q.numel() - 1
+    seq_q, pos_q = _token_index(cu_seqlens_q, q.shape[0])
+    seq_k, pos_k = _token_index(cu_seqlens_k, k.shape[0])
+    q_pad = q.new_zeros(batch, max_seqlen_q, *q.shape[1:]).index_put((seq_q, pos_q), q)  # (B, Lq, H, D)
+    k_pad = k.new_zeros(batch, max_seqlen_k, *k.shape[1:]).index_put((seq_k, pos_k), k)  # (B, Lk, H, D)
+    v_pad = v.new_zeros(batch, max_seqlen_k, *v.shape[1:]).index_put((seq_k, pos_k), v)  # (B, Lk, H, Dv)
+    real_k = torch.zeros(batch, max_seqlen_k, dtype=torch.bool, device=k.device)
+    real_k = real_k.index_put((seq_k, pos_k), torch.ones_like(pos_k, dtype=torch.bool))  # (B, Lk)
+    out = attention(q_pad.transpose(1, 2), k_pad.transpose(1, 2), v_pad.transpose(1, 2), key_padding_mask=real_k,
+                    causal=causal, dropout_p=dropout_p, scale=scale, backend=name)  # (B, H, Lq, Dv)
+    return out.transpose(1, 2)[seq_q, pos_q]  # (total_q, H, Dv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# module
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention on :func:`attention`: self-attention when ``context`` is None, else cross-attention.
+
+    When the keys come from ``d_model``-wide inputs (``kv_dim`` None or equal), Q, K and V share one fused
+    projection, so self-attention is one matmul and cross-attention slices it; a different ``kv_dim`` makes a
+    cross-attention-only module with separate Q and KV projections. ``dropout`` acts on the attention weights,
+    in training mode only.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 kv_dim: int | None = None) -> None:
+        super().__init__()
+        if d_model < 1 or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be a positive multiple of n_heads={n_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.kv_dim = d_model if kv_dim is None else kv_dim
+        self.dropout = dropout
+        self.qkv: nn.Linear | None = None
+        self.q_proj: nn.Linear | None = None
+        self.kv_proj: nn.Linear | None = None
+        if self.kv_dim == d_model:
+            self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        else:
+            self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+            self.kv_proj = nn.Linear(self.kv_dim, 2 * d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        batch, lq, _ = x.shape
+        heads, dim = self.n_heads, self.head_dim
+        if context is None:
+            if self.qkv is None:
+                raise ValueError(f"MultiHeadAttention(kv_dim={self.kv_dim}) is cross-attention only: pass context")
+            qkv = self.qkv(x).view(batch, lq, 3, heads, dim).permute(2, 0, 3, 1, 4)  # (3, B, H, Lq, Dh)
+            q, k, v = qkv.unbind(0)
+            return q, k, v
+        if self.qkv is not None:
+            w_q, w_kv = self.qkv.weight.split([self.d_model, 2 * self.d_model])
+            b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([self.d_model, 2 * self.d_model])
+            q, kv = F.linear(x, w_q, b_q), F.linear(context, w_kv, b_kv)
+        else:
+            assert self.q_proj is not None and self.kv_proj is not None
+            q, kv = self.q_proj(x), self.kv_proj(context)
+        q = q.view(batch, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, Dh)
+        k, v = kv.view(batch, context.shape[1], 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, Lk, Dh)
+        return q, k, v
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, attn_mask: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x (B, Lq, d_model), context (B, Lk, kv_dim) or None -> (B, Lq, d_model).
+
+        ``attn_mask`` may also be (B, Lq, Lk) (the same mask for every head); ``key_padding_mask`` is (B, Lk),
+        True = real token.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MultiHeadAttention: x must be (B, L, d_model={self.d_model}), got {_shape(x)}")
+        if context is not None and (context.dim() != 3 or context.shape[-1] != self.kv_dim
+                                    or context.shape[0] != x.shape[0]):
+            raise ValueError(f"MultiHeadAttention: context must be (B={x.shape[0]}, Lk, kv_dim={self.kv_dim}), "
+                             f"got {_shape(context)}")
+        q, k, v = self._project(x, context)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, Lq, Lk)
+        out = attention(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal,
+                        dropout_p=self.dropout if self.training else 0.0)  # (B, H, Lq, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.d_model))  # (B, Lq, d_model)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, kv_dim={self.kv_dim}, dropout={self.dropout}"

@@ -1,0 +1,449 @@
+"""shared.attention: every backend against the explicit reference, dispatch, varlen, masks and input checks."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import shared.attention as attn_mod
+from shared.attention import (
+    ENV_VAR,
+    MultiHeadAttention,
+    attention,
+    available_backends,
+    pack,
+    select_backend,
+    unpack,
+    varlen_attention,
+)
+
+TOL = {"atol": 2e-5, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def _qkv(b: int = 2, h: int = 3, lq: int = 7, lk: int = 7, d: int = 16, dv: int | None = None,
+         seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g, dtype=dtype)
+    k = torch.randn(b, h, lk, d, generator=g, dtype=dtype)
+    v = torch.randn(b, h, lk, dv or d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _padding(b: int, lk: int, lengths: list[int]) -> Tensor:
+    return torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None]  # (B, Lk), True = real
+
+
+def _cpu_backends() -> list[str]:
+    return [b for b in available_backends() if b != "flash_attn"]  # flash-attn runs on CUDA only
+
+
+def _fast_cpu_backends() -> list[str]:
+    return [b for b in _cpu_backends() if b != "reference"]
+
+
+# name -> (shape kwargs, attention kwargs builder)
+CASES: dict[str, tuple[dict[str, int], Any]] = {
+    "plain": ({}, lambda b, h, lq, lk: {}),
+    "bool_mask": ({}, lambda b, h, lq, lk: {"attn_mask": torch.rand(b, 1, lq, lk) > 0.3}),
+    "float_mask": ({}, lambda b, h, lq, lk: {"attn_mask": torch.randn(lq, lk)}),
+    "float_mask_inf": ({}, lambda b, h, lq, lk: {
+        "attn_mask": torch.where(torch.rand(b, h, lq, lk) > 0.3, 0.0, float("-inf"))}),
+    "key_padding": ({}, lambda b, h, lq, lk: {"key_padding_mask": _padding(b, lk, [lk, 3])}),
+    "causal": ({}, lambda b, h, lq, lk: {"causal": True}),
+    "cross": ({"lq": 5, "lk": 11}, lambda b, h, lq, lk: {}),
+    "cross_causal": ({"lq": 5, "lk": 11}, lambda b, h, lq, lk: {"causal": True}),
+    "cross_padding": ({"lq": 5, "lk": 11}, lambda b, h, lq, lk: {"key_padding_mask": _padding(b, lk, [4, 11])}),
+    "scale": ({}, lambda b, h, lq, lk: {"scale": 0.37}),
+    "value_dim": ({"dv": 24}, lambda b, h, lq, lk: {}),
+    "everything": ({"lq": 6, "lk": 9}, lambda b, h, lq, lk: {
+        "attn_mask": torch.rand(lq, lk) > 0.2, "key_padding_mask": _padding(b, lk, [9, 6]), "causal": True,
+        "scale": 0.2}),
+}
+
+
+def _reference_by_hand(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """softmax(QKᵀ·scale) V with a bool mask, written out independently of shared.attention."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(scores.softmax(-1)) @ v
+
+
+def test_reference_matches_a_hand_written_softmax() -> None:
+    q, k, v = _qkv(lq=5, lk=9, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 5, 9) > 0.3) & torch.ones(5, 9, dtype=torch.bool).tril()
+    mask[..., 0] = True
+    out = attention(q, k, v, attn_mask=mask, causal=True, backend="reference", scale=0.3)
+    torch.testing.assert_close(out, _reference_by_hand(q, k, v, mask, 0.3))
+    default = attention(q, k, v, backend="reference")
+    torch.testing.assert_close(default, _reference_by_hand(q, k, v, torch.ones(5, 9, dtype=torch.bool),
+                                                           1 / math.sqrt(16)))
+
+
+@pytest.mark.parametrize("backend", _fast_cpu_backends())
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference_forward_and_backward(backend: str, case: str) -> None:
+    shape, make_kwargs = CASES[case]
+    torch.manual_seed(1)
+    q, k, v = _qkv(**shape)
+    kwargs = make_kwargs(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    grads = []
+    outs = []
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = attention(*leaves, backend=name, **kwargs)
+        out.backward(torch.ones_like(out) + torch.arange(out.shape[-1]) / out.shape[-1])
+        outs.append(out.detach())
+        grads.append([t.grad for t in leaves])
+    assert torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    for got, want in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_sdpa_matches_reference_in_float64_and_bfloat16() -> None:
+    q, k, v = _qkv(dtype=torch.float64, lq=9, lk=13)
+    mask = torch.rand(9, 13) > 0.3
+    torch.testing.assert_close(attention(q, k, v, attn_mask=mask, backend="sdpa"),
+                               attention(q, k, v, attn_mask=mask, backend="reference"), atol=1e-12, rtol=1e-10)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    out = attention(qb, kb, vb, backend="sdpa")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), attention(q, k, v, backend="reference"), atol=3e-2, rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fully-masked rows
+
+
+def _dead_row_inputs() -> list[tuple[str, dict[str, Any], Tensor]]:
+    """(label, kwargs, dead (B, H, Lq) bool) triples whose marked query rows may attend to nothing."""
+    b, h, lq, lk = 2, 3, 6, 6
+    bool_mask = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    bool_mask[0, 0, 2] = False
+    float_mask = torch.zeros(lq, lk)
+    float_mask[4] = float("-inf")
+    empty = _padding(b, lk, [0, 4])  # batch 0 has no real key
+    left_padded = torch.arange(lk)[None, :] >= torch.tensor([2, 0])[:, None]  # batch 0: two padding keys first
+    out = []
+    dead = torch.zeros(b, h, lq, dtype=torch.bool)
+    dead[0, :, 2] = True
+    out.append(("bool", {"attn_mask": bool_mask}, dead))
+    dead = torch.zeros(b, h, lq, dtype=torch.bool)
+    dead[:, :, 4] = True
+    out.append(("float", {"attn_mask": float_mask}, dead))
+    dead = torch.zeros(b, h, lq, dtype=torch.bool)
+    dead[0] = True
+    out.append(("empty_sequence", {"key_padding_mask": empty}, dead))
+    dead = torch.zeros(b, h, lq, dtype=torch.bool)
+    dead[0, :, :2] = True
+    out.append(("causal_left_padding", {"key_padding_mask": left_padded, "causal": True}, dead))
+    return out
+
+
+@pytest.mark.parametrize("patched_device", [False, True], ids=["native", "guarded"])
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_fully_masked_rows_give_zeros_not_nan(backend: str, patched_device: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if patched_device:  # exercise the guard used on devices whose SDPA kernels may return NaN
+        monkeypatch.setattr(attn_mod, "_SDPA_SAFE_DEVICES", set())
+    for label, kwargs, dead in _dead_row_inputs():
+        q, k, v = (t.requires_grad_(True) for t in _qkv(lq=6, lk=6))
+        out = attention(q, k, v, backend=backend, **kwargs)
+        out.sum().backward()
+        assert torch.isfinite(out).all(), label
+        assert (out[dead] == 0).all(), label
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), label
+        assert (q.grad[dead] == 0).all(), label
+        ref = attention(q, k, v, backend="reference", **kwargs)
+        torch.testing.assert_close(out, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dropout
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_dropout_changes_output_but_keeps_its_expectation(backend: str) -> None:
+    torch.manual_seed(0)
+    q, k, v = _qkv(b=1, h=1, lq=3, lk=5, d=8)
+    clean = attention(q, k, v, backend=backend)
+    noisy = attention(q, k, v, dropout_p=0.3, backend=backend)
+    assert not torch.allclose(noisy, clean)
+    n = 20000
+    many = attention(*(t.expand(n, -1, -1, -1) for t in (q, k, v)), dropout_p=0.3, backend=backend)
+    torch.testing.assert_close(many.mean(0, keepdim=True), clean, atol=0.05, rtol=0.0)
+
+
+def test_module_dropout_only_in_training() -> None:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, dropout=0.5)
+    x = torch.randn(2, 6, 16)
+    mha.eval()
+    torch.testing.assert_close(mha(x), mha(x))
+    mha.train()
+    assert not torch.allclose(mha(x), mha(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _reference_flash_module(calls: list[str]) -> SimpleNamespace:
+    """A stand-in for the flash_attn package with its layout and bottom-right causal convention, on CPU."""
+
+    def one(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) -> Tensor:  # (L, H, D) each
+        lq, lk = q.shape[0], k.shape[0]
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq) if causal else None
+        out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                        attn_mask=mask, scale=scale, backend="reference")
+        return out[0].transpose(0, 1)  # (Lq, H, D)
+
+    def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                        causal: bool = False) -> Tensor:
+        calls.append("flash_attn_func")
+        return torch.stack([one(q[i], k[i], v[i], softmax_scale, causal) for i in range(q.shape[0])])
+
+    def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                               dropout_p: float = 0.0, softmax_scale: float | None = None,
+                               causal: bool = False) -> Tensor:
+        calls.append("flash_attn_varlen_func")
+        assert cu_q.dtype == cu_k.dtype == torch.int32
+        parts = []
+        for i in range(cu_q.numel() - 1):
+            sq, sk = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+            parts.append(one(q[sq], k[sk], v[sk], softmax_scale, causal))
+        return torch.cat(parts)
+
+    return SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+@pytest.fixture
+def fake_flash(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Pretend flash-attn is installed and the CPU tensors are on a supported GPU; returns the call log."""
+    calls: list[str] = []
+    fake = _reference_flash_module(calls)
+    monkeypatch.setattr(attn_mod, "_flash_module", lambda: fake)
+    monkeypatch.setattr(attn_mod, "_flash_device_ok", lambda t: True)
+    return calls
+
+
+def test_without_flash_attn_auto_picks_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attn_mod, "_flash_module", lambda: None)
+    calls: list[int] = []
+    real = attn_mod._sdpa
+
+    def spy(*args: Any, **kwargs: Any) -> Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "_sdpa", spy)
+    q, k, v = _qkv()
+    assert available_backends() == ["sdpa", "reference"]
+    assert select_backend(q, k, v) == "sdpa"
+    attention(q, k, v, key_padding_mask=_padding(2, 7, [7, 2]))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="not installed"):
+        attention(q, k, v, backend="flash_attn")
+
+
+def test_flash_attn_is_skipped_for_cpu_tensors() -> None:
+    q, k, v = _qkv()
+    assert select_backend(q, k, v) == "sdpa"
+    assert "sdpa" in available_backends() and "reference" in available_backends()
+
+
+def test_auto_uses_flash_when_present_and_supported(fake_flash: list[str]) -> None:
+    assert available_backends()[0] == "flash_attn"
+    q, k, v = _qkv()
+    assert select_backend(q, k, v) == "flash_attn"
+    assert select_backend(q, k, v, causal=True) == "flash_attn"
+    padding = _padding(2, 7, [7, 3])
+    assert select_backend(q, k, v, key_padding_mask=padding) == "flash_attn"
+    # not expressible in flash-attn: arbitrary masks, top-left causal on Lq != Lk, big or mixed head dims
+    assert select_backend(q, k, v, torch.ones(7, 7, dtype=torch.bool)) == "sdpa"
+    assert select_backend(q, k, v, key_padding_mask=padding, causal=True) == "sdpa"
+    assert select_backend(*_qkv(lq=3, lk=7), causal=True) == "sdpa"
+    assert select_backend(*_qkv(d=320)) == "sdpa"
+    assert select_backend(*_qkv(dv=8)) == "sdpa"
+    with pytest.raises(ValueError, match="attn_mask"):
+        select_backend(q, k, v, torch.ones(7, 7, dtype=torch.bool), backend="flash_attn")
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "key_padding", "cross", "cross_padding", "scale"])
+def test_flash_path_layout_and_varlen_routing(fake_flash: list[str], case: str) -> None:
+    shape, make_kwargs = CASES[case]
+    q, k, v = _qkv(**shape)
+    kwargs = make_kwargs(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = attention(q, k, v, **kwargs)
+    expected_call = "flash_attn_varlen_func" if "key_padding_mask" in kwargs else "flash_attn_func"
+    assert fake_flash == [expected_call]
+    torch.testing.assert_close(out, attention(q, k, v, backend="reference", **kwargs), **TOL)
+
+
+def test_env_var_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = _qkv()
+    calls: list[int] = []
+    real = attn_mod._reference
+
+    def spy(*args: Any, **kwargs: Any) -> Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "_reference", spy)
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert select_backend(q, k, v) == "reference"
+    attention(q, k, v)
+    assert calls == [1]
+    assert select_backend(q, k, v, backend="sdpa") == "sdpa"  # an explicit argument wins over the env var
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert select_backend(q, k, v) == "sdpa"
+    monkeypatch.setenv(ENV_VAR, "flash_attn")
+    with pytest.raises(ValueError, match="flash_attn"):
+        attention(q, k, v)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
+        attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# varlen
+
+
+def _packed(lengths: list[int], h: int = 2, d: int = 8, seed: int = 0) -> Tensor:
+    return torch.randn(sum(lengths), h, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _cu(lengths: list[int]) -> Tensor:
+    return F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", [None, *_cpu_backends()])
+def test_varlen_matches_per_sequence_reference(backend: str | None, causal: bool) -> None:
+    len_q, len_k = [5, 1, 8, 3], [6, 2, 8, 0]
+    q = _packed(len_q, seed=1).requires_grad_(True)
+    k = _packed(len_k, seed=2).requires_grad_(True)
+    v = _packed(len_k, seed=3).requires_grad_(True)
+    cu_q, cu_k = _cu(len_q), _cu(len_k)
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(len_q), max(len_k), causal=causal, backend=backend)
+    assert out.shape == q.shape
+    out.backward(torch.ones_like(out))
+    grads = [t.grad for t in (q, k, v)]
+    expected = []
+    for i in range(len(len_q)):
+        sq, sk = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        one = attention(*(t[s].transpose(0, 1)[None] for t, s in ((q, sq), (k, sk), (v, sk))), causal=causal,
+                        backend="reference")  # (1, H, Lq_i, D)
+        expected.append(one[0].transpose(0, 1))
+    want = torch.cat(expected)
+    for t in (q, k, v):
+        t.grad = None
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(out, want, **TOL)
+    for got, ref in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, ref, **TOL)
+    assert (out[int(cu_q[3]):] == 0).all()  # the last sequence has no keys
+
+
+def test_varlen_uses_flash_when_present(fake_flash: list[str]) -> None:
+    lengths = [4, 7, 2]
+    q, k, v = (_packed(lengths, seed=s) for s in range(3))
+    cu = _cu(lengths)
+    out = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True)
+    assert fake_flash == ["flash_attn_varlen_func"]
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, backend="reference"), **TOL)
+    # causal with different query/key lengths: flash-attn would align bottom-right, so it is not used
+    k2, v2 = _packed([5, 7, 3], seed=5), _packed([5, 7, 3], seed=6)
+    varlen_attention(q, k2, v2, cu, _cu([5, 7, 3]), 7, 7, causal=True)
+    assert fake_flash == ["flash_attn_varlen_func"]
+
+
+def test_pack_unpack_round_trip() -> None:
+    x = torch.randn(3, 6, 4)
+    mask = _padding(3, 6, [6, 2, 4])
+    packed, cu, max_len = pack(x, mask)
+    assert packed.shape == (12, 4) and cu.dtype == torch.int32 and cu.tolist() == [0, 6, 8, 12] and max_len == 6
+    back = unpack(packed, cu, 3, 6)
+    torch.testing.assert_close(back, x * mask[..., None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MultiHeadAttention
+
+
+def test_mha_self_attention_equals_its_projections_and_reference() -> None:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(24, 4).eval()
+    x = torch.randn(2, 5, 24)
+    padding = _padding(2, 5, [5, 3])
+    q, k, v = (mha.qkv(x).chunk(3, dim=-1))
+    split = [t.view(2, 5, 4, 6).transpose(1, 2) for t in (q, k, v)]
+    ref = attention(*split, key_padding_mask=padding, backend="reference").transpose(1, 2).reshape(2, 5, 24)
+    torch.testing.assert_close(mha(x, key_padding_mask=padding), mha.out_proj(ref), **TOL)
+
+
+def test_mha_cross_attention_shapes_and_masks() -> None:
+    torch.manual_seed(0)
+    same = MultiHeadAttention(16, 2)
+    x, ctx = torch.randn(3, 4, 16), torch.randn(3, 9, 16)
+    assert same(x, ctx).shape == (3, 4, 16)
+    other = MultiHeadAttention(16, 2, kv_dim=10, bias=False)
+    ctx10 = torch.randn(3, 9, 10)
+    out = other(x, ctx10, attn_mask=torch.rand(3, 4, 9) > 0.2, key_padding_mask=_padding(3, 9, [9, 1, 5]))
+    assert out.shape == (3, 4, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="cross-attention only"):
+        other(x)
+    with pytest.raises(ValueError, match="context"):
+        same(x, ctx10)
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        MultiHeadAttention(10, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad inputs
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda q, k, v: (q[0], k, v, {}), r"q must be 4-D \(B, H, L, D\)"),
+    (lambda q, k, v: (q, k[:, :2], v[:, :2], {}), "numbers of heads differ: q 3, k 2"),
+    (lambda q, k, v: (q, k[..., :8], v, {}), "head dims differ"),
+    (lambda q, k, v: (q, k, v[:, :, :3], {}), "k and v lengths differ"),
+    (lambda q, k, v: (q[:1], k, v, {}), "batch sizes differ"),
+    (lambda q, k, v: (q, k.double(), v, {}), "share a dtype"),
+    (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(4, 7, 7, dtype=torch.bool)}), "does not broadcast"),
+    (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(7, 7, dtype=torch.int64)}), "bool .* or float"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 6, dtype=torch.bool)}), r"\(B, Lk\)"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 7)}), "must be bool"),
+    (lambda q, k, v: (q, k, v, {"dropout_p": 1.0}), "dropout_p"),
+    (lambda q, k, v: (q, k, v, {"backend": "xformers"}), "unknown attention backend"),
+])
+def test_bad_inputs_raise_clear_value_errors(build: Any, message: str) -> None:
+    q, k, v, kwargs = build(*_qkv())
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v, **kwargs)
+
+
+def test_bad_varlen_inputs_raise() -> None:
+    q = _packed([3, 4])
+    cu = _cu([3, 4])
+    with pytest.raises(ValueError, match="3-D"):
+        varlen_attention(q[None], q, q, cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="heads differ"):
+        varlen_attention(q, q[:, :1], q[:, :1], cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        varlen_attention(q, q, q, cu, _cu([7]), 4, 7)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] = 6"):
+        varlen_attention(q, q, q, cu, _cu([3, 3]), 4, 4)
+    with pytest.raises(ValueError, match="integer"):
+        varlen_attention(q, q, q, cu.float(), cu, 4, 4)
