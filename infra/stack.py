@@ -8,6 +8,7 @@ moved with ``TESSERA_<NAME>_PORT`` variables (tests run a second stack beside a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -100,7 +101,11 @@ def child_env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
+        # Everything started by this stack talks to this stack's Ray, even with another Ray on the machine.
+        "RAY_ADDRESS": f"127.0.0.1:{port('ray', 6379)}",
     })
+    # Job entrypoints say `python`: make it this environment's interpreter on the Ray head.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -143,6 +148,8 @@ def start_ray(component: Component, num_cpus: int | None) -> None:
         "--dashboard-host=127.0.0.1", f"--dashboard-port={port('dashboard', 8265)}",
         f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats",
         f"--num-cpus={num_cpus or os.cpu_count() or 2}",
+        f"--ray-client-server-port={port('ray_client', 10001)}",
+        f"--dashboard-agent-listen-port={port('ray_agent', 52365)}",
     ]
     component.log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(component.log_file, "ab") as log:
@@ -218,16 +225,12 @@ def _terminate(pids: list[int], grace: float = 15.0) -> None:
         except psutil.NoSuchProcess:
             continue
     for proc in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM) if proc.pid == os.getpgid(proc.pid) else proc.terminate()
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            pass
     _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def down(domains: Iterable[str] | None = None) -> None:

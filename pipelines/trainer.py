@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -35,18 +36,28 @@ def learning_rate(base: float, schedule: str, epoch: int, epochs: int) -> float:
 
 
 def _log(rank: int, message: str) -> None:
+    # Straight to the process's stdout: Ray Train patches print() and, once MLflow wraps sys.stdout, each
+    # printed line would reach the job log twice.
     if rank == 0:
-        print(message, flush=True)
+        stream = sys.__stdout__ or sys.stdout
+        stream.write(message + "\n")
+        stream.flush()
 
 
 def _maybe_fail(epoch: int) -> None:
+    """Kill this worker once at the start of ``epoch`` (tests of resume-after-failure)."""
     spec = os.environ.get(FAIL_ONCE_ENV)
     if not spec:
         return
     at, _, marker = spec.partition(":")
     if epoch == int(at) and marker and not Path(marker).exists():
+        import ray.train
+
+        # Die like a crashed node would mid-epoch: after the last epoch's checkpoint was committed.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=60)
         Path(marker).write_text("failed once\n")
-        print(f"fault injection: worker exits during epoch {epoch}", flush=True)
+        _log(0, f"fault injection: worker exits during epoch {epoch + 1}")
         os._exit(1)
 
 

@@ -25,8 +25,27 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class ModelUnavailable(RuntimeError):
-    """No model holds the production alias yet (or the registry is unreachable)."""
+class RequestError(Exception):
+    """A request the service refuses, with the HTTP status and the reason shown to the caller."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ModelUnavailable(RequestError):
+    """No model holds the production alias yet (or the registry is unreachable): a 503 with the reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
+
+
+def error_response(exc: RequestError) -> Any:
+    """``{"error": reason}`` with the exception's status. BentoML hides the text of its own 5xx errors,
+    and a caller needs to read why there is no model yet."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
 def how_to_train(domain: str) -> str:

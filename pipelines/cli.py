@@ -1,0 +1,238 @@
+"""``tessera``: start the local stack, submit training jobs to Ray, query the services.
+
+    tessera up | status | down                  the local stack (Ray head, MLflow, BentoML services)
+    tessera train DOMAIN [--model M] [--data PATH] [--set k=v ...] [--address URL]
+    tessera predict forecasting FILE.csv [--horizon H] [--output OUT.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+WORKING_DIR_EXCLUDES = [".venv", ".tessera", ".git", "**/__pycache__", "*.egg-info", "data", "mlruns",
+                        ".pytest_cache", ".ruff_cache", ".mypy_cache", "bench_results"]
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from infra import stack
+
+    with console.status("starting Ray head, MLflow server and BentoML services..."):
+        stack.up(args.domains or None, num_cpus=args.num_cpus)
+    return _cmd_status(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from infra import stack
+
+    rows = stack.status(args.domains or None)
+    table = Table(title=f"Tessera local stack ({stack.home()})")
+    for column in ("component", "url", "pid", "state"):
+        table.add_column(column)
+    for row in rows:
+        state = "[green]healthy[/]" if row["healthy"] else "[red]down[/]"
+        table.add_row(str(row["component"]), str(row["url"]), str(row["pid"] or "-"), state)
+    Console().print(table)
+    return 0 if all(r["healthy"] for r in rows) else 1
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from infra import stack
+
+    with console.status("stopping the local stack..."):
+        stack.down(args.domains or None)
+    console.print(f"stopped; state kept in {stack.home()}")
+    return 0
+
+
+def job_entrypoint(module: str, domain: str, model: str | None, data: str | None, overrides: list[str],
+                   extra: list[str] | None = None) -> str:
+    argv = ["python", "-m", module, domain]
+    if model:
+        argv += ["--model", model]
+    if data:
+        argv += ["--data", data]
+    if overrides:
+        argv += ["--set", *overrides]
+    return shlex.join(argv + list(extra or []))
+
+
+def _runtime_env(address: str, tracking_uri: str | None) -> dict[str, Any]:
+    """Environment of the job driver. Drivers don't inherit this shell's environment, so the MLflow URI is
+    passed explicitly: the given one, else the embedded stack's when this address is that stack's Ray."""
+    from infra import stack
+
+    env_vars: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    if tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    elif address.rstrip("/") == stack.dashboard_url() and stack.components([])[0].pid() is not None:
+        env_vars["MLFLOW_TRACKING_URI"] = stack.mlflow_url()
+    if "TESSERA_FAIL_ONCE_AT_EPOCH" in os.environ:  # fault injection (tests)
+        env_vars["TESSERA_FAIL_ONCE_AT_EPOCH"] = os.environ["TESSERA_FAIL_ONCE_AT_EPOCH"]
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if (PROJECT_ROOT / "pyproject.toml").exists():  # ship this checkout's code so the cluster runs it
+        runtime_env["working_dir"] = str(PROJECT_ROOT)
+        runtime_env["excludes"] = WORKING_DIR_EXCLUDES
+    return runtime_env
+
+
+def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None, follow: bool = True) -> tuple[int, dict[str, Any] | None]:
+    """Submit a Ray job, stream its logs, and return (exit code, the job's final JSON line)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(address, tracking_uri))
+    console.print(f"submitted [bold]{job_id}[/] to {address}: {entrypoint}")
+    if not follow:
+        return 0, None
+    last_json: dict[str, Any] | None = None
+
+    async def stream() -> None:
+        nonlocal last_json
+        async for chunk in client.tail_job_logs(job_id):
+            for line in chunk.splitlines():
+                print(line, flush=True)
+                if line.startswith("{") and line.endswith("}"):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        last_json = json.loads(line)
+
+    asyncio.run(stream())
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    ok = status == JobStatus.SUCCEEDED
+    console.print(f"job {job_id}: [{'green' if ok else 'red'}]{status.value}[/]")
+    return (0 if ok else 1), last_json
+
+
+def _resolve_data(data: str | None) -> str | None:
+    if data and Path(data).exists():  # a local file: absolute, so the job finds it from its own working dir
+        return str(Path(data).resolve())
+    return data  # a path inside the cluster (e.g. /data/ETTh1.csv in the compose stack)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from shared import registry
+
+    domain = registry.get(args.domain)
+    if args.model and args.model not in domain.models:
+        console.print(f"[red]unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
+        return 2
+    entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, _resolve_data(args.data), args.overrides)
+    code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
+    if result:
+        table = Table(title="training result")
+        table.add_column("key")
+        table.add_column("value")
+        for key, value in result.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        console.print(table)
+    return code
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import httpx
+    import pandas as pd
+
+    from services.forecasting.data import find_time_column, read_table
+    from shared import registry
+
+    domain = registry.get(args.domain)
+    if domain.name != "forecasting":
+        console.print(f"[red]`tessera predict` reads CSV for forecasting; for {domain.name} POST to {domain.endpoint}")
+        return 2
+    frame = read_table(args.file)
+    time_column = find_time_column(frame)
+    body: dict[str, Any] = {}
+    if time_column:
+        body["timestamps"] = [t.isoformat() for t in pd.to_datetime(frame.pop(time_column))]
+    body["columns"] = [str(c) for c in frame.columns]
+    body["values"] = frame.to_numpy(dtype=float).tolist()
+    if args.horizon:
+        body["horizon"] = args.horizon
+    if args.last:
+        body["values"] = body["values"][-args.last:]
+        if "timestamps" in body:
+            body["timestamps"] = body["timestamps"][-args.last:]
+    from infra.stack import service_url
+
+    url = (args.url or service_url(domain.name)).rstrip("/") + domain.endpoint
+    response = httpx.post(url, json=body, timeout=120)
+    if response.status_code != 200:
+        console.print(f"[red]{response.status_code}[/] from {url}: {response.text}")
+        return 1
+    answer = response.json()
+    out = pd.DataFrame(answer["values"], columns=answer["columns"])
+    if answer.get("timestamps"):
+        out.insert(0, time_column or "date", answer["timestamps"])
+    if args.output:
+        out.to_csv(args.output, index=False)
+        console.print(f"wrote {len(out)} rows to {args.output}")
+    else:
+        print(out.to_csv(index=False), end="")
+    model = answer["model"]
+    console.print(f"model {model['name']} v{model['version']} ({model.get('architecture')}), run {model['run_id']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Tessera: train on Ray, track in MLflow, serve with BentoML")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (("up", _cmd_up, "start the local stack"), ("status", _cmd_status, "show the local stack"),
+                             ("down", _cmd_down, "stop the local stack (state is kept)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--domains", nargs="*", help="services to include (default: every registered domain)")
+        if name == "up":
+            p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
+        p.set_defaults(func=func)
+    train = sub.add_parser("train", help="submit a training job to Ray and follow it")
+    train.add_argument("domain")
+    train.add_argument("--model")
+    train.add_argument("--data")
+    train.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    train.add_argument("--address", default=os.environ.get("RAY_ADDRESS", DEFAULT_ADDRESS)
+                       if os.environ.get("RAY_ADDRESS", "").startswith("http") else DEFAULT_ADDRESS,
+                       help="Ray jobs address (default: $RAY_ADDRESS or %(default)s)")
+    train.add_argument("--tracking-uri", default=None,
+                       help="MLflow URI as seen from the cluster (default: the cluster's own setting)")
+    train.add_argument("--no-wait", action="store_true", help="submit and return")
+    train.set_defaults(func=_cmd_train)
+    predict = sub.add_parser("predict", help="send a CSV to a domain's service and print the forecast")
+    predict.add_argument("domain")
+    predict.add_argument("file")
+    predict.add_argument("--horizon", type=int)
+    predict.add_argument("--last", type=int, help="send only the last N rows")
+    predict.add_argument("--url", help="service URL (default: the local stack's)")
+    predict.add_argument("--output", "-o", help="write the forecast CSV here instead of stdout")
+    predict.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except KeyError as exc:  # unknown domain
+        console.print(f"[red]{exc.args[0]}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

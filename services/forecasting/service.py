@@ -1,0 +1,164 @@
+"""BentoML service of the forecasting domain: ``POST /forecast`` on port 3001.
+
+Two services: ``Forecasting`` (public: validates requests, formats answers) and ``ForecastingRunner``
+(holds ``models:/forecasting@production`` and runs it on adaptive batches of requests).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any
+
+import bentoml
+import numpy as np
+import pandas as pd
+from bentoml.exceptions import ServiceUnavailable
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.forecasting import inference
+from shared.serving import BodySizeLimit, ModelHolder, ModelUnavailable, RequestError, error_response
+
+MAX_ROWS = 20_000
+MAX_COLUMNS = 2_000
+MAX_BODY_BYTES = int(os.environ.get("TESSERA_MAX_BODY_BYTES", 8 * 1024 * 1024))
+
+
+class ForecastRequest(BaseModel):
+    """Recent history, oldest row first, at least the model's lookback (seq_len) rows."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    columns: list[str] = Field(min_length=1, max_length=MAX_COLUMNS, description="variable names, in the order of each row")
+    values: list[list[float]] = Field(min_length=1, max_length=MAX_ROWS, description="rows = time steps, in column order")
+    timestamps: list[datetime] | None = Field(default=None, max_length=MAX_ROWS, description="one per row (needed by models trained with calendar features)")
+    horizon: int | None = Field(default=None, ge=1, le=10_000, description="steps to forecast (default: the trained horizon)")
+
+
+class ModelRef(BaseModel):
+    name: str | None
+    version: str | None
+    run_id: str | None
+    architecture: str | None = None
+
+
+class ForecastResponse(BaseModel):
+    columns: list[str]
+    values: list[list[float]]
+    timestamps: list[str] | None
+    model: ModelRef
+
+
+@bentoml.service(name="forecasting_runner", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
+class ForecastingRunner:
+    def __init__(self) -> None:
+        self.holder = ModelHolder("forecasting")
+
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=200)
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            loaded = self.holder.get()
+        except ModelUnavailable as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        return inference.run(loaded, batch)
+
+    @bentoml.api
+    def model_info(self) -> dict[str, Any]:
+        try:
+            return inference.describe(self.holder.get())
+        except ModelUnavailable as exc:
+            return {"error": str(exc)}
+
+
+@bentoml.service(name="forecasting", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
+class Forecasting:
+    runner = bentoml.depends(ForecastingRunner)
+
+    def __init__(self) -> None:
+        self._meta: dict[str, Any] | None = None
+
+    async def _model_meta(self, refresh: bool = False) -> dict[str, Any]:
+        if self._meta is None or refresh:
+            meta = await self.runner.to_async.model_info()
+            if "error" in meta:
+                raise ModelUnavailable(meta["error"])
+            self._meta = meta
+        return self._meta
+
+    @bentoml.api(route="/forecast")
+    async def forecast(self, request: ForecastRequest, /) -> ForecastResponse:
+        """Forecast the next `horizon` steps of every column from the recent history."""
+        try:
+            return await self._forecast(request)
+        except RequestError as exc:
+            return error_response(exc)
+
+    async def _forecast(self, request: ForecastRequest) -> ForecastResponse:
+        # Validate against the runner's model; if it was swapped for one of another shape meanwhile,
+        # refresh and try once more.
+        for attempt in (0, 1):
+            meta = await self._model_meta(refresh=attempt == 1)
+            packed, times, steps = self._validate(request, meta)
+            try:
+                out = (await self.runner.to_async.predict(packed[None]))[0]  # (H + 1, N)
+            except Exception as exc:
+                if attempt == 1:
+                    raise ModelUnavailable(f"the model runner could not answer: {exc}") from exc
+                continue
+            served = str(int(out[-1, 0]))
+            if served == str(meta["version"]):
+                break
+        if served != str(meta["version"]):
+            meta = await self._model_meta(refresh=True)
+        future = None
+        if times is not None:
+            step = pd.Timedelta(seconds=meta["step_seconds"]) if meta["step_seconds"] else times[-1] - times[-2]
+            future = [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
+        return ForecastResponse(columns=meta["columns"], values=out[:steps].tolist(), timestamps=future,
+                                model=ModelRef(name=meta["name"], version=served, run_id=meta["run_id"],
+                                               architecture=meta.get("architecture")))
+
+    @bentoml.api(route="/model")
+    async def model(self) -> dict[str, Any]:
+        """The model this service answers with (name, version, run, columns, lookback, horizon)."""
+        try:
+            return await self._model_meta(refresh=True)
+        except RequestError as exc:
+            return error_response(exc)
+
+    @staticmethod
+    def _validate(request: ForecastRequest, meta: dict[str, Any]) -> tuple[np.ndarray, pd.DatetimeIndex | None, int]:
+        expected = meta["columns"]
+        missing = [c for c in expected if c not in request.columns]
+        extra = [c for c in request.columns if c not in expected]
+        if missing or extra or len(set(request.columns)) != len(request.columns):
+            raise RequestError(f"columns must be the model's {len(expected)} variables {expected} "
+                                 f"(missing {missing}, unexpected {extra})")
+        width = len(request.columns)
+        bad = next((i for i, row in enumerate(request.values) if len(row) != width), None)
+        if bad is not None:
+            raise RequestError(f"values[{bad}] has {len(request.values[bad])} entries; every row needs {width} "
+                                 f"(one per column)")
+        seq_len, pred_len = meta["seq_len"], meta["pred_len"]
+        if len(request.values) < seq_len:
+            raise RequestError(f"history has {len(request.values)} rows; this model needs at least {seq_len}")
+        steps = request.horizon or pred_len
+        if steps > pred_len:
+            raise RequestError(f"horizon {steps} is above the trained horizon {pred_len}")
+        order = [request.columns.index(c) for c in expected]
+        values = np.asarray(request.values, dtype=np.float64)[:, order]
+        times = None
+        if request.timestamps is not None:
+            if len(request.timestamps) != len(request.values):
+                raise RequestError(f"{len(request.timestamps)} timestamps for {len(request.values)} rows")
+            times = pd.DatetimeIndex(pd.to_datetime([t.replace(tzinfo=None) for t in request.timestamps]))
+            if len(times) > 1 and not (np.diff(times.asi8) > 0).all():
+                raise RequestError("timestamps must be strictly increasing")
+        elif meta["marks"]:
+            raise RequestError(f"this model uses calendar features ({', '.join(meta['marks'])}); "
+                                 f"send 'timestamps', one per row")
+        if np.abs(values).max() > 1e30:
+            raise RequestError("values must be finite numbers of reasonable magnitude")
+        return inference.pack(meta, values, times), times, steps
+
+
+Forecasting.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("TESSERA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data(*parts: str) -> Path:
+    """A file under ../shared/data; skips the test (with the reason) where it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (set TESSERA_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Unit tests use tiny tensors: one thread avoids oversubscribing the 2-core CI machine."""
+    import torch
+
+    torch.set_num_threads(1)

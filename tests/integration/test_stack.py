@@ -1,0 +1,186 @@
+"""The real local stack: Ray head, MLflow server and the BentoML service, driven over HTTP.
+
+Runs on ports of its own (so a developer's running stack is untouched) with its state in a temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+# Outside Ray's worker port range (10002-19999) and clear of the default stack's ports.
+PORTS = {"MLFLOW": 25500, "RAY": 26390, "DASHBOARD": 28290, "RAY_CLIENT": 20101, "RAY_AGENT": 52465,
+         "FORECASTING": 23101}
+TINY = ["epochs=2", "max_steps_per_epoch=8", "d_model=32", "d_ff=64", "e_layers=1", "n_heads=4",
+        "synthetic_steps=1500", "seq_len=48", "label_len=24", "pred_len=24", "batch_size=16", "cpus_per_worker=1"]
+
+
+@pytest.fixture(scope="module")
+def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("tessera-home")
+    ray_tmp = Path(f"/tmp/tsr{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
+    env = {f"TESSERA_{k}_PORT": str(v) for k, v in PORTS.items()}
+    env.update(TESSERA_HOME=str(home), TESSERA_RAY_TMP=str(ray_tmp), TESSERA_RELOAD_SECONDS="2")
+    saved = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI", "RAY_ADDRESS"]}
+    os.environ.update(env)
+    os.environ.pop("RAY_ADDRESS", None)
+    from infra import stack
+
+    os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url()
+    try:
+        stack.up(["forecasting"], num_cpus=2, timeout=300)
+        yield env
+    finally:
+        stack.down(["forecasting"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+HELD_OUT = 12  # the last rows of the synthetic series are kept back as the truth to compare with
+
+
+def _body(rows: int = 60) -> dict:
+    from services.forecasting.data import synthetic_frame
+
+    frame = synthetic_frame(1500, 7).iloc[-rows - HELD_OUT : -HELD_OUT]
+    return {"columns": [c for c in frame.columns if c != "date"],
+            "values": frame.drop(columns="date").to_numpy().tolist(),
+            "timestamps": [t.isoformat() for t in frame["date"]]}
+
+
+def _forecast_url() -> str:
+    from infra import stack
+
+    return stack.service_url("forecasting") + "/forecast"
+
+
+def _train(extra: list[str] | None = None) -> tuple[int, dict | None]:
+    from infra import stack
+    from pipelines.cli import job_entrypoint, submit_and_follow
+
+    entrypoint = job_entrypoint("pipelines.train", "forecasting", "itransformer", None, TINY + (extra or []))
+    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+
+
+def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
+    from infra import stack
+
+    rows = {r["component"]: r for r in stack.status(["forecasting"])}
+    assert set(rows) == {"mlflow", "ray", "forecasting"}
+    assert all(r["healthy"] for r in rows.values()), rows
+
+
+def test_service_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str]) -> None:
+    response = httpx.post(_forecast_url(), json=_body(), timeout=30)
+    assert response.status_code == 503
+    assert "tessera train forecasting" in response.text
+
+
+@pytest.fixture(scope="module")
+def first_model(stack_env: dict[str, str]) -> dict:
+    code, result = _train()
+    assert code == 0 and result is not None
+    return result
+
+
+def test_ray_job_trains_registers_and_service_answers(first_model: dict) -> None:
+    from shared.tracking import client, production_version
+
+    result = first_model
+    assert result["version"] == 1 and result["promoted"] is True
+    assert result["test_mse"] > 0 and result["test_mae"] > 0
+
+    mlflow = client()
+    assert production_version(mlflow, "forecasting").version == "1"
+    run = mlflow.get_run(result["run_id"])
+    assert {"train_loss", "val_mse", "test_mse", "test_mae"} <= set(run.data.metrics)
+    assert len(mlflow.get_metric_history(result["run_id"], "val_mse")) == 2  # one point per epoch
+    artifacts = {a.path for a in mlflow.list_artifacts(result["run_id"], "model")}
+    assert {"model/weights.safetensors", "model/config.json", "model/stats.json"} <= artifacts
+    plots = {a.path for a in mlflow.list_artifacts(result["run_id"], "plots")}
+    assert "plots/forecast_vs_truth.png" in plots
+
+    deadline, response = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        response = httpx.post(_forecast_url(), json={**_body(), "horizon": 12}, timeout=30)
+        if response.status_code == 200:
+            break
+        time.sleep(2)
+    assert response is not None and response.status_code == 200, response and response.text
+    answer = response.json()
+    assert answer["model"]["version"] == "1" and answer["model"]["run_id"] == result["run_id"]
+    assert len(answer["values"]) == 12 and all(len(row) == 7 for row in answer["values"])
+    assert answer["timestamps"][0] == "2020-03-03T00:00:00"  # the hour after the last input row
+    # Forecasts come back in the data's units: closer to the held-out truth than the series' own spread.
+    import numpy as np
+
+    from services.forecasting.data import synthetic_frame
+
+    truth = synthetic_frame(1500, 7).drop(columns="date").to_numpy()[-HELD_OUT:]
+    error = np.abs(np.asarray(answer["values"]) - truth).mean()
+    assert error < truth.std(), (error, truth.std())
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "reason"),
+    [
+        ({"values": [[float("inf")] * 7] * 60}, 400, "finite"),
+        ({"columns": ["a", "b", "c", "d", "e", "f", "g"]}, 422, "columns must be"),
+        ({"horizon": 500}, 422, "above the trained horizon"),
+        ({"values": [[1.0] * 7] * 5, "timestamps": None}, 422, "needs at least"),
+        ({"values": "not a table"}, 400, "valid array"),
+        ({"unexpected": 1}, 400, "Extra inputs"),
+        ({"timestamps": None}, 422, "send 'timestamps'"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_the_reason(first_model: dict, change: dict, status: int, reason: str) -> None:
+    body = {k: v for k, v in {**_body(), **change}.items() if v is not None}
+    response = httpx.post(_forecast_url(), content=json.dumps(body), headers={"content-type": "application/json"},
+                          timeout=30)
+    assert response.status_code == status, response.text
+    assert reason in response.text
+
+
+def test_oversized_body_is_refused_with_413(stack_env: dict[str, str]) -> None:
+    response = httpx.post(_forecast_url(), content=b"[" + b"0," * 5_000_000 + b"0]",
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413
+    assert "larger than" in response.text
+
+
+def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_model: dict,
+                                                                         tmp_path: Path) -> None:
+    from shared.tracking import client
+
+    os.environ["TESSERA_FAIL_ONCE_AT_EPOCH"] = f"1:{tmp_path / 'failed-once'}"
+    try:
+        code, result = _train(["seed=7"])
+    finally:
+        os.environ.pop("TESSERA_FAIL_ONCE_AT_EPOCH")
+    assert (tmp_path / "failed-once").exists(), "the fault was not injected"
+    assert code == 0 and result is not None and result["epochs_run"] == 2
+    mlflow = client()
+    history = mlflow.get_metric_history(result["run_id"], "val_mse")
+    assert [m.step for m in history] == [1, 2]  # epoch 1 was not redone after the restart
+
+    # Promote the new version by hand; the running service must switch to it without a restart.
+    mlflow.set_registered_model_alias("forecasting", "production", str(result["version"]))
+    deadline, served = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        response = httpx.post(_forecast_url(), json=_body(), timeout=30)
+        served = response.json()["model"]["version"] if response.status_code == 200 else None
+        if served == str(result["version"]):
+            break
+        time.sleep(2)
+    assert served == str(result["version"])
