@@ -181,7 +181,7 @@ def prepare(frame: pd.DataFrame, *, seq_len: int, pred_len: int, split: str = "a
         "mean": mean.tolist(),
         "std": std.tolist(),
         "split": kind,
-        "borders": borders,
+        "borders": [list(b) for b in borders],
         "rows": len(raw),
     }
     return Prepared(values=values, marks=marks, borders=borders, info=info)

@@ -9,12 +9,14 @@ model version that produced them (so a response always names its model, even acr
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from shared.serving import RequestError
 from shared.tracking import LoadedModel
 
 from .data import calendar_features, future_times
@@ -62,3 +64,43 @@ def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
     out = pred.float().cpu() * std + mean  # (B, H, N)
     version_row = torch.full((out.shape[0], 1, n), float(loaded.version or 0))
     return torch.cat([out, version_row], dim=1).numpy()
+
+
+def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], timestamps: list[datetime] | None,
+             horizon: int | None) -> tuple[np.ndarray, pd.DatetimeIndex | None, int]:
+    """Check a request against the served model; returns (packed runner input, timestamps, horizon).
+
+    Raises :class:`RequestError` (422) with the reason; schema-level checks (types, finite numbers, sizes)
+    happen before, in the service's pydantic model."""
+    expected = meta["columns"]
+    missing = [c for c in expected if c not in columns]
+    extra = [c for c in columns if c not in expected]
+    if missing or extra or len(set(columns)) != len(columns):
+        raise RequestError(f"columns must be the model's {len(expected)} variables {expected} "
+                         f"(missing {missing}, unexpected {extra})")
+    width = len(columns)
+    bad = next((i for i, row in enumerate(rows) if len(row) != width), None)
+    if bad is not None:
+        raise RequestError(f"values[{bad}] has {len(rows[bad])} entries; every row needs {width} "
+                         f"(one per column)")
+    seq_len, pred_len = meta["seq_len"], meta["pred_len"]
+    if len(rows) < seq_len:
+        raise RequestError(f"history has {len(rows)} rows; this model needs at least {seq_len}")
+    steps = horizon or pred_len
+    if steps > pred_len:
+        raise RequestError(f"horizon {steps} is above the trained horizon {pred_len}")
+    order = [columns.index(c) for c in expected]
+    values = np.asarray(rows, dtype=np.float64)[:, order]
+    times = None
+    if timestamps is not None:
+        if len(timestamps) != len(rows):
+            raise RequestError(f"{len(timestamps)} timestamps for {len(rows)} rows")
+        times = pd.DatetimeIndex(pd.to_datetime([t.replace(tzinfo=None) for t in timestamps]))
+        if len(times) > 1 and not (np.diff(times.asi8) > 0).all():
+            raise RequestError("timestamps must be strictly increasing")
+    elif meta["marks"]:
+        raise RequestError(f"this model uses calendar features ({', '.join(meta['marks'])}); "
+                         f"send 'timestamps', one per row")
+    if np.abs(values).max() > 1e30:
+        raise RequestError("values must be finite numbers of reasonable magnitude")
+    return pack(meta, values, times), times, steps

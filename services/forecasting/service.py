@@ -97,7 +97,8 @@ class Forecasting:
         # refresh and try once more.
         for attempt in (0, 1):
             meta = await self._model_meta(refresh=attempt == 1)
-            packed, times, steps = self._validate(request, meta)
+            packed, times, steps = inference.validate(meta, request.columns, request.values, request.timestamps,
+                                                      request.horizon)
             try:
                 out = (await self.runner.to_async.predict(packed[None]))[0]  # (H + 1, N)
             except Exception as exc:
@@ -124,41 +125,6 @@ class Forecasting:
             return await self._model_meta(refresh=True)
         except RequestError as exc:
             return error_response(exc)
-
-    @staticmethod
-    def _validate(request: ForecastRequest, meta: dict[str, Any]) -> tuple[np.ndarray, pd.DatetimeIndex | None, int]:
-        expected = meta["columns"]
-        missing = [c for c in expected if c not in request.columns]
-        extra = [c for c in request.columns if c not in expected]
-        if missing or extra or len(set(request.columns)) != len(request.columns):
-            raise RequestError(f"columns must be the model's {len(expected)} variables {expected} "
-                                 f"(missing {missing}, unexpected {extra})")
-        width = len(request.columns)
-        bad = next((i for i, row in enumerate(request.values) if len(row) != width), None)
-        if bad is not None:
-            raise RequestError(f"values[{bad}] has {len(request.values[bad])} entries; every row needs {width} "
-                                 f"(one per column)")
-        seq_len, pred_len = meta["seq_len"], meta["pred_len"]
-        if len(request.values) < seq_len:
-            raise RequestError(f"history has {len(request.values)} rows; this model needs at least {seq_len}")
-        steps = request.horizon or pred_len
-        if steps > pred_len:
-            raise RequestError(f"horizon {steps} is above the trained horizon {pred_len}")
-        order = [request.columns.index(c) for c in expected]
-        values = np.asarray(request.values, dtype=np.float64)[:, order]
-        times = None
-        if request.timestamps is not None:
-            if len(request.timestamps) != len(request.values):
-                raise RequestError(f"{len(request.timestamps)} timestamps for {len(request.values)} rows")
-            times = pd.DatetimeIndex(pd.to_datetime([t.replace(tzinfo=None) for t in request.timestamps]))
-            if len(times) > 1 and not (np.diff(times.asi8) > 0).all():
-                raise RequestError("timestamps must be strictly increasing")
-        elif meta["marks"]:
-            raise RequestError(f"this model uses calendar features ({', '.join(meta['marks'])}); "
-                                 f"send 'timestamps', one per row")
-        if np.abs(values).max() > 1e30:
-            raise RequestError("values must be finite numbers of reasonable magnitude")
-        return inference.pack(meta, values, times), times, steps
 
 
 Forecasting.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)

@@ -1,0 +1,101 @@
+"""Request validation and the packed runner path, without a server (the integration test covers HTTP)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from services.forecasting import inference
+from services.forecasting.service import ForecastRequest
+from shared import registry
+from shared.serving import RequestError
+from shared.tracking import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    domain = registry.get("forecasting")
+    cfg = domain.make_config("autoformer", None, {"d_model": 16, "d_ff": 32, "n_heads": 2, "seq_len": 48,
+                                                  "label_len": 24, "pred_len": 24, "synthetic_vars": 3})
+    data = domain.load_data(cfg)
+    torch.manual_seed(0)
+    model = domain.build_model(cfg, data.info).eval()
+    return LoadedModel(model=model, cfg=cfg, info=data.info, domain="forecasting", name="forecasting",
+                       version="7", run_id="r1")
+
+
+def _check(request: ForecastRequest, meta: dict) -> tuple:
+    return inference.validate(meta, request.columns, request.values, request.timestamps, request.horizon)
+
+
+def _request(rows: int = 60, **changes: object) -> ForecastRequest:
+    start = datetime(2021, 1, 1)
+    body: dict[str, object] = {"columns": ["v0", "v1", "v2"], "values": [[float(i), 2.0 * i, 1.0] for i in range(rows)],
+                               "timestamps": [start + timedelta(hours=i) for i in range(rows)]}
+    body.update(changes)
+    return ForecastRequest(**body)  # type: ignore[arg-type]
+
+
+def test_runner_output_matches_the_model_in_original_units(loaded: LoadedModel) -> None:
+    meta = inference.describe(loaded)
+    packed, times, steps = _check(_request(), meta)
+    out = inference.run(loaded, packed[None])
+    assert out.shape == (1, 24 + 1, 3) and steps == 24
+    assert (out[0, -1] == 7).all()  # the version row
+    # the same forecast computed directly from standardized tensors
+    mean, std = np.asarray(loaded.info["mean"]), np.asarray(loaded.info["std"])
+    x = torch.tensor((packed[:48, :3] - mean) / std, dtype=torch.float32)[None]
+    x_mark = torch.tensor(packed[:48, 3:])[None]
+    y_mark = torch.tensor(packed[48 - 24 :, 3:])[None]
+    with torch.inference_mode():
+        direct = loaded.model(x, x_mark, y_mark)[0].numpy() * std + mean
+    np.testing.assert_allclose(out[0, :-1], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_columns_in_another_order_are_reordered(loaded: LoadedModel) -> None:
+    meta = inference.describe(loaded)
+    a, _, _ = _check(_request(), meta)
+    swapped = _request(columns=["v2", "v0", "v1"], values=[[1.0, float(i), 2.0 * i] for i in range(60)])
+    b, _, _ = _check(swapped, meta)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"columns": ["v0", "v1", "x"]}, "missing \\['v2'\\], unexpected \\['x'\\]"),
+        ({"values": [[1.0, 2.0]] * 60}, "every row needs 3"),
+        ({"horizon": 25}, "above the trained horizon 24"),
+        ({"timestamps": None}, "send 'timestamps'"),
+        ({"timestamps": [datetime(2021, 1, 1)] * 60}, "strictly increasing"),
+        ({"timestamps": [datetime(2021, 1, 1) + timedelta(hours=i) for i in range(10)]}, "10 timestamps for 60 rows"),
+    ],
+)
+def test_semantic_errors_are_422_with_the_reason(loaded: LoadedModel, changes: dict, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as info:
+        _check(_request(**changes), inference.describe(loaded))
+    assert info.value.status == 422
+
+
+def test_too_short_history(loaded: LoadedModel) -> None:
+    with pytest.raises(RequestError, match="history has 20 rows; this model needs at least 48"):
+        _check(_request(rows=20), inference.describe(loaded))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"values": [[float("nan"), 1.0, 1.0]] * 60}, {"values": [[float("inf"), 1.0, 1.0]] * 60},
+     {"horizon": 0}, {"unknown": 1}, {"columns": []}],
+)
+def test_schema_rejects_non_finite_unknown_and_empty(changes: dict) -> None:
+    with pytest.raises(ValidationError):
+        _request(**changes)
+
+
+def test_runner_refuses_arrays_of_another_model(loaded: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="expects"):
+        inference.run(loaded, np.zeros((1, 10, 3), dtype=np.float32))

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from services.forecasting.config import ForecastingConfig
+from shared.config import apply_overrides, from_dict, parse_overrides, to_dict
+
+
+def test_overrides_are_parsed_to_field_types_and_revalidated() -> None:
+    cfg = apply_overrides(ForecastingConfig(), ["epochs=1", "d_model=128", "dropout=0.2", "use_norm=false",
+                                                "data=none", "lr_schedule=cosine"])
+    assert (cfg.epochs, cfg.d_model, cfg.dropout, cfg.use_norm, cfg.data, cfg.lr_schedule) == (
+        1, 128, 0.2, False, None, "cosine")
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["epochs=zero"], "expected an integer"),
+        (["nope=1"], "unknown setting 'nope'"),
+        (["d_model=100", "n_heads=8"], "divisible by n_heads"),
+        (["moving_avg=24"], "must be odd"),
+        (["lr_schedule=linear"], "expected one of"),
+        (["epochs"], "not of the form key=value"),
+        (["use_norm=maybe"], "expected a boolean"),
+        (["model=lstm"], "expected one of"),
+    ],
+)
+def test_bad_overrides_name_the_bad_value(pairs: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(ForecastingConfig(), pairs)
+
+
+def test_parse_overrides_keeps_equals_in_values() -> None:
+    assert parse_overrides(["data=/a=b.csv"]) == {"data": "/a=b.csv"}
+
+
+def test_round_trip_through_json_dict() -> None:
+    cfg = ForecastingConfig.published("autoformer", pred_len=192)
+    assert from_dict(ForecastingConfig, to_dict(cfg)) == cfg
+
+
+def test_published_settings_per_model() -> None:
+    itr = ForecastingConfig.published("itransformer")
+    assert (itr.d_model, itr.d_ff, itr.e_layers, itr.dropout, itr.lr, itr.batch_size) == (256, 256, 2, 0.1, 1e-4, 32)
+    assert ForecastingConfig.published("itransformer", pred_len=336).d_model == 512
+    af = ForecastingConfig.published("autoformer")
+    assert (af.d_model, af.d_ff, af.factor, af.moving_avg, af.dropout, af.d_layers) == (512, 2048, 3, 25, 0.05, 1)
