@@ -117,11 +117,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    **loader_kw))
     val_loader = DataLoader(data.val, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
     test_loader = DataLoader(data.test, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    precision = getattr(cfg, "precision", "auto")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     steps = len(train_loader) if not cfg.max_steps_per_epoch else min(len(train_loader), cfg.max_steps_per_epoch)
     _log(rank, f"{domain.name}/{getattr(cfg, 'model', '')}: {sum(p.numel() for p in model.parameters()):,} "
                f"parameters, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples, "
-               f"{world} worker(s) on {device}")
+               f"{world} worker(s) on {device}{' with bf16 autocast' if use_bf16 else ''}")
 
     def evaluate(loader: DataLoader) -> dict[str, float]:
         bare = unwrap(model)

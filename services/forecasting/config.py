@@ -15,6 +15,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "autoformer": {
         "d_model": 512, "d_ff": 2048, "n_heads": 8, "e_layers": 2, "d_layers": 1,
         "dropout": 0.05, "factor": 3, "moving_avg": 25, "activation": "gelu", "seed": 2021,
+        # Not a paper setting: bf16 autocast makes its large matmuls 1.8x faster on AVX512-BF16 CPUs.
+        "precision": "bf16",
     },
 }
 
@@ -54,7 +56,8 @@ class ForecastingConfig:
 
     num_workers: int = 1  # Ray Train workers (data-parallel)
     cpus_per_worker: int = 2  # CPU threads per worker
-    use_gpu: bool = False  # one GPU per worker; bf16 autocast on CUDA
+    use_gpu: bool = False  # one GPU per worker
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # training autocast; auto: bf16 on GPU, fp32 on CPU
     max_failures: int = 2  # worker failures survived by resuming from the last epoch checkpoint
 
     def __post_init__(self) -> None:
