@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared import registry
 
@@ -263,10 +264,14 @@ def _owns_all_ray() -> bool:
     return bool(ours)
 
 
-def status(domains: Iterable[str] | None = None) -> list[dict[str, object]]:
+def status(domains: Iterable[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for component in components(domains):
-        pid = component.pid() if component.name != "ray" else (_ray_processes() or [None])[0]
+        if component.name == "ray":
+            ray_pids = _ray_processes()
+            pid = ray_pids[0] if ray_pids else None
+        else:
+            pid = component.pid()
         rows.append({"component": component.name, "url": component.url, "pid": pid,
                      "healthy": component.healthy(), "log": str(component.log_file)})
     return rows

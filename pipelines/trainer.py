@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from shared.tracking import log_model, unwrap
 
     domain = registry.get(config["domain"])
-    cfg = from_dict(domain.config_cls, config["cfg"])
+    cfg: Any = from_dict(domain.config_cls, config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(getattr(cfg, "cpus_per_worker", 1))))
@@ -111,12 +111,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = saved["trainer"]
         _log(rank, f"resumed from checkpoint after epoch {state['epoch']} (best val_{metric} {state['best_val']:.4f})")
     model = ray.train.torch.prepare_model(model)
-    loader_kw = {"num_workers": 0, "pin_memory": device.type == "cuda"}
+    pin = device.type == "cuda"
     train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
-                   **loader_kw))
-    val_loader = DataLoader(data.val, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
-    test_loader = DataLoader(data.test, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kw)
+        DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,  # type: ignore[arg-type]
+                   drop_last=len(data.train) > cfg.batch_size, pin_memory=pin))
+    val_loader: DataLoader[Any] = DataLoader(data.val, batch_size=cfg.batch_size * 2, pin_memory=pin)  # type: ignore[arg-type]
+    test_loader: DataLoader[Any] = DataLoader(data.test, batch_size=cfg.batch_size * 2, pin_memory=pin)  # type: ignore[arg-type]
     precision = getattr(cfg, "precision", "auto")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -221,7 +221,6 @@ def fit(domain_name: str, cfg: Any, *, run_id: str, tracking_uri: str, storage_p
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in (FAIL_ONCE_ENV,) if k in os.environ}},
         ),
     )
     result = trainer.fit()

@@ -86,7 +86,7 @@ def apply_overrides(cfg: C, overrides: Mapping[str, Any] | Iterable[str]) -> C:
         if key not in names:
             raise ValueError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(names))}")
         changes[key] = _parse_value(value, hints[key], key) if isinstance(value, str) else value
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(cfg, **changes)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

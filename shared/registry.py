@@ -13,21 +13,28 @@ import importlib
 import pkgutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
-    from torch.utils.data import Dataset
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length (what DataLoader and the trainer need)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 @dataclass
 class DataBundle:
     """Train/validation/test datasets plus the JSON-ready statistics saved with the model."""
 
-    train: Dataset[Any]
-    val: Dataset[Any]
-    test: Dataset[Any]
+    train: SizedDataset
+    val: SizedDataset
+    test: SizedDataset
     info: dict[str, Any] = field(default_factory=dict)  # scalers, columns, frequency, ... (saved as stats.json)
 
 

@@ -77,7 +77,7 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     meta = json.loads((path / "config.json").read_text())
     info = json.loads((path / "stats.json").read_text())
     domain = registry.get(meta["domain"])
-    cfg = from_dict(domain.config_cls, meta["config"])
+    cfg: Any = from_dict(domain.config_cls, meta["config"])
     model = domain.build_model(cfg, info)
     missing, unexpected = model.load_state_dict(load_file(str(path / "weights.safetensors")), strict=False)
     if missing or unexpected:

@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,7 +38,8 @@ def time_steps(model_name: str, data: str | None, steps: int, backend: str, thre
     bundle = domain.load_data(cfg)
     model = domain.build_model(cfg, bundle.info).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loader = DataLoader(bundle.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader: DataLoader[Any] = DataLoader(bundle.train, batch_size=cfg.batch_size,  # type: ignore[arg-type]
+                                         shuffle=True, drop_last=True)
     device = torch.device("cpu")
     durations: list[float] = []
     batches = iter(loader)

@@ -184,3 +184,24 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
             break
         time.sleep(2)
     assert served == str(result["version"])
+
+
+def test_tessera_predict_wraps_the_call_for_csv_users(first_model: dict, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from services.forecasting.data import synthetic_frame
+
+    history = tmp_path / "history.csv"
+    synthetic_frame(1500, 7).iloc[-60 - HELD_OUT : -HELD_OUT].to_csv(history, index=False)
+    out = tmp_path / "forecast.csv"
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", "forecasting", str(history),
+                           "--horizon", "6", "-o", str(out)], capture_output=True, text=True, timeout=120,
+                          env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    forecast = pd.read_csv(out)
+    assert list(forecast.columns) == ["date", "v0", "v1", "v2", "v3", "v4", "v5", "v6"]
+    assert len(forecast) == 6 and forecast["date"].iloc[0] == "2020-03-03T00:00:00"
+    assert "model forecasting v" in done.stderr
