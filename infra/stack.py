@@ -85,7 +85,7 @@ def components(domains: Iterable[str] | None = None) -> list[Component]:
     chosen = list(domains) if domains is not None else registry.names()
     return [
         Component("mlflow", mlflow_url(), "/health"),
-        Component("ray", dashboard_url(), "/api/version"),
+        Component("ray", dashboard_url(), "/api/gcs_healthz"),  # public even with Ray token auth on
         *[Component(d, service_url(d), "/livez") for d in chosen],
     ]
 

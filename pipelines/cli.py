@@ -90,10 +90,25 @@ def _runtime_env(address: str, tracking_uri: str | None) -> dict[str, Any]:
     return runtime_env
 
 
+def _use_ray_token_if_present() -> None:
+    """Ray starts clusters with token authentication when ~/.ray/auth_token (or RAY_AUTH_TOKEN) exists;
+    the jobs client only sends the token once token mode is switched on in this process as well."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None, follow: bool = True) -> tuple[int, dict[str, Any] | None]:
     """Submit a Ray job, stream its logs, and return (exit code, the job's final JSON line)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    _use_ray_token_if_present()
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(address, tracking_uri))
     console.print(f"submitted [bold]{job_id}[/] to {address}: {entrypoint}")
