@@ -18,7 +18,7 @@ from rich.table import Table
 from infra import stack
 from pipelines.cli import job_entrypoint, submit_and_follow
 
-console = Console()
+console = Console(width=max(110, Console().width))  # tables stay readable under make / CI logs
 
 # Short runs: real training on real or synthetic data, sized for a 2-core laptop.
 DEMO_JOBS: list[tuple[str, str, list[str]]] = [
@@ -75,10 +75,6 @@ def main() -> None:
         results.append(result)
 
     console.rule("query the services")
-    table = Table(title="trained models and what the services answered")
-    for column in ("domain", "model", "version", "promoted", "test MSE", "test MAE", "served version",
-                   "example forecast (first steps, first variables)"):
-        table.add_column(column)
     url = stack.service_url("forecasting")
     production = max((r for r in results if r["promoted"]), key=lambda r: r["version"], default=None)
     info = _wait_for_version(url, production["version"] if production else None)
@@ -86,15 +82,25 @@ def main() -> None:
     response = httpx.post(f"{url}/forecast", json={**body, "horizon": 24}, timeout=60)
     response.raise_for_status()
     answer = response.json()
-    preview = "\n".join(
-        f"{(answer['timestamps'] or [''] * 3)[i]}  " + ", ".join(f"{v:.3f}" for v in answer["values"][i][:3])
-        for i in range(3))
+    served = str(answer["model"]["version"])
+
+    table = Table(title="trained models (Ray jobs, registered in MLflow)")
+    for column in ("domain", "model", "version", "promoted", "test MSE", "test MAE", "served now"):
+        table.add_column(column)
     for result in results:
-        served = answer["model"]["version"] if str(answer["model"]["version"]) == str(result["version"]) else "-"
         table.add_row(result["domain"], result["model"], str(result["version"]), str(result["promoted"]),
-                      f"{result['test_mse']:.4f}", f"{result['test_mae']:.4f}", str(served),
-                      preview if served != "-" else "")
+                      f"{result['test_mse']:.4f}", f"{result['test_mae']:.4f}",
+                      "yes" if served == str(result["version"]) else "")
     console.print(table)
+    shown = answer["columns"][:4]
+    forecast = Table(title=f"POST {url}/forecast -> {answer['model']['architecture']} v{served}: first 6 of 24 steps")
+    forecast.add_column("timestamp")
+    for column in shown:
+        forecast.add_column(column, justify="right")
+    for i in range(6):
+        stamp = answer["timestamps"][i] if answer.get("timestamps") else f"t+{i + 1}"
+        forecast.add_row(stamp, *(f"{v:.3f}" for v in answer["values"][i][: len(shown)]))
+    console.print(forecast)
     console.print(f"demo finished in {time.monotonic() - started:.0f}s; the stack keeps running (`make down`):")
     console.print(f"  MLflow UI       {stack.mlflow_url()}")
     console.print(f"  Ray dashboard   {stack.dashboard_url()}")
