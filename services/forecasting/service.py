@@ -22,6 +22,9 @@ from shared.serving import BodySizeLimit, ModelHolder, ModelUnavailable, Request
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
 MAX_BODY_BYTES = int(os.environ.get("TESSERA_MAX_BODY_BYTES", 8 * 1024 * 1024))
+# Adaptive batching: a request waits at most this long for a batch; BentoML sheds load (503) past it, so keep
+# it well above one batch's time on a small CPU box.
+MAX_LATENCY_MS = int(os.environ.get("TESSERA_MAX_LATENCY_MS", 5000))
 
 
 class ForecastRequest(BaseModel):
@@ -53,7 +56,7 @@ class ForecastingRunner:
     def __init__(self) -> None:
         self.holder = ModelHolder("forecasting")
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=200)
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, batch: np.ndarray) -> np.ndarray:
         try:
             loaded = self.holder.get()
