@@ -48,13 +48,22 @@ def error_response(exc: RequestError) -> Any:
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
+def serving_alias() -> str:
+    """The registry alias a service answers with: ``production`` unless ``TESSERA_SERVE_ALIAS`` says
+    otherwise (a canary or benchmark server on another port serving ``@staging``, say)."""
+    return os.environ.get("TESSERA_SERVE_ALIAS", PRODUCTION)
+
+
 def how_to_train(domain: str) -> str:
+    alias = serving_alias()
+    if alias != PRODUCTION:
+        return f"no '{domain}' model holds alias @{alias}; set it in the MLflow registry"
     return (f"no '{domain}' model is registered with alias @{PRODUCTION} yet; train one with "
             f"`tessera train {domain}` (or `make demo`), and this service picks it up within seconds")
 
 
 class ModelHolder:
-    """The production model of one domain, reloaded when the alias moves."""
+    """The served model of one domain (alias ``production`` by default), reloaded when the alias moves."""
 
     def __init__(self, domain: str, *, poll_seconds: float | None = None, device: str = "cpu",
                  loader: Callable[[str], LoadedModel | None] | None = None,
@@ -63,7 +72,8 @@ class ModelHolder:
         self.device = device
         self.poll_seconds = poll_seconds if poll_seconds is not None else float(
             os.environ.get("TESSERA_RELOAD_SECONDS", "5"))
-        self._loader = loader or (lambda name: load_registered(name, device=self.device))
+        self.alias = serving_alias()
+        self._loader = loader or (lambda name: load_registered(name, self.alias, device=self.device))
         self._version_of = version_of or self._alias_version
         self._current: LoadedModel | None = None
         self._error: str | None = None
@@ -74,9 +84,8 @@ class ModelHolder:
         self._thread = threading.Thread(target=self._poll, name=f"{domain}-model-poll", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _alias_version(name: str) -> str | None:
-        version = production_version(client(), name)
+    def _alias_version(self, name: str) -> str | None:
+        version = production_version(client(), name, self.alias)
         return str(version.version) if version is not None else None
 
     def refresh(self) -> bool:
