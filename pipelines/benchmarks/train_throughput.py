@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    variants: dict[str, tuple[str, str | None]]
     if args.model == "itransformer":
         variants = {"shared.attention auto": ("auto", None), "naive reference path": ("reference", None)}
     else:
