@@ -18,10 +18,6 @@ from shared import registry
 from shared.config import parse_overrides, to_dict
 
 
-def state_home() -> Path:
-    return Path(os.environ.get("TESSERA_HOME", Path.cwd() / ".tessera")).resolve()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     parser.add_argument("domain", help=f"one of: {', '.join(registry.names())}")
@@ -48,6 +44,7 @@ def _connect_ray() -> None:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     import mlflow
 
+    from infra import stack
     from pipelines.trainer import fit
     from shared import tracking
 
@@ -59,7 +56,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     uri = tracking.tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment or domain.name)
-    storage = os.environ.get("TESSERA_STORAGE") or str(state_home() / "ray_results")
+    storage = os.environ.get("TESSERA_STORAGE") or str(stack.home() / "ray_results")
     Path(storage).mkdir(parents=True, exist_ok=True)
     _connect_ray()
     model_name = getattr(cfg, "model", domain.models[0])

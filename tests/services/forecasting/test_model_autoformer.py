@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,16 +19,6 @@ from services.forecasting.model_autoformer import (
     select_delays,
     time_delay_aggregation,
 )
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    # Tiny tensors gain nothing from intra-op threads, and on a shared CPU each parallel region can stall
-    # for a scheduler slice; one thread keeps the file fast whatever the machine's load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides: object) -> ForecastingConfig:
