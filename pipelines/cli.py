@@ -164,7 +164,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import httpx
     import pandas as pd
 
-    from services.forecasting.data import find_time_column, read_table
+    from services.forecasting.data import find_time_column, read_table, request_body
     from shared import registry
 
     domain = registry.get(args.domain)
@@ -172,18 +172,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         console.print(f"[red]`tessera predict` reads CSV for forecasting; for {domain.name} POST to {domain.endpoint}")
         return 2
     frame = read_table(args.file)
+    if args.last:
+        frame = frame.tail(args.last)
     time_column = find_time_column(frame)
-    body: dict[str, Any] = {}
-    if time_column:
-        body["timestamps"] = [t.isoformat() for t in pd.to_datetime(frame.pop(time_column))]
-    body["columns"] = [str(c) for c in frame.columns]
-    body["values"] = frame.to_numpy(dtype=float).tolist()
+    body = request_body(frame)
     if args.horizon:
         body["horizon"] = args.horizon
-    if args.last:
-        body["values"] = body["values"][-args.last:]
-        if "timestamps" in body:
-            body["timestamps"] = body["timestamps"][-args.last:]
     from infra.stack import service_url
 
     url = (args.url or service_url(domain.name)).rstrip("/") + domain.endpoint

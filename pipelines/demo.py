@@ -28,19 +28,10 @@ DEMO_JOBS: list[tuple[str, str, list[str]]] = [
 
 
 def _example_body(data: str | None, rows: int) -> dict[str, Any]:
-    import pandas as pd
-
-    from services.forecasting.data import find_time_column, read_table, synthetic_frame
+    from services.forecasting.data import read_table, request_body, synthetic_frame
 
     frame = read_table(data) if data else synthetic_frame()
-    frame = frame.tail(rows)
-    body: dict[str, Any] = {}
-    time_column = find_time_column(frame)
-    if time_column:
-        body["timestamps"] = [t.isoformat() for t in pd.to_datetime(frame.pop(time_column))]
-    body["columns"] = [str(c) for c in frame.columns]
-    body["values"] = frame.to_numpy(dtype=float).tolist()
-    return body
+    return request_body(frame.tail(rows))
 
 
 def _wait_for_version(url: str, version: int | None, timeout: float = 60.0) -> dict[str, Any]:

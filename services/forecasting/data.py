@@ -84,6 +84,19 @@ def calendar_features(times: pd.DatetimeIndex, names: list[str]) -> np.ndarray:
     return np.stack([np.asarray(columns[n], dtype=np.float64) - 0.5 for n in names], axis=1).astype(np.float32)
 
 
+def request_body(frame: pd.DataFrame) -> dict[str, Any]:
+    """The ``POST /forecast`` body for a table of history: its time column (if any) becomes ``timestamps``,
+    every other column a variable, one row of ``values`` per time step."""
+    time_column = find_time_column(frame)
+    body: dict[str, Any] = {}
+    if time_column is not None:
+        body["timestamps"] = [t.isoformat() for t in pd.to_datetime(frame[time_column])]
+        frame = frame.drop(columns=[time_column])
+    body["columns"] = [str(c) for c in frame.columns]
+    body["values"] = frame.to_numpy(dtype=float).tolist()
+    return body
+
+
 def future_times(last: pd.Timestamp, step: pd.Timedelta, horizon: int) -> pd.DatetimeIndex:
     return pd.DatetimeIndex([last + step * (i + 1) for i in range(horizon)])
 

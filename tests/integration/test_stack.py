@@ -51,12 +51,9 @@ HELD_OUT = 12  # the last rows of the synthetic series are kept back as the trut
 
 
 def _body(rows: int = 60) -> dict:
-    from services.forecasting.data import synthetic_frame
+    from services.forecasting.data import request_body, synthetic_frame
 
-    frame = synthetic_frame(1500, 7).iloc[-rows - HELD_OUT : -HELD_OUT]
-    return {"columns": [c for c in frame.columns if c != "date"],
-            "values": frame.drop(columns="date").to_numpy().tolist(),
-            "timestamps": [t.isoformat() for t in frame["date"]]}
+    return request_body(synthetic_frame(1500, 7).iloc[-rows - HELD_OUT : -HELD_OUT])
 
 
 def _forecast_url() -> str:

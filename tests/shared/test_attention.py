@@ -238,16 +238,22 @@ def fake_flash(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_without_flash_attn_auto_picks_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attn_mod, "_flash_module", lambda: None)
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap the backend function ``shared.attention.<name>``; the returned list grows by one per call."""
     calls: list[int] = []
-    real = attn_mod._sdpa
+    real = getattr(attn_mod, name)
 
     def spy(*args: Any, **kwargs: Any) -> Tensor:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attn_mod, "_sdpa", spy)
+    monkeypatch.setattr(attn_mod, name, spy)
+    return calls
+
+
+def test_without_flash_attn_auto_picks_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attn_mod, "_flash_module", lambda: None)
+    calls = _count_calls(monkeypatch, "_sdpa")
     q, k, v = _qkv()
     assert available_backends() == ["sdpa", "reference"]
     assert select_backend(q, k, v) == "sdpa"
@@ -293,14 +299,7 @@ def test_flash_path_layout_and_varlen_routing(fake_flash: list[str], case: str) 
 
 def test_env_var_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = _qkv()
-    calls: list[int] = []
-    real = attn_mod._reference
-
-    def spy(*args: Any, **kwargs: Any) -> Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attn_mod, "_reference", spy)
+    calls = _count_calls(monkeypatch, "_reference")
     monkeypatch.setenv(ENV_VAR, "reference")
     assert select_backend(q, k, v) == "reference"
     attention(q, k, v)

@@ -97,3 +97,14 @@ def test_real_etth1_split_sizes() -> None:
     assert prepared.info["split"] == "ett" and prepared.info["columns"][-1] == "OT"
     sizes = [b - a - 96 - 96 + 1 for a, b in prepared.borders]
     assert sizes == [8449, 2785, 2785]  # the window counts of the reference implementations
+
+
+def test_request_body_turns_a_table_into_the_forecast_request() -> None:
+    from services.forecasting.data import request_body
+
+    frame = synthetic_frame(30, 2)
+    body = request_body(frame)
+    assert body["columns"] == ["v0", "v1"] and "date" in frame.columns  # the caller's frame is untouched
+    assert body["timestamps"][:2] == ["2020-01-01T00:00:00", "2020-01-01T01:00:00"]
+    assert np.allclose(body["values"], frame[["v0", "v1"]].to_numpy()) and len(body["values"]) == 30
+    assert "timestamps" not in request_body(frame.drop(columns="date"))
