@@ -21,14 +21,22 @@ One set of semantics holds for every backend:
 
 Backend choice: the ``backend`` argument, else the ``TESSERA_ATTENTION_BACKEND`` environment variable, else
 automatic. A forced backend that cannot run the inputs raises ``ValueError`` rather than silently falling back.
+
+Second-order gradients: the fused kernels (flash-attn, SDPA's flash kernels) have no double backward. Code that
+differentiates through a gradient (``torch.autograd.grad(..., create_graph=True)``, as energy-based models do
+when they train through their own gradient descent) runs inside :func:`twice_differentiable`: there SDPA is
+restricted to its composite "math" kernel, and flash-attn is never chosen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import math
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -59,6 +67,19 @@ def _flash_device_ok(t: Tensor) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(t.device)
     return major >= 8
+
+
+_TWICE_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("twice_differentiable", default=False)
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Within this block attention is differentiable twice (composite kernels only; slower on long sequences)."""
+    token = _TWICE_DIFFERENTIABLE.set(True)
+    try:
+        yield
+    finally:
+        _TWICE_DIFFERENTIABLE.reset(token)
 
 
 def available_backends() -> list[str]:
@@ -141,6 +162,8 @@ def _requested_backend(backend: str | None) -> str | None:
 
 
 def _select(requested: str | None, flash_reason: str | None) -> str:
+    if _TWICE_DIFFERENTIABLE.get():
+        flash_reason = flash_reason or "flash-attn has no double backward (inside twice_differentiable())"
     if requested is None:
         return "flash_attn" if flash_reason is None else "sdpa"
     if requested == "flash_attn" and flash_reason is not None:
@@ -256,6 +279,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
     if name == "flash_attn":
         return _flash(q, k, v, key_padding_mask, causal, dropout_p, scale)
     if name == "sdpa":
+        if _TWICE_DIFFERENTIABLE.get():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)
         return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)
     return _reference(q, k, v, _combined_mask(q, k, attn_mask, key_padding_mask, causal), dropout_p, scale)
 

@@ -19,6 +19,7 @@ from shared.attention import (
     available_backends,
     pack,
     select_backend,
+    twice_differentiable,
     unpack,
     varlen_attention,
 )
@@ -284,6 +285,36 @@ def test_auto_uses_flash_when_present_and_supported(fake_flash: list[str]) -> No
     assert select_backend(*_qkv(dv=8)) == "sdpa"
     with pytest.raises(ValueError, match="attn_mask"):
         select_backend(q, k, v, torch.ones(7, 7, dtype=torch.bool), backend="flash_attn")
+
+
+def test_twice_differentiable_gives_second_order_gradients_equal_to_reference() -> None:
+    """Training through a gradient (create_graph=True) needs a double backward, which the fused CPU kernel lacks."""
+    q, k, v = (t.double().requires_grad_() for t in _qkv())
+
+    def second_order(backend: str | None) -> list[Tensor]:
+        out = attention(q, k, v, backend=backend)
+        (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+        return list(torch.autograd.grad(grad_q.pow(2).sum(), (q, k, v)))
+
+    expected = second_order("reference")
+    with twice_differentiable():
+        assert select_backend(q, k, v) == "sdpa"
+        got = second_order(None)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="not implemented"):  # what the block guards against (fused CPU kernel)
+        out = attention(q.float(), k.float(), v.float())
+        (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+        grad_q.sum().backward()
+
+
+def test_twice_differentiable_never_picks_flash(fake_flash: list[str]) -> None:
+    q, k, v = _qkv()
+    with twice_differentiable():
+        assert select_backend(q, k, v) == "sdpa"
+        with pytest.raises(ValueError, match="double backward"):
+            select_backend(q, k, v, backend="flash_attn")
+    assert select_backend(q, k, v) == "flash_attn"
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "key_padding", "cross", "cross_padding", "scale"])
