@@ -2,6 +2,7 @@
 
     tessera up | status | down                  the local stack (Ray head, MLflow, BentoML services)
     tessera train DOMAIN [--model M] [--data PATH] [--set k=v ...] [--address URL]
+    tessera evaluate DOMAIN [--version V] [--data PATH] [--set k=v ...] [--address URL]
     tessera predict forecasting FILE.csv [--horizon H] [--output OUT.csv]
 """
 
@@ -151,12 +152,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, _resolve_data(args.data), args.overrides)
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
     if result:
-        table = Table(title="training result")
-        table.add_column("key")
-        table.add_column("value")
-        for key, value in result.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        console.print(table)
+        console.print(_result_table("training result", result))
+    return code
+
+
+def _result_table(title: str, result: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in result.items():
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        table.add_row(key, text if len(text) < 120 else text[:117] + "...")
+    return table
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from shared import registry
+
+    domain = registry.get(args.domain)
+    extra = (["--version", str(args.version)] if args.version else []) + (["--alias", args.alias] if args.alias else [])
+    entrypoint = job_entrypoint("pipelines.evaluate", domain.name, None, _resolve_data(args.data), args.overrides,
+                                extra)
+    code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
+    if result:
+        console.print(_result_table("evaluation result", result))
     return code
 
 
@@ -210,17 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
         p.set_defaults(func=func)
     train = sub.add_parser("train", help="submit a training job to Ray and follow it")
-    train.add_argument("domain")
     train.add_argument("--model")
-    train.add_argument("--data")
-    train.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    train.add_argument("--address", default=os.environ.get("RAY_ADDRESS", DEFAULT_ADDRESS)
-                       if os.environ.get("RAY_ADDRESS", "").startswith("http") else DEFAULT_ADDRESS,
-                       help="Ray jobs address (default: $RAY_ADDRESS or %(default)s)")
-    train.add_argument("--tracking-uri", default=None,
-                       help="MLflow URI as seen from the cluster (default: the cluster's own setting)")
-    train.add_argument("--no-wait", action="store_true", help="submit and return")
     train.set_defaults(func=_cmd_train)
+    evaluate = sub.add_parser("evaluate", help="submit an evaluation job (the production model) to Ray and follow it")
+    evaluate.add_argument("--version", help="registered model version (default: @production)")
+    evaluate.add_argument("--alias", help="registry alias (default: production)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+    for job in (train, evaluate):
+        job.add_argument("domain")
+        job.add_argument("--data")
+        job.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+        job.add_argument("--address", default=os.environ.get("RAY_ADDRESS", DEFAULT_ADDRESS)
+                         if os.environ.get("RAY_ADDRESS", "").startswith("http") else DEFAULT_ADDRESS,
+                         help="Ray jobs address (default: $RAY_ADDRESS or %(default)s)")
+        job.add_argument("--tracking-uri", default=None,
+                         help="MLflow URI as seen from the cluster (default: the cluster's own setting)")
+        job.add_argument("--no-wait", action="store_true", help="submit and return")
     predict = sub.add_parser("predict", help="send a CSV to a domain's service and print the forecast")
     predict.add_argument("domain")
     predict.add_argument("file")

@@ -61,6 +61,22 @@ def _maybe_fail(epoch: int) -> None:
         os._exit(1)
 
 
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """All-reduce (mean) of the gradients over the workers, for models DDP cannot wrap."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def _loss_figure(history: list[dict[str, float]], metric: str) -> Any:
     import matplotlib
 
@@ -113,7 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["trainer"]
         _log(rank, f"resumed from checkpoint after epoch {state['epoch']} (best val_{metric} {state['best_val']:.4f})")
-    model = ray.train.torch.prepare_model(model)
+    ddp = domain.supports_ddp(cfg)
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
     pin = device.type == "cuda"
     train_loader = ray.train.torch.prepare_data_loader(
         DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,  # type: ignore[arg-type]
@@ -152,6 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = domain.training_loss(model, batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1 and not ddp:
+                _average_gradients(model, world)
             optimizer.step()
             total += float(loss.detach())
             seen += cfg.batch_size * world

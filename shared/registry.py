@@ -38,6 +38,15 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)  # scalers, columns, frequency, ... (saved as stats.json)
 
 
+@dataclass
+class EvaluationResult:
+    """What a domain's evaluation pipeline produced: JSON-ready metrics, plots and other files (GIFs, tables)."""
+
+    metrics: dict[str, Any]  # printed as the job's last line and logged to MLflow (numbers as metrics)
+    figures: dict[str, Figure] = field(default_factory=dict)  # file name -> figure
+    files: dict[str, bytes] = field(default_factory=dict)  # artifact name -> content
+
+
 class Domain(abc.ABC):
     """What a domain supplies to the shared trainer, tracker and services."""
 
@@ -70,6 +79,11 @@ class Domain(abc.ABC):
     def evaluate(self, model: torch.nn.Module, batches: Any, device: torch.device) -> dict[str, float]:
         """Metrics over an iterable of batches; must include ``val_metric``."""
 
+    def supports_ddp(self, cfg: Any) -> bool:
+        """Whether DistributedDataParallel can wrap the model. Losses that differentiate through a gradient
+        (``create_graph=True``) cannot run under DDP; the trainer then averages gradients itself."""
+        return True
+
     def eval_signature(self, cfg: Any, info: Mapping[str, Any]) -> str:
         """Identifies the validation data: scores are compared for promotion only when signatures match."""
         return str(info.get("fingerprint"))
@@ -77,6 +91,15 @@ class Domain(abc.ABC):
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
         """Plots logged to MLflow after training (file name -> figure)."""
         return {}
+
+    # Evaluation pipeline (``python -m pipelines.evaluate <domain>``): settings the domain accepts with their
+    # defaults; each also gets a command-line flag of the same name (``--episodes 10``) besides ``--set``.
+    eval_settings: ClassVar[dict[str, Any]] = {}
+
+    def evaluation(self, model: torch.nn.Module, cfg: Any, info: Mapping[str, Any], data: str | None,
+                   settings: Mapping[str, Any]) -> EvaluationResult:
+        """Evaluate a trained model beyond the trainer's test metrics (closed loop, rollouts, baselines)."""
+        raise NotImplementedError(f"domain {self.name!r} has no evaluation pipeline")
 
 
 _REGISTRY: dict[str, type[Domain]] = {}

@@ -146,10 +146,15 @@ def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVers
 
 
 def load_registered(name: str, alias: str = PRODUCTION, uri: str | None = None,
-                    device: str | torch.device = "cpu") -> LoadedModel | None:
-    """Download and rebuild ``models:/<name>@<alias>``; None when no version holds the alias."""
+                    device: str | torch.device = "cpu", version_number: str | int | None = None) -> LoadedModel | None:
+    """Download and rebuild ``models:/<name>@<alias>`` (or version ``version_number``); None when no version
+    holds the alias."""
     mlflow_client = client(uri)
-    version = production_version(mlflow_client, name, alias)
+    version: ModelVersion | None
+    if version_number is not None:
+        version = mlflow_client.get_model_version(name, str(version_number))
+    else:
+        version = production_version(mlflow_client, name, alias)
     if version is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:

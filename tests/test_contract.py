@@ -17,6 +17,8 @@ from shared.tracking import load_model_dir, save_model_dir
 TINY: dict[str, dict[str, Any]] = {
     "forecasting": {"d_model": 16, "d_ff": 32, "e_layers": 1, "d_layers": 1, "n_heads": 2, "seq_len": 48,
                     "label_len": 24, "pred_len": 24, "synthetic_steps": 900, "synthetic_vars": 3, "batch_size": 8},
+    "robot_policy": {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2, "synthetic_episodes": 4,
+                     "train_steps": 2, "infer_steps": 2, "candidates": 2, "diffusion_steps": 5, "batch_size": 8},
 }
 
 

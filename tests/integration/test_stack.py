@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,35 +15,8 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-# Outside Ray's worker port range (10002-19999) and clear of the default stack's ports.
-PORTS = {"MLFLOW": 25500, "RAY": 26390, "DASHBOARD": 28290, "RAY_CLIENT": 20101, "RAY_AGENT": 52465,
-         "FORECASTING": 23101}
 TINY = ["epochs=2", "max_steps_per_epoch=8", "d_model=32", "d_ff=64", "e_layers=1", "n_heads=4",
         "synthetic_steps=1500", "seq_len=48", "label_len=24", "pred_len=24", "batch_size=16", "cpus_per_worker=1"]
-
-
-@pytest.fixture(scope="module")
-def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("tessera-home")
-    ray_tmp = Path(f"/tmp/tsr{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
-    env = {f"TESSERA_{k}_PORT": str(v) for k, v in PORTS.items()}
-    env.update(TESSERA_HOME=str(home), TESSERA_RAY_TMP=str(ray_tmp), TESSERA_RELOAD_SECONDS="2")
-    saved = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI", "RAY_ADDRESS"]}
-    os.environ.update(env)
-    os.environ.pop("RAY_ADDRESS", None)
-    from infra import stack
-
-    os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url()
-    try:
-        stack.up(["forecasting"], num_cpus=2, timeout=300)
-        yield env
-    finally:
-        stack.down(["forecasting"])
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 HELD_OUT = 12  # the last rows of the synthetic series are kept back as the truth to compare with
@@ -73,8 +45,8 @@ def _train(extra: list[str] | None = None) -> tuple[int, dict | None]:
 def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
     from infra import stack
 
-    rows = {r["component"]: r for r in stack.status(["forecasting"])}
-    assert set(rows) == {"mlflow", "ray", "forecasting"}
+    rows = {r["component"]: r for r in stack.status()}
+    assert set(rows) == {"mlflow", "ray", "forecasting", "robot_policy"}
     assert all(r["healthy"] for r in rows.values()), rows
 
 

@@ -1,0 +1,93 @@
+"""Settings of the robot_policy domain (EBT-Policy and a diffusion baseline on Push-T)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MODELS = ("ebt", "diffusion")
+
+STATE_DIM = 5  # Push-T state: agent x, y, block x, y, block angle (pixels, radians)
+ACTION_DIM = 2  # target agent position (pixels)
+WORKSPACE = (0.0, 512.0)  # the simulator's window; the walls are at 5 and 506
+
+
+@dataclass(frozen=True)
+class RobotPolicyConfig:
+    model: str = "ebt"  # one of MODELS
+    data: str | None = None  # Push-T replay buffer (zarr); None: demonstrations of the scripted expert
+    synthetic_episodes: int = 60  # scripted-expert demonstrations when data is None
+    val_fraction: float = 0.05  # episodes held out for validation (and as many for test), by episode
+    obs_encoder: Literal["state"] = "state"  # pluggable: image encoders are a later step
+
+    obs_horizon: int = 2  # observations in the history
+    action_horizon: int = 16  # actions per chunk
+    action_exec: int = 8  # actions executed per chunk before replanning
+    action_patch: int = 4  # consecutive actions embedded as one token (16 actions -> 4 tokens)
+
+    d_model: int = 192
+    n_heads: int = 4
+    n_layers: int = 3
+    d_ff: int = 768
+    dropout: float = 0.0
+
+    # EBT: energy descent a <- a - alpha * dE/da, alpha learned (initial value below)
+    train_steps: int = 3  # descent steps unrolled in training (the loss is taken after each)
+    infer_steps: int = 4  # descent steps at inference (the target allows at most 4)
+    step_size: float = 1.0  # initial learned step size alpha
+    langevin_noise: float = 0.05  # std of the noise added to each training descent step (0 disables)
+    init_noise: float = 1.0  # std of the initial chunk (normalized action units)
+    warm_start_prob: float = 0.3  # training: start from the shifted demonstrated chunk plus noise this often
+    candidates: int = 4  # chunks refined in parallel at inference; the lowest final energy is kept
+    energy_margin: float = 1.0  # contrastive term: E(demo) below E(initial chunk) by this margin (0 disables)
+    energy_weight: float = 0.1  # weight of that term
+    early_stop_tol: float = 1e-3  # inference stops when the energy falls by less than this (dynamic compute)
+
+    # diffusion baseline: DDPM epsilon-prediction with the same transformer
+    diffusion_steps: int = 100
+
+    batch_size: int = 256
+    lr: float = 3e-4
+    lr_schedule: Literal["halve", "constant", "cosine"] = "cosine"
+    weight_decay: float = 1e-4
+    epochs: int = 60
+    patience: int = 0  # 0: no early stopping (behaviour cloning keeps improving in closed loop)
+    max_steps_per_epoch: int = 0
+    seed: int = 0
+
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
+        for name in ("synthetic_episodes", "obs_horizon", "action_horizon", "action_exec", "action_patch",
+                     "d_model", "n_heads", "n_layers", "d_ff", "train_steps", "infer_steps", "candidates",
+                     "diffusion_steps", "batch_size", "epochs", "num_workers", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.action_horizon % self.action_patch:
+            raise ValueError(f"action_patch={self.action_patch} must divide action_horizon={self.action_horizon}")
+        if self.action_exec > self.action_horizon:
+            raise ValueError(f"action_exec={self.action_exec} must not exceed action_horizon={self.action_horizon}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
+        for name in ("langevin_noise", "init_noise", "energy_margin", "energy_weight", "early_stop_tol",
+                     "weight_decay", "patience", "max_steps_per_epoch", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if not 0.0 <= self.warm_start_prob <= 1.0:
+            raise ValueError(f"warm_start_prob={self.warm_start_prob} must be in [0, 1]")
+        if not (self.step_size > 0 and self.lr > 0):
+            raise ValueError("step_size and lr must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    def replace(self, **changes: Any) -> RobotPolicyConfig:
+        return dataclasses.replace(self, **changes)

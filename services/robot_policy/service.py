@@ -1,0 +1,131 @@
+"""BentoML service of the robot_policy domain: ``POST /act`` on port 3005.
+
+Takes the observation history (oldest first) and optionally the previous action chunk (a warm start), and
+returns the planned action chunk, how many of its actions to execute, the final energy (an uncertainty
+signal: higher means less familiar) and the descent steps used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import bentoml
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.robot_policy.config import ACTION_DIM, STATE_DIM, WORKSPACE
+from shared.serving import BodySizeLimit, ModelHolder, RequestError, error_response
+
+MAX_BODY_BYTES = int(os.environ.get("TESSERA_MAX_BODY_BYTES", 64 * 1024))
+MAX_DESCENT_STEPS = 16
+MAX_CANDIDATES = 64
+
+
+class ActRequest(BaseModel):
+    """Observation history in the Push-T state layout, oldest first (as many rows as the model's obs_horizon)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    observations: list[list[float]] = Field(
+        min_length=1, max_length=64,
+        description="rows of [agent_x, agent_y, block_x, block_y, block_angle] (pixels in [0, 512], radians)")
+    previous_actions: list[list[float]] | None = Field(
+        default=None, max_length=256,
+        description="the chunk returned by the previous call (warm start); its executed part is skipped")
+    descent_steps: int | None = Field(default=None, ge=1, le=MAX_DESCENT_STEPS,
+                                      description="energy descent steps at most (default: the model's)")
+    candidates: int | None = Field(default=None, ge=1, le=MAX_CANDIDATES,
+                                   description="chunks refined in parallel; the lowest energy is returned")
+    seed: int | None = Field(default=None, ge=0, description="seed of the initial noise (reproducible answers)")
+
+
+class ModelRef(BaseModel):
+    name: str | None
+    version: str | None
+    run_id: str | None
+    architecture: str | None = None
+
+
+class ActResponse(BaseModel):
+    actions: list[list[float]]
+    execute: int
+    energy: float | None
+    descent_steps: int
+    passes: int
+    latency_ms: float
+    model: ModelRef
+
+
+def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str, angle_column: int | None = None) -> np.ndarray:
+    """(n_rows, width) array of ``rows`` inside the workspace, or a RequestError saying what is wrong."""
+    if len(rows) != n_rows:
+        raise RequestError(f"{what}: expected {n_rows} rows, got {len(rows)}")
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise RequestError(f"{what}[{i}]: expected {width} values, got {len(row)}")
+    values = np.asarray(rows, dtype=np.float64)
+    low, high = WORKSPACE
+    positions = np.delete(values, angle_column, axis=1) if angle_column is not None else values
+    outside = np.argwhere((positions < low) | (positions > high))
+    if len(outside):
+        i, j = outside[0]
+        raise RequestError(f"{what}[{i}][{j}] = {positions[i, j]:g} is outside the workspace [{low:g}, {high:g}] px")
+    if angle_column is not None:
+        values[:, angle_column] = np.mod(values[:, angle_column], 2 * math.pi)
+    return values.astype(np.float32)
+
+
+@bentoml.service(name="robot_policy", workers=1, traffic={"timeout": 30, "max_concurrency": 64})
+class RobotPolicy:
+    def __init__(self) -> None:
+        torch.set_num_threads(int(os.environ.get("TESSERA_TORCH_THREADS", "1")))
+        self.holder = ModelHolder("robot_policy")
+
+    @bentoml.api(route="/act")
+    def act(self, request: ActRequest, /) -> ActResponse:
+        """Plan the next action chunk from the observation history."""
+        try:
+            return self._act(request)
+        except RequestError as exc:
+            return error_response(exc)
+
+    def _act(self, request: ActRequest) -> ActResponse:
+        loaded = self.holder.get()
+        cfg = loaded.cfg
+        obs = check_rows(request.observations, cfg.obs_horizon, STATE_DIM, "observations", angle_column=4)
+        previous = None
+        if request.previous_actions is not None:
+            previous = torch.from_numpy(check_rows(request.previous_actions, cfg.action_horizon, ACTION_DIM,
+                                                   "previous_actions"))[None]
+        if cfg.model != "ebt" and (request.descent_steps or request.candidates):
+            raise RequestError(f"descent_steps/candidates apply to the energy-based model; the served model is "
+                               f"{cfg.model!r}")
+        generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+        started = time.perf_counter()
+        plan = loaded.model.plan(torch.from_numpy(obs)[None], previous, steps=request.descent_steps,
+                                 candidates=request.candidates, generator=generator)
+        latency = (time.perf_counter() - started) * 1000
+        energy = float(plan.energy[0])
+        return ActResponse(actions=plan.actions[0].tolist(), execute=cfg.action_exec,
+                           energy=energy if math.isfinite(energy) else None, descent_steps=plan.steps,
+                           passes=plan.passes, latency_ms=latency, model=ModelRef(**loaded.describe()))
+
+    @bentoml.api(route="/model")
+    def model(self) -> dict[str, Any]:
+        """The served model: version, run, architecture, history length, chunk size, executed actions."""
+        try:
+            loaded = self.holder.get()
+        except RequestError as exc:
+            return error_response(exc)
+        cfg = loaded.cfg
+        return {**loaded.describe(), "obs_horizon": cfg.obs_horizon, "action_horizon": cfg.action_horizon,
+                "action_exec": cfg.action_exec, "infer_steps": cfg.infer_steps if cfg.model == "ebt" else None,
+                "candidates": cfg.candidates if cfg.model == "ebt" else None,
+                "state_layout": ["agent_x", "agent_y", "block_x", "block_y", "block_angle"],
+                "workspace": list(WORKSPACE), "data": loaded.info.get("data")}
+
+
+RobotPolicy.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)

@@ -1,0 +1,118 @@
+"""robot_policy on the real local stack: a Ray training job, ``POST /act`` over HTTP, an evaluation Ray job."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+TINY = ["epochs=2", "max_steps_per_epoch=6", "d_model=32", "d_ff=64", "n_layers=1", "n_heads=2",
+        "synthetic_episodes=6", "batch_size=32", "cpus_per_worker=1", "train_steps=2"]
+HISTORY = [[200.0, 300.0, 250.0, 260.0, 0.5], [205.0, 298.0, 250.0, 260.0, 0.5]]
+
+
+def _url(route: str = "/act") -> str:
+    from infra import stack
+
+    return stack.service_url("robot_policy") + route
+
+
+def _submit(module: str, overrides: list[str], extra: list[str] | None = None) -> tuple[int, dict | None]:
+    from infra import stack
+    from pipelines.cli import job_entrypoint, submit_and_follow
+
+    entrypoint = job_entrypoint(module, "robot_policy", "ebt" if module == "pipelines.train" else None, None,
+                                overrides, extra)
+    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+
+
+def test_act_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str]) -> None:
+    response = httpx.post(_url(), json={"observations": HISTORY}, timeout=30)
+    assert response.status_code == 503, response.text
+    assert "tessera train robot_policy" in response.text
+
+
+@pytest.fixture(scope="module")
+def policy_model(stack_env: dict[str, str]) -> dict:
+    code, result = _submit("pipelines.train", TINY)
+    assert code == 0 and result is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the service polls the alias every 2 s here
+        if httpx.post(_url(), json={"observations": HISTORY}, timeout=30).status_code == 200:
+            break
+        time.sleep(2)
+    return result
+
+
+def test_training_job_registers_the_policy_with_its_plots(policy_model: dict) -> None:
+    from shared.tracking import client
+
+    assert policy_model["promoted"] is True and policy_model["model"] == "ebt"
+    assert policy_model["test_action_mse"] > 0
+    mlflow = client()
+    metrics = mlflow.get_run(policy_model["run_id"]).data.metrics
+    assert {"train_loss", "val_action_mse", "val_final_energy", "test_action_mse"} <= set(metrics)
+    plots = {a.path for a in mlflow.list_artifacts(policy_model["run_id"], "plots")}
+    assert {"plots/loss.png", "plots/chunks_vs_demonstrations.png"} <= plots
+
+
+def test_act_returns_a_chunk_its_energy_and_the_steps_used(policy_model: dict) -> None:
+    response = httpx.post(_url(), json={"observations": HISTORY, "seed": 3}, timeout=30)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert len(answer["actions"]) == 16 and all(len(a) == 2 for a in answer["actions"])
+    assert all(0.0 <= v <= 512.0 for a in answer["actions"] for v in a)
+    assert answer["execute"] == 8 and 1 <= answer["descent_steps"] <= 4
+    assert math.isfinite(answer["energy"])
+    assert answer["model"]["version"] == str(policy_model["version"])
+    # same seed, same answer; a warm start and a step budget are honoured
+    again = httpx.post(_url(), json={"observations": HISTORY, "seed": 3}, timeout=30).json()
+    assert again["actions"] == answer["actions"]
+    warm = httpx.post(_url(), json={"observations": HISTORY, "previous_actions": answer["actions"],
+                                    "descent_steps": 2, "candidates": 1}, timeout=30)
+    assert warm.status_code == 200, warm.text
+    assert warm.json()["descent_steps"] <= 2
+    info = httpx.post(_url("/model"), json={}, timeout=30).json()
+    assert info["obs_horizon"] == 2 and info["action_horizon"] == 16
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ({"observations": [HISTORY[0]]}, 422, "expected 2 rows"),
+        ({"observations": [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]}, 422, "expected 5 values"),
+        ({"observations": [[900.0, 300.0, 250.0, 260.0, 0.5], HISTORY[1]]}, 422, "outside the workspace"),
+        ({"observations": [[float("nan")] * 5, HISTORY[1]]}, 400, "finite"),
+        ({"observations": HISTORY, "previous_actions": [[1.0, 2.0]] * 3}, 422, "expected 16 rows"),
+        ({"observations": HISTORY, "descent_steps": 0}, 400, "greater than or equal to 1"),
+        ({"observations": HISTORY, "speed": 2}, 400, "Extra inputs"),
+        ({"observations": "left"}, 400, "valid list"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_the_reason(policy_model: dict, body: dict, status: int, reason: str) -> None:
+    response = httpx.post(_url(), content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status, response.text
+    assert reason in response.text
+
+
+def test_evaluation_job_rolls_out_episodes_and_logs_gif_and_plots(policy_model: dict) -> None:
+    from shared.tracking import client
+
+    code, result = _submit("pipelines.evaluate", ["episodes=2", "max_steps=24", "gif_episodes=1",
+                                                  "ood_samples=32"])
+    assert code == 0 and result is not None
+    assert result["version"] == policy_model["version"] and result["episodes"] == 2
+    assert 0.0 <= result["success_rate"] <= 1.0 and 0.0 <= result["mean_max_coverage"] <= 1.0
+    assert 1 <= result["descent_steps"] <= 4 and result["latency_ms_per_chunk"] > 0
+    assert 0.0 <= result["energy_ood_auroc"] <= 1.0
+    mlflow = client()
+    artifacts = {a.path for a in mlflow.list_artifacts(result["run_id"], "plots")}
+    assert {"plots/energy_vs_step.png", "plots/energy_ood.png"} <= artifacts
+    assert "files/rollouts.gif" in {a.path for a in mlflow.list_artifacts(result["run_id"], "files")}
+    version = mlflow.get_model_version("robot_policy", str(policy_model["version"]))
+    assert version.tags["last_evaluation_run"] == result["run_id"]

@@ -1,0 +1,71 @@
+"""Closed-loop evaluation pieces: rollouts, the AUROC, the OOD perturbation, the evaluation settings."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.evaluate import _flat_metrics, settings_for
+from services.robot_policy.config import RobotPolicyConfig
+from services.robot_policy.evaluation import auroc, evaluate_policy, perturb, rollout
+from services.robot_policy.model import build
+from shared import registry
+
+STATS = {"obs_min": [0.0] * 4 + [-1.0, -1.0], "obs_max": [512.0] * 4 + [1.0, 1.0],
+         "action_min": [0.0, 0.0], "action_max": [512.0, 512.0]}
+
+
+def test_auroc_matches_pairwise_counting() -> None:
+    rng = np.random.default_rng(0)
+    neg, pos = rng.normal(0, 1, 40), rng.normal(1, 1, 30)
+    pairs = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert auroc(neg, pos) == pytest.approx(pairs)
+    assert auroc(np.zeros(5), np.ones(5)) == 1.0 and auroc(np.ones(5), np.ones(5)) == 0.5
+
+
+def test_perturbation_moves_positions_only_and_stays_in_the_workspace() -> None:
+    obs = torch.full((4, 2, 5), 256.0)
+    noisy = perturb(obs, torch.Generator().manual_seed(0), scale=1000.0)
+    assert (noisy[..., :4] >= 10).all() and (noisy[..., :4] <= 502).all()
+    assert torch.equal(noisy[..., 4], obs[..., 4]) and not torch.equal(noisy, obs)
+
+
+def test_rollout_is_seeded_and_records_frames() -> None:
+    torch.manual_seed(0)
+    policy = build(RobotPolicyConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2), STATS).eval()
+    first = rollout(policy, 100000, max_steps=20, record=True)
+    again = rollout(policy, 100000, max_steps=20)
+    assert first["steps"] == 20 and len(first["latency_ms"]) == 3  # chunks of 8 actions: 8 + 8 + 4 steps
+    assert first["max_coverage"] == again["max_coverage"] and 0.0 <= first["max_coverage"] <= 1.0
+    assert len(first["frames"]) == 21 and first["frames"][0].shape == (192, 192, 3)
+    assert again["frames"] == []
+
+
+def test_evaluation_reports_the_issue_metrics() -> None:
+    torch.manual_seed(0)
+    domain = registry.get("robot_policy")
+    cfg = RobotPolicyConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, synthetic_episodes=3)
+    data = domain.load_data(cfg)
+    policy = domain.build_model(cfg, data.info).eval()
+    settings = {**domain.eval_settings, "episodes": 2, "max_steps": 16, "gif_episodes": 1, "ood_samples": 16,
+                "workers": 1}
+    result = evaluate_policy(policy, cfg, data.info, None, settings)
+    for key in ("success_rate", "mean_max_coverage", "descent_steps", "latency_ms_per_chunk", "energy_ood_auroc"):
+        assert key in result.metrics
+    assert result.metrics["episodes"] == 2 and len(result.metrics["per_episode_max_coverage"]) == 2
+    assert set(result.figures) == {"energy_vs_step.png", "energy_ood.png"}
+    assert result.files["rollouts.gif"][:6] == b"GIF89a"
+    flat = _flat_metrics(result.metrics)
+    assert "per_episode_max_coverage_1" in flat and "model" not in flat
+
+
+def test_evaluation_settings_from_flags_and_set_and_unknown_keys_refused() -> None:
+    domain = registry.get("robot_policy")
+    args = argparse.Namespace(overrides=["max_steps=50", "candidates=2"], eval_episodes=7)
+    settings = settings_for(domain, args)
+    assert settings["episodes"] == 7 and settings["max_steps"] == 50 and settings["candidates"] == 2
+    with pytest.raises(SystemExit, match="unknown evaluation setting"):
+        settings_for(domain, argparse.Namespace(overrides=["episode=3"]))
