@@ -1,7 +1,8 @@
 """``make demo``: start the local stack, train every available domain model on Ray, query the services.
 
-Trains on the synthetic default data, or on ``TESSERA_DATA`` (a CSV/Parquet path) when given, with short
-settings so the whole demo fits in a few minutes on 2 CPU cores; leaves the stack running.
+Trains on the synthetic default data, or on ``TESSERA_DATA`` when given (a CSV/Parquet path for forecasting, a
+Push-T replay buffer ``.zarr`` for robot_policy), with short settings so the whole demo fits in a few minutes
+on 2 CPU cores; leaves the stack running.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ console = Console(width=max(110, Console().width))  # tables stay readable under
 DEMO_JOBS: list[tuple[str, str, list[str]]] = [
     ("forecasting", "itransformer", ["epochs=3", "max_steps_per_epoch=120"]),
     ("forecasting", "autoformer", ["epochs=2", "max_steps_per_epoch=60", "d_model=128", "d_ff=256"]),
+    ("robot_policy", "ebt", ["epochs=3", "max_steps_per_epoch=40", "synthetic_episodes=30", "d_model=64",
+                             "d_ff=128", "n_layers=2", "batch_size=128"]),
 ]
+DATA_SUFFIXES = {"forecasting": (".csv", ".parquet"), "robot_policy": (".zarr",)}
+
+
+def data_for(domain: str, data: str | None) -> str | None:
+    """``TESSERA_DATA`` for the domains that read that kind of file; the others train on their synthetic data."""
+    if data and data.rstrip("/").lower().endswith(DATA_SUFFIXES.get(domain, ())):
+        return data
+    return None
 
 
 def _example_body(data: str | None, rows: int) -> dict[str, Any]:
@@ -59,30 +70,46 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for domain, model, overrides in DEMO_JOBS:
         console.rule(f"train {domain}/{model}")
-        entrypoint = job_entrypoint("pipelines.train", domain, model, data, overrides)
+        entrypoint = job_entrypoint("pipelines.train", domain, model, data_for(domain, data), overrides)
         code, result = submit_and_follow(entrypoint, stack.dashboard_url(), None)
         if code != 0 or result is None:
             raise SystemExit(f"training {domain}/{model} failed; see the log above")
         results.append(result)
 
     console.rule("query the services")
+    served = {"forecasting": _query_forecasting(results, data_for("forecasting", data)),
+              "robot_policy": _query_robot_policy(results)}
+
+    table = Table(title="trained models (Ray jobs, registered in MLflow)")
+    for column in ("domain", "model", "version", "promoted", "test metrics", "served now"):
+        table.add_column(column)
+    for result in results:
+        metrics = ", ".join(f"{k[5:]} {v:.4f}" for k, v in result.items() if k.startswith("test_"))
+        table.add_row(result["domain"], result["model"], str(result["version"]), str(result["promoted"]), metrics,
+                      "yes" if served.get(result["domain"]) == str(result["version"]) else "")
+    console.print(table)
+    console.print(f"demo finished in {time.monotonic() - started:.0f}s; the stack keeps running (`make down`):")
+    console.print(f"  MLflow UI       {stack.mlflow_url()}")
+    console.print(f"  Ray dashboard   {stack.dashboard_url()}")
+    from shared import registry
+
+    for name in registry.names():
+        console.print(f"  {name:<15} {stack.service_url(name)}  (Swagger UI; POST {registry.get(name).endpoint})")
+
+
+def _production(results: list[dict[str, Any]], domain: str) -> int | None:
+    promoted = [r["version"] for r in results if r["domain"] == domain and r["promoted"]]
+    return max(promoted) if promoted else None
+
+
+def _query_forecasting(results: list[dict[str, Any]], data: str | None) -> str:
     url = stack.service_url("forecasting")
-    production = max((r for r in results if r["promoted"]), key=lambda r: r["version"], default=None)
-    info = _wait_for_version(url, production["version"] if production else None)
+    info = _wait_for_version(url, _production(results, "forecasting"))
     body = _example_body(data, int(info.get("seq_len", 96)))
     response = httpx.post(f"{url}/forecast", json={**body, "horizon": 24}, timeout=60)
     response.raise_for_status()
     answer = response.json()
     served = str(answer["model"]["version"])
-
-    table = Table(title="trained models (Ray jobs, registered in MLflow)")
-    for column in ("domain", "model", "version", "promoted", "test MSE", "test MAE", "served now"):
-        table.add_column(column)
-    for result in results:
-        table.add_row(result["domain"], result["model"], str(result["version"]), str(result["promoted"]),
-                      f"{result['test_mse']:.4f}", f"{result['test_mae']:.4f}",
-                      "yes" if served == str(result["version"]) else "")
-    console.print(table)
     shown = answer["columns"][:4]
     forecast = Table(title=f"POST {url}/forecast -> {answer['model']['architecture']} v{served}: first 6 of 24 steps")
     forecast.add_column("timestamp")
@@ -92,13 +119,33 @@ def main() -> None:
         stamp = answer["timestamps"][i] if answer.get("timestamps") else f"t+{i + 1}"
         forecast.add_row(stamp, *(f"{v:.3f}" for v in answer["values"][i][: len(shown)]))
     console.print(forecast)
-    console.print(f"demo finished in {time.monotonic() - started:.0f}s; the stack keeps running (`make down`):")
-    console.print(f"  MLflow UI       {stack.mlflow_url()}")
-    console.print(f"  Ray dashboard   {stack.dashboard_url()}")
-    from shared import registry
+    return served
 
-    for name in registry.names():
-        console.print(f"  {name:<15} {stack.service_url(name)}  (Swagger UI; POST {registry.get(name).endpoint})")
+
+def _query_robot_policy(results: list[dict[str, Any]]) -> str:
+    """Plan one chunk for the first evaluation episode's start state (seed 100000) through POST /act."""
+    from services.robot_policy.data import make_env
+
+    url = stack.service_url("robot_policy")
+    _wait_for_version(url, _production(results, "robot_policy"))
+    env = make_env()
+    obs, _ = env.reset(seed=100_000)
+    env.close()
+    body = {"observations": [obs.tolist(), obs.tolist()], "seed": 0}
+    response = httpx.post(f"{url}/act", json=body, timeout=60)
+    response.raise_for_status()
+    answer = response.json()
+    served = str(answer["model"]["version"])
+    table = Table(title=f"POST {url}/act -> {answer['model']['architecture']} v{served}: energy {answer['energy']:.3f} "
+                        f"after {answer['descent_steps']} descent step(s), {answer['latency_ms']:.0f} ms; "
+                        f"first 4 of {len(answer['actions'])} actions (execute {answer['execute']})")
+    table.add_column("state [agent x, y, block x, y, angle]")
+    table.add_column("action x", justify="right")
+    table.add_column("action y", justify="right")
+    for i in range(4):
+        table.add_row(", ".join(f"{v:.1f}" for v in obs) if i == 0 else "", *(f"{v:.1f}" for v in answer["actions"][i]))
+    console.print(table)
+    return served
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def read_replay_buffer(path: str | Path) -> Demonstrations:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no replay buffer at {path}")
-    group = zarr.open_group(str(path), mode="r")
+    group: Any = zarr.open_group(str(path), mode="r")
     try:
         states = np.asarray(group["data/state"][:], dtype=np.float32)
         actions = np.asarray(group["data/action"][:], dtype=np.float32)
@@ -148,8 +148,8 @@ def synthetic_demonstrations(episodes: int, seed: int = 0, max_steps: int = 200)
 def observation_features(states: np.ndarray | Tensor) -> np.ndarray | Tensor:
     """(..., 5) states -> (..., 6) features: positions, then the block angle as (sin, cos) (no 0/2pi jump)."""
     if isinstance(states, Tensor):
-        angle = states[..., 4:5]
-        return torch.cat([states[..., :4], torch.sin(angle), torch.cos(angle)], dim=-1)
+        theta = states[..., 4:5]
+        return torch.cat([states[..., :4], torch.sin(theta), torch.cos(theta)], dim=-1)
     angle = states[..., 4:5]
     return np.concatenate([states[..., :4], np.sin(angle), np.cos(angle)], axis=-1).astype(np.float32)
 

@@ -110,7 +110,10 @@ class PolicyBase(nn.Module):
             return noise * self.cfg.init_noise
         return shift_chunk(previous, self.cfg.action_exec)
 
-    def plan(self, obs: Tensor, previous: Tensor | None = None, **options: Any) -> Plan:
+    def plan(self, obs: Tensor, previous: Tensor | None = None, *, steps: int | None = None,
+             candidates: int | None = None, early_stop_tol: float | None = None,
+             generator: torch.Generator | None = None) -> Plan:
+        """Raw obs history (B, To, 5) [and the previous raw chunk (B, Ta, 2)] -> a planned chunk."""
         raise NotImplementedError
 
 
@@ -215,6 +218,8 @@ class DiffusionPolicy(PolicyBase):
     """DDPM over action chunks with the same transformer: the baseline for compute per chunk."""
 
     kind = "diffusion"
+    betas: Tensor
+    alpha_bars: Tensor
 
     def __init__(self, cfg: RobotPolicyConfig, stats: dict[str, Any]) -> None:
         super().__init__(cfg, stats)

@@ -59,12 +59,12 @@ def energy_descent_figure(traces: list[list[float]], episode_energy: list[list[f
     left.set_ylabel("energy")
     left.set_title("energy vs descent step (all chunks)")
     left.legend()
+    twin = right.twinx()
+    twin.set_ylabel("coverage (dashed)")
+    twin.set_ylim(0, 1)
     for i, (energies, cov) in enumerate(zip(episode_energy, coverage, strict=True)):
         line = right.plot(energies, "o-", ms=3, label=f"episode {i} energy")[0]
-        twin = right.twinx() if i == 0 else twin  # noqa: F821
         twin.plot(np.linspace(0, len(energies) - 1, len(cov)), cov, "--", color=line.get_color(), alpha=0.7)
-        twin.set_ylabel("coverage (dashed)")
-        twin.set_ylim(0, 1)
     right.set_xlabel("chunk")
     right.set_ylabel("final energy")
     right.set_title("final energy and coverage along episodes")
@@ -75,7 +75,7 @@ def energy_descent_figure(traces: list[list[float]], episode_energy: list[list[f
 
 def ood_figure(in_dist: np.ndarray, ood: np.ndarray, auroc: float) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.histogram_bin_edges(np.concatenate([in_dist, ood]), bins=40)
+    bins = np.histogram_bin_edges(np.concatenate([in_dist, ood]), bins=40).tolist()
     ax.hist(in_dist, bins=bins, alpha=0.6, density=True, label=f"in-distribution (mean {in_dist.mean():.2f})")
     ax.hist(ood, bins=bins, alpha=0.6, density=True, label=f"perturbed states (mean {ood.mean():.2f})")
     ax.set_xlabel("final energy")
