@@ -91,7 +91,7 @@ def test_act_returns_a_chunk_its_energy_and_the_steps_used(policy_model: dict) -
         ({"observations": HISTORY, "previous_actions": [[1.0, 2.0]] * 3}, 422, "expected 16 rows"),
         ({"observations": HISTORY, "descent_steps": 0}, 400, "greater than or equal to 1"),
         ({"observations": HISTORY, "speed": 2}, 400, "Extra inputs"),
-        ({"observations": "left"}, 400, "valid list"),
+        ({"observations": "left"}, 400, "valid array"),
     ],
 )
 def test_bad_input_is_a_4xx_with_the_reason(policy_model: dict, body: dict, status: int, reason: str) -> None:
