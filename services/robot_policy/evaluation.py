@@ -124,13 +124,19 @@ def perturb(obs: torch.Tensor, generator: torch.Generator, scale: float = 60.0) 
     return noisy
 
 
-def energy_uncertainty(policy: EBTPolicy, obs: torch.Tensor, seed: int = 0) -> dict[str, Any]:
-    """Final energies of planned chunks on in-distribution histories and on perturbed copies of them."""
+OOD_SCALES = (30.0, 60.0, 120.0)  # pixels of jitter; 60 is the headline figure
+
+
+def energy_uncertainty(policy: EBTPolicy, obs: torch.Tensor, seed: int = 0,
+                       scales: tuple[float, ...] = OOD_SCALES) -> dict[str, Any]:
+    """Final energies of planned chunks on in-distribution histories and on copies perturbed at each scale."""
     generator = torch.Generator().manual_seed(seed)
-    ood_obs = perturb(obs, generator)
     in_energy = policy.plan(obs, None, generator=generator).energy.numpy()
-    ood_energy = policy.plan(ood_obs, None, generator=generator).energy.numpy()
-    return {"in": in_energy, "ood": ood_energy, "auroc": auroc(in_energy, ood_energy)}
+    ood = {}
+    for scale in scales:
+        noisy = perturb(obs, generator, scale)
+        ood[scale] = policy.plan(noisy, None, generator=generator).energy.numpy()
+    return {"in": in_energy, "ood": ood, "auroc": {scale: auroc(in_energy, e) for scale, e in ood.items()}}
 
 
 def _gif(frames: list[list[np.ndarray]]) -> bytes:
@@ -203,8 +209,9 @@ def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, info: Mapping[str,
         obs = torch.stack([windows[int(i)][0] for i in pick])
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ood = energy_uncertainty(policy, obs)
-        metrics.update(energy_in_distribution=float(ood["in"].mean()), energy_perturbed=float(ood["ood"].mean()),
-                       energy_ood_auroc=ood["auroc"])
+        metrics.update(energy_in_distribution=float(ood["in"].mean()),
+                       energy_perturbed=float(ood["ood"][60.0].mean()), energy_ood_auroc=ood["auroc"][60.0],
+                       energy_ood_auroc_by_jitter_px={f"{k:g}": v for k, v in ood["auroc"].items()})
         figures["energy_ood.png"] = ood_figure(ood["in"], ood["ood"], ood["auroc"])
     metrics["per_episode_max_coverage"] = [round(r["max_coverage"], 4) for r in results]
     return EvaluationResult(metrics=metrics, figures=figures, files=files)

@@ -73,13 +73,22 @@ def energy_descent_figure(traces: list[list[float]], episode_energy: list[list[f
     return fig
 
 
-def ood_figure(in_dist: np.ndarray, ood: np.ndarray, auroc: float) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.histogram_bin_edges(np.concatenate([in_dist, ood]), bins=40).tolist()
-    ax.hist(in_dist, bins=bins, alpha=0.6, density=True, label=f"in-distribution (mean {in_dist.mean():.2f})")
-    ax.hist(ood, bins=bins, alpha=0.6, density=True, label=f"perturbed states (mean {ood.mean():.2f})")
-    ax.set_xlabel("final energy")
-    ax.set_title(f"energy as uncertainty: AUROC {auroc:.3f}")
-    ax.legend(fontsize=8)
+def ood_figure(in_dist: np.ndarray, ood: dict[float, np.ndarray], auroc: dict[float, float]) -> Figure:
+    """Final-energy histograms: held-out demonstration histories vs copies jittered by N(0, s) pixels."""
+    fig, (hist, curve) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    bins = np.histogram_bin_edges(np.concatenate([in_dist, *ood.values()]), bins=40).tolist()
+    hist.hist(in_dist, bins=bins, alpha=0.6, density=True, label=f"in-distribution (mean {in_dist.mean():.2f})")
+    for scale, energies in ood.items():
+        hist.hist(energies, bins=bins, alpha=0.4, density=True,
+                  label=f"jittered {scale:g} px (mean {energies.mean():.2f}, AUROC {auroc[scale]:.2f})")
+    hist.set_xlabel("final energy")
+    hist.set_title("energy as uncertainty")
+    hist.legend(fontsize=7)
+    scales = sorted(auroc)
+    curve.plot(scales, [auroc[s] for s in scales], "o-")
+    curve.axhline(0.5, color="grey", ls="--", lw=1)
+    curve.set_xlabel("jitter (px)")
+    curve.set_ylabel("AUROC (OOD vs in-distribution)")
+    curve.set_ylim(0.4, 1.0)
     fig.tight_layout()
     return fig

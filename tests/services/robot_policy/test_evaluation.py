@@ -60,6 +60,7 @@ def test_evaluation_reports_the_issue_metrics() -> None:
     assert result.files["rollouts.gif"][:6] == b"GIF89a"
     flat = _flat_metrics(result.metrics)
     assert "per_episode_max_coverage_1" in flat and "model" not in flat
+    assert "energy_ood_auroc_by_jitter_px.120" in flat
 
 
 def test_evaluation_settings_from_flags_and_set_and_unknown_keys_refused() -> None:
