@@ -82,6 +82,13 @@ def twice_differentiable() -> Iterator[None]:
         _TWICE_DIFFERENTIABLE.reset(token)
 
 
+def _math_kernel_only() -> contextlib.AbstractContextManager[None]:
+    """SDPA restricted to its composite kernel (the only one with a double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process, fastest first (flash-attn only when the package imports)."""
     return (["flash_attn"] if _flash_module() is not None else []) + ["sdpa", "reference"]
@@ -279,12 +286,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
     if name == "flash_attn":
         return _flash(q, k, v, key_padding_mask, causal, dropout_p, scale)
     if name == "sdpa":
-        if _TWICE_DIFFERENTIABLE.get():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.MATH]):
-                return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)
-        return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)
+        with _math_kernel_only() if _TWICE_DIFFERENTIABLE.get() else contextlib.nullcontext():
+            return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)
     return _reference(q, k, v, _combined_mask(q, k, attn_mask, key_padding_mask, causal), dropout_p, scale)
 
 

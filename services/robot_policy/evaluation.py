@@ -70,8 +70,12 @@ def rollout(policy: PolicyBase, seed: int, *, max_steps: int = 300, steps: int |
 
 
 def _rollouts(policy: PolicyBase, seeds: list[int], record: set[int], **kw: Any) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per rollout task
-    return [rollout(policy, s, record=s in record, **kw) for s in seeds]
+    try:
+        return [rollout(policy, s, record=s in record, **kw) for s in seeds]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _remote_rollouts(cfg_dict: dict[str, Any], info: dict[str, Any], state: dict[str, torch.Tensor],
@@ -150,7 +154,6 @@ def _gif(frames: list[list[np.ndarray]]) -> bytes:
 
 def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, info: Mapping[str, Any], data: str | None,
                     settings: Mapping[str, Any]) -> EvaluationResult:
-    from .data import WindowDataset, read_replay_buffer, synthetic_demonstrations
     from .plots import energy_descent_figure, ood_figure
 
     policy = model
@@ -198,16 +201,15 @@ def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, info: Mapping[str,
         figures["energy_vs_step.png"] = energy_descent_figure(
             [t for r in results for t in r["traces"]], [r["energies"] for r in shown], [r["coverage"] for r in shown])
         # energy as uncertainty: held-out demonstration histories vs perturbed copies
-        data_path = data or cfg.data
-        demos = (read_replay_buffer(data_path) if data_path else
-                 synthetic_demonstrations(cfg.synthetic_episodes, seed=cfg.seed))
-        bounds = demos.episode_bounds()
-        held_out = [bounds[i] for i in info["episodes"]["test"] + info["episodes"]["val"] if i < len(bounds)]
-        windows = WindowDataset(demos, held_out or bounds, cfg.obs_horizon, cfg.action_horizon, cfg.action_exec)
+        from torch.utils.data import ConcatDataset
+
+        from shared import registry
+
+        split = registry.get("robot_policy").load_data(cfg.replace(data=data or cfg.data))
+        windows: ConcatDataset[Any] = ConcatDataset([split.test, split.val])  # type: ignore[list-item]
         pick = np.random.default_rng(0).choice(len(windows), min(len(windows), int(settings["ood_samples"])),
                                                replace=False)
         obs = torch.stack([windows[int(i)][0] for i in pick])
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         ood = energy_uncertainty(policy, obs)
         metrics.update(energy_in_distribution=float(ood["in"].mean()),
                        energy_perturbed=float(ood["ood"][60.0].mean()), energy_ood_auroc=ood["auroc"][60.0],

@@ -93,7 +93,7 @@ class Plan:
 
 
 class PolicyBase(nn.Module):
-    """What both policies share: normalization statistics kept as buffers, inputs in raw units."""
+    """What both policies share: the normalization statistics (from ``stats.json``), inputs in raw units."""
 
     kind = "base"
 
@@ -101,14 +101,6 @@ class PolicyBase(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.normalizer = Normalizer(stats)
-
-    def init_chunk(self, batch: int, previous: Tensor | None, generator: torch.Generator | None,
-                   device: torch.device) -> Tensor:
-        """Noise, or the previous chunk (normalized) shifted by ``action_exec`` with its last action repeated."""
-        noise = torch.randn(batch, self.cfg.action_horizon, ACTION_DIM, generator=generator, device=device)
-        if previous is None:
-            return noise * self.cfg.init_noise
-        return shift_chunk(previous, self.cfg.action_exec)
 
     def plan(self, obs: Tensor, previous: Tensor | None = None, *, steps: int | None = None,
              candidates: int | None = None, early_stop_tol: float | None = None,
@@ -148,9 +140,7 @@ class EBTPolicy(PolicyBase):
 
         With ``create_graph`` each iterate stays a differentiable function of the parameters (training)."""
         iterates, energies = [init], []
-        actions = init if create_graph else init.detach().requires_grad_(True)
-        if create_graph and not actions.requires_grad:
-            actions = actions.requires_grad_(True)
+        actions = init if create_graph and init.requires_grad else init.detach().requires_grad_(True)
         context = twice_differentiable() if create_graph else contextlib.nullcontext()
         with context:
             for _ in range(steps):
@@ -177,7 +167,8 @@ class EBTPolicy(PolicyBase):
         batch = obs.shape[0]
         with autograd_enabled():
             obs_n = self.normalizer.obs(obs.clone()).repeat_interleave(n_cand, dim=0)  # (B*C, To, F)
-            init = self.init_chunk(batch * n_cand, None, generator, obs.device)
+            init = cfg.init_noise * torch.randn(batch * n_cand, cfg.action_horizon, ACTION_DIM, generator=generator,
+                                                device=obs.device)
             if previous is not None:  # warm start: candidate 0 of each observation starts from the shifted plan
                 warm = shift_chunk(self.normalizer.action(previous.clone().float()), cfg.action_exec)
                 init = init.view(batch, n_cand, *init.shape[1:]).clone()

@@ -20,7 +20,7 @@ def _normalized(policy: PolicyBase, batch: Any, device: torch.device) -> tuple[T
     return norm.obs(obs), norm.action(previous), norm.action(chunk)
 
 
-def ebt_loss(model: nn.Module, policy: EBTPolicy, obs: Tensor, previous: Tensor, target: Tensor) -> Tensor:
+def ebt_loss(policy: EBTPolicy, obs: Tensor, previous: Tensor, target: Tensor) -> Tensor:
     """Behaviour cloning through the unrolled energy descent, plus a margin that keeps E(demo) below E(start).
 
     The start is noise, or (with probability ``warm_start_prob``) the previous demonstrated chunk shifted by
@@ -33,7 +33,7 @@ def ebt_loss(model: nn.Module, policy: EBTPolicy, obs: Tensor, previous: Tensor,
         warm = shift_chunk(previous, cfg.action_exec) + 0.05 * torch.randn_like(target)
         use = torch.rand(batch, 1, 1, device=obs.device) < cfg.warm_start_prob
         init = torch.where(use, warm, init)
-    iterates, energies = model(obs, init, cfg.train_steps, noise=cfg.langevin_noise, create_graph=True)
+    iterates, energies = policy(obs, init, cfg.train_steps, noise=cfg.langevin_noise, create_graph=True)
     loss = torch.stack([F.mse_loss(a, target) for a in iterates[1:]]).mean()
     if cfg.energy_weight > 0:
         demo_energy = policy.energy(obs, target)
@@ -45,7 +45,7 @@ def policy_loss(model: nn.Module, batch: Any, device: torch.device) -> Tensor:
     policy = unwrap(model)
     obs, previous, target = _normalized(policy, batch, device)  # type: ignore[arg-type]
     if isinstance(policy, EBTPolicy):
-        return ebt_loss(model, policy, obs, previous, target)
+        return ebt_loss(policy, obs, previous, target)  # never DDP-wrapped (supports_ddp)
     assert isinstance(policy, DiffusionPolicy)
     return policy.loss(obs, target)
 

@@ -42,7 +42,7 @@ def test_training_backpropagates_through_the_unrolled_descent() -> None:
     policy = EBTPolicy(cfg, STATS)
     obs = policy.normalizer.obs(_obs())
     target = torch.rand(3, 16, 2) * 2 - 1
-    loss = ebt_loss(policy, policy, obs, target, target)
+    loss = ebt_loss(policy, obs, target, target)
     loss.backward()
     # the head only influences the iterates through the gradient of the energy: non-zero => second order
     assert policy.head[0].weight.grad is not None and policy.head[0].weight.grad.abs().sum() > 0
@@ -59,7 +59,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch() -> None:
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        loss = ebt_loss(policy, policy, obs, target, target)
+        loss = ebt_loss(policy, obs, target, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
