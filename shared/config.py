@@ -94,6 +94,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _as_tuples(value: Any, annotation: Any) -> Any:
+    """JSON lists back to the (possibly nested) tuples the annotation declares."""
+    if typing.get_origin(annotation) is tuple and isinstance(value, list):
+        inner = typing.get_args(annotation)
+        return tuple(_as_tuples(v, inner[0]) if inner else v for v in value)
+    return value
+
+
 def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     """Rebuild a config from :func:`to_dict` output; keys the class no longer has are ignored."""
     hints = typing.get_type_hints(cls)
@@ -101,7 +109,5 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
             value = data[f.name]
-            if typing.get_origin(hints[f.name]) is tuple and isinstance(value, list):
-                value = tuple(value)
-            kwargs[f.name] = value
+            kwargs[f.name] = _as_tuples(value, hints[f.name])
     return cls(**kwargs)

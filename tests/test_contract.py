@@ -19,6 +19,9 @@ TINY: dict[str, dict[str, Any]] = {
                     "label_len": 24, "pred_len": 24, "synthetic_steps": 900, "synthetic_vars": 3, "batch_size": 8},
     "robot_policy": {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2, "synthetic_episodes": 4,
                      "train_steps": 2, "infer_steps": 2, "candidates": 2, "diffusion_steps": 5, "batch_size": 8},
+    "weather": {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
+                "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 4, "synthetic_grid": (16, 32),
+                "batch_size": 4},
 }
 
 

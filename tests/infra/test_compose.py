@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-EXPECTED_SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker", "forecasting", "robot_policy"}
+EXPECTED_SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker", "forecasting", "weather", "robot_policy"}
 # Services that may go without a healthcheck (optional, profile-gated).
 NO_HEALTHCHECK_OK = {"ray-worker-gpu"}
 # The DESIGN.md port table: each domain service is published on its own port.
@@ -138,7 +138,7 @@ def test_no_obsolete_version_key(raw_compose: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("service", "port"),
-    [("mlflow", 5000), ("ray-head", 8265), ("ray-head", 6379), ("forecasting", 3001), ("robot_policy", 3005)],
+    [("mlflow", 5000), ("ray-head", 8265), ("ray-head", 6379), ("forecasting", 3001), ("weather", 3002), ("robot_policy", 3005)],
 )
 def test_port_published_on_the_right_service(services: dict[str, Any], service: str, port: int) -> None:
     assert (port, port) in published_ports(services[service]), (
@@ -205,7 +205,7 @@ def test_project_healthchecks_use_python_not_curl(services: dict[str, Any]) -> N
 @pytest.mark.parametrize(
     ("service", "dependency"),
     [("mlflow", "postgres"), ("ray-head", "mlflow"), ("ray-worker", "ray-head"), ("forecasting", "mlflow"),
-     ("robot_policy", "mlflow")],
+     ("weather", "mlflow"), ("robot_policy", "mlflow")],
 )
 def test_depends_on_healthy(services: dict[str, Any], service: str, dependency: str) -> None:
     deps = depends_on(services[service])
@@ -361,7 +361,7 @@ def test_mlflow_state_is_on_named_volumes(raw_compose: dict[str, Any], services:
     assert pg.get("/var/lib/postgresql/data") in named, "postgres data is not on a named volume"
 
 
-@pytest.mark.parametrize("service", ["ray-head", "ray-worker", "ray-worker-gpu", "forecasting", "robot_policy"])
+@pytest.mark.parametrize("service", ["ray-head", "ray-worker", "ray-worker-gpu", "forecasting", "weather", "robot_policy"])
 def test_tracking_uri_is_set(services: dict[str, Any], service: str) -> None:
     if service not in services:
         pytest.skip(f"{service} is not defined")
@@ -394,7 +394,7 @@ def test_ray_head_command(services: dict[str, Any]) -> None:
     assert any(c.startswith("--num-cpus") for c in cmd)
 
 
-@pytest.mark.parametrize("service", ["forecasting", "robot_policy"])
+@pytest.mark.parametrize("service", ["forecasting", "weather", "robot_policy"])
 def test_service_env(services: dict[str, Any], service: str) -> None:
     env = env_of(services[service])
     assert env.get("BENTOML_HOME") == "/home/tessera/bentoml"

@@ -13,8 +13,8 @@ import pytest
 
 # Outside Ray's worker port range (10002-19999) and clear of the default stack's ports.
 PORTS = {"MLFLOW": 25500, "RAY": 26390, "DASHBOARD": 28290, "RAY_CLIENT": 20101, "RAY_AGENT": 52465,
-         "FORECASTING": 23101, "ROBOT_POLICY": 23105}
-DOMAINS = ["forecasting", "robot_policy"]
+         "FORECASTING": 23101, "WEATHER": 23102, "ROBOT_POLICY": 23105}
+DOMAINS = ["forecasting", "weather", "robot_policy"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,91 @@
+"""Settings of the weather domain (WXFormer on gridded ERA5-layout data)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MODELS = ("wxformer",)
+
+
+@dataclass(frozen=True)
+class WeatherConfig:
+    model: str = "wxformer"  # one of MODELS
+    data: str | None = None  # netCDF / zarr / GRIB path; None: the built-in synthetic advection-diffusion run
+    variables: tuple[str, ...] = ()  # prognostic variables; () = every (time, [level,] lat, lon) variable
+    levels: tuple[float, ...] = ()  # pressure levels kept for 3-D variables; () = all of them
+    static_variables: tuple[str, ...] = ()  # time-invariant fields read from the data (orography, land-sea mask)
+    member: int = 0  # ensemble member kept when the data has a 'number' dimension
+    step_hours: int = 6  # model time step: one forward pass advances the state this much
+    sample_every_hours: int = 1  # initial times are taken this often (denser than the step: more samples)
+    val_fraction: float = 0.2  # last part of the record held out for validation, then test (time-based)
+    test_fraction: float = 0.2
+    synthetic_days: int = 60  # length of the synthetic run (data None), hourly states
+    synthetic_grid: tuple[int, int] = (32, 64)  # (lat, lon) points of the synthetic global grid
+
+    # WXFormer (CREDIT's CrossFormer). One entry per stage.
+    dims: tuple[int, ...] = (32, 64, 128)
+    depths: tuple[int, ...] = (1, 1, 2)  # transformer blocks (local + long-range attention pairs) per stage
+    kernels: tuple[tuple[int, ...], ...] = ((2, 4, 8), (2, 4), (2, 4))  # cross-scale embedding kernel sizes
+    strides: tuple[int, ...] = (2, 2, 2)
+    local_window: int = 3  # tokens per side of a local attention window
+    global_windows: tuple[int, ...] = (3, 3, 2)  # long-range attention group size per stage (tokens per side)
+    dim_head: int = 16
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    spectral_norm: bool = True  # spectral normalization on every conv and linear layer (CREDIT)
+    padding: Literal["auto", "earth", "plain"] = "auto"  # earth: circular lon + pole crossing; auto: by grid
+    history: int = 1  # input states (t, t - step, ...)
+
+    train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
+    batch_size: int = 8
+    lr: float = 1e-3
+    lr_schedule: Literal["halve", "constant", "cosine"] = "cosine"
+    weight_decay: float = 1e-4
+    epochs: int = 20
+    patience: int = 0
+    max_steps_per_epoch: int = 0
+    seed: int = 0
+
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
+        stages = len(self.dims)
+        for name in ("depths", "kernels", "strides", "global_windows"):
+            if len(getattr(self, name)) != stages:
+                raise ValueError(f"{name}={getattr(self, name)!r}: needs one entry per stage ({stages}, as dims)")
+        for name in ("step_hours", "sample_every_hours", "synthetic_days", "local_window", "dim_head", "history",
+                     "train_rollout", "batch_size", "epochs", "num_workers", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if min(self.dims) < 1 or min(self.depths) < 1 or min(self.strides) < 1 or min(self.global_windows) < 1:
+            raise ValueError("dims, depths, strides and global_windows must be >= 1")
+        for stage, (dim, kernels, stride) in enumerate(zip(self.dims, self.kernels, self.strides, strict=True)):
+            if not kernels or any(k < stride or (k - stride) % 2 for k in kernels):
+                raise ValueError(f"kernels[{stage}]={kernels!r}: each kernel must be >= stride {stride} and differ "
+                                 f"from it by an even number (symmetric padding)")
+            if dim % self.dim_head:
+                raise ValueError(f"dims[{stage}]={dim} must be a multiple of dim_head={self.dim_head}")
+            if dim < 2 ** len(kernels):
+                raise ValueError(f"dims[{stage}]={dim} is too small for {len(kernels)} embedding kernels")
+        if len(self.synthetic_grid) != 2 or min(self.synthetic_grid) < 8:
+            raise ValueError(f"synthetic_grid={self.synthetic_grid!r}: expected (lat, lon) of at least 8 points each")
+        if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
+            raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
+        for name in ("weight_decay", "patience", "max_steps_per_epoch", "max_failures", "member"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if not self.lr > 0 or not self.mlp_ratio > 0:
+            raise ValueError("lr and mlp_ratio must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    def replace(self, **changes: Any) -> WeatherConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,88 @@
+"""Evaluation pipeline of the weather domain: rollouts over a held-out period, scored against persistence and
+climatology computed in the same run (WeatherBench-2 RMSE and ACC per channel and lead time)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from shared.registry import EvaluationResult
+
+from .data import prepare, starts
+from .inference import forecast, lead_times
+from .metrics import acc, climatology_at, hourly_climatology, weighted_rmse
+
+
+def _check_compatible(info: Mapping[str, Any], channels: list[str], shape: tuple[int, ...]) -> None:
+    if channels != list(info["channels"]):
+        raise SystemExit(f"the evaluation data has channels {channels}; the model forecasts {info['channels']}")
+    grid = info["grid"]
+    expected = (len(grid["latitude"]), len(grid["longitude"])) if grid.get("regular", True) else \
+        np.asarray(grid["latitude"]).shape
+    if tuple(shape) != tuple(expected):
+        raise SystemExit(f"the evaluation grid is {shape}; the model was trained on {expected}")
+
+
+def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str | None,
+                       settings: Mapping[str, Any]) -> EvaluationResult:
+    from .plots import maps_figure, scores_figure
+
+    lead_steps = int(settings["lead_steps"])
+    if lead_steps < 1:
+        raise SystemExit(f"lead_steps={lead_steps}: must be >= 1")
+    split = str(settings["split"])
+    if split not in ("val", "test"):
+        raise SystemExit(f"split={split!r}: expected 'val' or 'test'")
+    prepared = prepare(cfg.replace(train_rollout=1), data)
+    fields = prepared.fields
+    _check_compatible(info, fields.channels, fields.grid.shape)
+    bounds = prepared.bounds[1 if split == "val" else 2]
+    every = max(1, int(round(int(settings["init_every_hours"]) / fields.step_hours)))
+    inits = starts(bounds, prepared.offset, cfg.history, lead_steps, every)
+    if len(inits) == 0:
+        raise SystemExit(f"the {split} period ({bounds[1] - bounds[0]} time steps) is shorter than {lead_steps} "
+                         f"steps of {cfg.step_hours} h; lower lead_steps")
+    o = prepared.offset
+    values, times = fields.values, fields.times
+    history = np.stack([values[t - (cfg.history - 1) * o: t + 1: o] for t in inits])  # (N, h, C, H, W)
+    truth = np.stack([values[t + o: t + lead_steps * o + 1: o] for t in inits])  # (N, L, C, H, W)
+    started = time.perf_counter()
+    predicted = forecast(model, dict(info), history, times[inits], lead_steps)
+    seconds = time.perf_counter() - started
+    persistence = np.repeat(values[inits][:, None], lead_steps, axis=1)
+    a, b = prepared.bounds[0]
+    clim = hourly_climatology(values[a:b], times[a:b])
+    valid_times = lead_times(times[inits], lead_steps, cfg.step_hours)[:, 1:]  # (N, L)
+    climatology = climatology_at(clim, valid_times)
+    weights = fields.grid.weights()
+
+    forecasts = {"model": predicted, "persistence": persistence, "climatology": climatology}
+    rmse = {k: weighted_rmse(v, truth, weights) for k, v in forecasts.items()}  # (L, C)
+    scores = {k: acc(v, truth, climatology, weights) for k, v in forecasts.items()}
+
+    def per_channel(table: np.ndarray) -> dict[str, list[float]]:
+        return {c: [round(float(x), 5) for x in table[:, i]] for i, c in enumerate(fields.channels)}
+
+    lead_hours = [int(cfg.step_hours * (k + 1)) for k in range(lead_steps)]
+    metrics: dict[str, Any] = {
+        "lead_hours": lead_hours,
+        "rmse": {k: per_channel(v) for k, v in rmse.items()},
+        "acc": {k: per_channel(v) for k, v in scores.items()},
+        "units": dict(zip(fields.channels, fields.units, strict=True)),
+        "skill_vs_persistence": per_channel(1.0 - rmse["model"] / np.maximum(rmse["persistence"], 1e-12)),
+        "split": split, "period": [str(np.datetime_as_string(times[bounds[0]], unit="h")),
+                                   str(np.datetime_as_string(times[bounds[1] - 1], unit="h"))],
+        "initial_times": len(inits), "data": fields.name,
+        "rollout_seconds_per_step": seconds / (len(inits) * lead_steps),
+    }
+    lead = min(max(1, int(settings["map_lead"])), lead_steps) - 1
+    figures = {
+        "rmse_vs_lead.png": scores_figure(lead_hours, rmse, fields.channels, fields.units, "RMSE"),
+        "acc_vs_lead.png": scores_figure(lead_hours, scores, fields.channels, None, "ACC"),
+        "maps.png": maps_figure(truth[0, lead], predicted[0, lead], fields.grid, fields.channels, fields.units,
+                                f"{np.datetime_as_string(valid_times[0, lead], unit='h')} (+{lead_hours[lead]} h)"),
+    }
+    return EvaluationResult(metrics=metrics, figures=figures)

@@ -1,0 +1,268 @@
+"""WXFormer (Schreck et al. 2024, NCAR CREDIT): a CrossFormer-style hierarchical vision transformer that maps
+the atmospheric state at t (plus static fields and forcings) to t + dt, rolled out autoregressively.
+
+- **Cross-scale embedding** (CrossFormer, Wang et al. 2021): each stage embeds its input with several
+  convolutions of one stride and different kernel sizes, concatenated, so every token sees several scales.
+- **Short- and long-distance attention**: tokens attend inside w x w local windows, then inside groups of
+  tokens spaced across the whole map (G x G tokens, one from each H/G x W/G block): long-range mixing at
+  windowed cost. Both through :func:`shared.attention.attention`, with a learned dynamic position bias.
+- **U-Net decoder**: PixelShuffle up-blocks with skip connections from every encoder stage.
+- **Spectral normalization** on every convolution and linear layer (stable long rollouts).
+- **Earth padding** for global grids: circular in longitude; above a pole the rows continue on the other
+  side of the pole (rows mirrored, rolled by 180 degrees of longitude). Regional grids are padded plainly.
+- The network predicts the change of the normalized state; :meth:`WXFormer.step` adds it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shared.attention import attention
+from shared.layers import FeedForward
+
+from .config import WeatherConfig
+from .data import FORCINGS, Grid, coordinate_statics
+
+
+def earth_pad(x: Tensor, top: int, bottom: int, left: int, right: int, pole_row: bool) -> Tensor:
+    """Pad (B, C, H, W) on a global lat-lon grid: longitude wraps; rows beyond a pole are the rows next to it,
+    mirrored and shifted by half the longitudes. ``pole_row``: the grid's first/last rows lie on the poles
+    (then the pole row itself is not repeated)."""
+    width = x.shape[-1]
+    skip = 1 if pole_row else 0
+    parts = []
+    if top:  # rows beyond the poles first, on the unpadded longitudes (the roll is half of them)
+        parts.append(torch.roll(x[..., skip: skip + top, :].flip(-2), shifts=width // 2, dims=-1))
+    parts.append(x)
+    if bottom:
+        h = x.shape[-2]
+        parts.append(torch.roll(x[..., h - skip - bottom: h - skip, :].flip(-2), shifts=width // 2, dims=-1))
+    x = torch.cat(parts, dim=-2) if len(parts) > 1 else x
+    if left or right:
+        x = torch.cat([x[..., width - left:], x, x[..., :right]], dim=-1)
+    return x
+
+
+class CrossEmbed(nn.Module):
+    """Several convolutions with one stride and growing kernels, concatenated along channels (smaller
+    kernels get more channels, as in CrossFormer)."""
+
+    def __init__(self, dim_in: int, dim_out: int, kernels: tuple[int, ...], stride: int) -> None:
+        super().__init__()
+        kernels = tuple(sorted(kernels))
+        splits = [dim_out // 2 ** (i + 1) for i in range(len(kernels) - 1)]
+        splits.append(dim_out - sum(splits))
+        self.convs = nn.ModuleList(nn.Conv2d(dim_in, d, k, stride=stride, padding=(k - stride) // 2)
+                                   for k, d in zip(kernels, splits, strict=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([conv(x) for conv in self.convs], dim=1)  # (B, dim_out, H / s, W / s)
+
+
+class DynamicPositionBias(nn.Module):
+    """Attention bias per head from the relative offset of two tokens in a window (a small MLP, CrossFormer)."""
+
+    def __init__(self, window: int, heads: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.window = window
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, heads))
+        pos = torch.arange(window)
+        grid = torch.stack(torch.meshgrid(pos, pos, indexing="ij")).flatten(1)  # (2, w*w)
+        rel = grid[:, :, None] - grid[:, None, :]  # (2, w*w, w*w)
+        offsets = torch.arange(-(window - 1), window)
+        table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1).reshape(-1, 2)  # (R, 2)
+        index = (rel[0] + window - 1) * (2 * window - 1) + (rel[1] + window - 1)  # (w*w, w*w)
+        self.register_buffer("table", table.float() / max(1, window - 1), persistent=False)
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self) -> Tensor:
+        bias = self.mlp(self.table)  # (R, heads)
+        return bias[self.index].permute(2, 0, 1)  # (heads, w*w, w*w)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head attention inside windows of w x w tokens: contiguous (``local``) or spread across the map
+    (``long``: one token per (H/w x W/w) block). Maps are zero-padded to a multiple of w; padded keys are
+    masked out."""
+
+    def __init__(self, dim: int, dim_head: int, window: int, kind: str, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.window, self.kind, self.dropout = dim // dim_head, window, kind, dropout
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+        self.bias = DynamicPositionBias(window, self.heads)
+
+    def _group(self, x: Tensor, w: int) -> Tensor:
+        b, h, wd, c = x.shape  # (B, H, W, C) with H, W multiples of w
+        if self.kind == "local":
+            x = x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, w, w, C)
+        else:
+            x = x.view(b, w, h // w, w, wd // w, c).permute(0, 2, 4, 1, 3, 5)  # (B, H/w, W/w, w, w, C)
+        return x.reshape(-1, w * w, c)
+
+    def _ungroup(self, x: Tensor, b: int, h: int, wd: int, w: int) -> Tensor:
+        c = x.shape[-1]
+        if self.kind == "local":
+            x = x.view(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
+        else:
+            x = x.view(b, h // w, wd // w, w, w, c).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, h, wd, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, wd, c = x.shape  # (B, H, W, C)
+        w = self.window
+        ph, pw = (-h) % w, (-wd) % w
+        y = F.pad(self.norm(x), (0, 0, 0, pw, 0, ph))  # (B, H', W', C)
+        valid = None
+        if ph or pw:
+            mask = torch.zeros(1, h + ph, wd + pw, 1, dtype=torch.bool, device=x.device)
+            mask[:, :h, :wd] = True
+            valid = self._group(mask.expand(b, -1, -1, -1), w).squeeze(-1)  # (B*nW, w*w)
+        tokens = self._group(y, w)  # (B*nW, w*w, C)
+        q, k, v = self.qkv(tokens).view(tokens.shape[0], w * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.bias().to(q.dtype)[None]  # (1, heads, w*w, w*w)
+        o = attention(q, k, v, attn_mask=bias, key_padding_mask=valid,
+                      dropout_p=self.dropout if self.training else 0.0)  # (B*nW, heads, w*w, dh)
+        o = self.out(o.transpose(1, 2).reshape(tokens.shape[0], w * w, c))
+        return self._ungroup(o, b, h + ph, wd + pw, w)[:, :h, :wd]
+
+
+class CrossFormerBlock(nn.Module):
+    """Local attention, feed-forward, long-distance attention, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, cfg: WeatherConfig, global_window: int) -> None:
+        super().__init__()
+        hidden = int(dim * cfg.mlp_ratio)
+        self.local = WindowAttention(dim, cfg.dim_head, cfg.local_window, "local", cfg.dropout)
+        self.long = WindowAttention(dim, cfg.dim_head, global_window, "long", cfg.dropout)
+        self.ff1, self.ff2 = (FeedForward(dim, hidden, cfg.dropout) for _ in range(2))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.local(x)  # (B, H, W, C)
+        x = x + self.ff1(self.norm1(x))
+        x = x + self.long(x)
+        return x + self.ff2(self.norm2(x))
+
+
+class UpBlock(nn.Module):
+    """Upsample by ``scale`` with a convolution to scale^2 x channels and PixelShuffle, then a residual conv."""
+
+    def __init__(self, dim_in: int, dim_out: int, scale: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(dim_in, dim_out * scale * scale, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(scale)
+        self.norm = nn.GroupNorm(min(8, dim_out), dim_out)
+        self.conv = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.shuffle(self.expand(x))  # (B, dim_out, H * s, W * s)
+        return x + self.conv(F.silu(self.norm(x)))
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectral normalization on every Conv2d and Linear weight (one power iteration per training step)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for child in list(module.modules()):
+        if isinstance(child, nn.Conv2d | nn.Linear) and not hasattr(child, "parametrizations"):
+            spectral_norm(child)
+    return module
+
+
+class WXFormer(nn.Module):
+    """(history states, forcings at t and t + dt) -> state at t + dt, all normalized, on one fixed grid."""
+
+    lat_weights: Tensor
+    statics: Tensor
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, cfg: WeatherConfig, info: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        grid = Grid.from_info(info["grid"])
+        self.n_channels = len(info["channels"])
+        self.n_forcings = len(FORCINGS)
+        h, w = grid.shape
+        statics = [coordinate_statics(grid)]
+        for name in info.get("static_names", []):
+            values = np.asarray(info["statics"][name], np.float32)
+            statics.append(((values - values.mean()) / (values.std() + 1e-6))[None])
+        self.register_buffer("statics", torch.from_numpy(np.concatenate(statics)), persistent=False)  # (S, H, W)
+        self.register_buffer("lat_weights", torch.from_numpy(grid.weights()), persistent=False)  # (H, W)
+        self.register_buffer("mean", torch.tensor(info["mean"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(info["std"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
+
+        self.earth = cfg.padding == "earth" or (cfg.padding == "auto" and grid.is_global)
+        self.pole_row = bool(self.earth and abs(abs(float(grid.lat[0, 0])) - 90.0) < 1e-6)
+        factor = math.prod(cfg.strides)
+        margin = factor // 2 if self.earth else 0  # context across the dateline and the poles
+        self.pads = self._pads(h, factor, margin) + self._pads(w, factor, margin)  # top, bottom, left, right
+        if self.earth and w % 2:
+            raise ValueError(f"earth padding needs an even number of longitudes, got {w}")
+
+        dim_in = cfg.history * self.n_channels + 2 * self.n_forcings + self.statics.shape[0]
+        dims = (dim_in, *cfg.dims)
+        self.embeds = nn.ModuleList(CrossEmbed(dims[i], dims[i + 1], cfg.kernels[i], cfg.strides[i])
+                                    for i in range(len(cfg.dims)))
+        self.stages = nn.ModuleList(nn.Sequential(*(CrossFormerBlock(d, cfg, g) for _ in range(depth)))
+                                    for d, depth, g in zip(cfg.dims, cfg.depths, cfg.global_windows, strict=True))
+        self.ups = nn.ModuleList(UpBlock(cfg.dims[i + 1], cfg.dims[i], cfg.strides[i + 1])
+                                 for i in reversed(range(len(cfg.dims) - 1)))
+        self.fuse = nn.ModuleList(nn.Conv2d(2 * cfg.dims[i], cfg.dims[i], 1) for i in reversed(range(len(cfg.dims) - 1)))
+        self.up_out = UpBlock(cfg.dims[0], cfg.dims[0], cfg.strides[0])
+        self.head = nn.Conv2d(cfg.dims[0] + dim_in, self.n_channels, 3, padding=1)
+        if cfg.spectral_norm:
+            apply_spectral_norm(self)
+
+    @staticmethod
+    def _pads(size: int, factor: int, margin: int) -> tuple[int, int]:
+        total = (-(size + 2 * margin)) % factor + 2 * margin
+        return total // 2, total - total // 2
+
+    def _pad(self, x: Tensor) -> Tensor:
+        top, bottom, left, right = self.pads
+        if self.earth:
+            return earth_pad(x, top, bottom, left, right, self.pole_row)
+        return F.pad(x, (left, right, top, bottom), mode="replicate") if any(self.pads) else x
+
+    def forward(self, history: Tensor, forcing_now: Tensor, forcing_next: Tensor) -> Tensor:
+        """history (B, h, C, H, W), forcings (B, F, H, W) -> the change of the last state (B, C, H, W)."""
+        b, _, _, h, w = history.shape
+        inputs = torch.cat([history.flatten(1, 2), forcing_now, forcing_next,
+                            self.statics.expand(b, -1, -1, -1).to(history.dtype)], dim=1)  # (B, Cin, H, W)
+        x0 = self._pad(inputs)  # (B, Cin, H', W')
+        skips, x = [], x0
+        for embed, stage in zip(self.embeds, self.stages, strict=True):
+            x = embed(x)  # (B, d, H'/s, W'/s)
+            x = stage(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            skips.append(x)
+        for up, fuse, skip in zip(self.ups, self.fuse, reversed(skips[:-1]), strict=True):
+            x = fuse(torch.cat([up(x), skip], dim=1))
+        x = self.head(torch.cat([self.up_out(x), x0], dim=1))  # (B, C, H', W')
+        top, _, left, _ = self.pads
+        return x[..., top: top + h, left: left + w]
+
+    def step(self, history: Tensor, forcing_now: Tensor, forcing_next: Tensor) -> Tensor:
+        """The next normalized state (B, C, H, W)."""
+        return history[:, -1] + self(history, forcing_now, forcing_next)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+
+def build(cfg: WeatherConfig, info: Mapping[str, Any]) -> WXFormer:
+    return WXFormer(cfg, info)

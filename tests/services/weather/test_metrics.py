@@ -1,0 +1,37 @@
+"""WeatherBench-2 RMSE and ACC, and the hour-of-day climatology."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.weather.metrics import acc, climatology_at, hourly_climatology, weighted_rmse
+
+
+def test_weighted_rmse_by_hand() -> None:
+    weights = np.array([[2.0, 2.0], [0.0, 0.0]])  # mean 1: the second row does not count
+    truth = np.zeros((2, 1, 1, 2, 2))
+    forecast = truth.copy()
+    forecast[0, 0, 0] = [[1.0, 3.0], [100.0, 100.0]]  # weighted MSE (2 + 18) / 4 = 5
+    forecast[1, 0, 0] = [[1.0, 1.0], [-7.0, 9.0]]  # (2 + 2) / 4 = 1
+    assert weighted_rmse(forecast, truth, weights)[0, 0] == pytest.approx(np.sqrt(3.0))  # sqrt of the time mean
+
+
+def test_acc_perfect_inverted_and_climatology() -> None:
+    rng = np.random.default_rng(0)
+    clim = rng.normal(size=(3, 2, 1, 4, 5))
+    truth = clim + rng.normal(size=clim.shape)
+    weights = np.ones((4, 5))
+    assert acc(truth, truth, clim, weights) == pytest.approx(np.ones((2, 1)))
+    assert acc(2 * clim - truth, truth, clim, weights) == pytest.approx(-np.ones((2, 1)))
+    assert acc(clim, truth, clim, weights) == pytest.approx(np.zeros((2, 1)))  # no anomaly forecast: 0, not NaN
+
+
+def test_hourly_climatology_by_hour_of_day() -> None:
+    times = np.datetime64("2019-03-01T00", "ns") + np.arange(48) * np.timedelta64(1, "h")
+    values = (np.arange(48) % 24).astype(np.float64)[:, None, None, None] + np.arange(48)[:, None, None, None] // 24
+    clim = hourly_climatology(values, times)
+    assert clim.shape == (24, 1, 1, 1)
+    assert clim[5, 0, 0, 0] == pytest.approx(5.5)  # hour 5 on day 0 (5) and day 1 (6)
+    at = climatology_at(clim, np.array([["2020-01-01T05", "2020-01-01T23"]], dtype="datetime64[ns]"))
+    assert at.shape == (1, 2, 1, 1, 1) and at[0, 1, 0, 0, 0] == pytest.approx(23.5)

@@ -1,0 +1,106 @@
+"""WXFormer: earth padding, window grouping, spectral norm, shapes on regional and global grids, training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from services.weather.config import WeatherConfig
+from services.weather.data import Grid, prepare
+from services.weather.model import WindowAttention, WXFormer, earth_pad
+from services.weather.training import rollout_loss
+
+TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
+        "global_windows": (2, 2), "dim_head": 8}
+
+
+def _info(lat: np.ndarray, lon: np.ndarray, channels: int = 2) -> dict[str, Any]:
+    lon2, lat2 = np.meshgrid(lon, lat)
+    return {"grid": Grid(lat2, lon2).to_info(), "channels": [f"c{i}" for i in range(channels)],
+            "mean": [0.0] * channels, "std": [1.0] * channels, "static_names": [], "statics": {}}
+
+
+def test_earth_pad_wraps_longitude_and_crosses_the_poles() -> None:
+    x = torch.arange(4 * 8, dtype=torch.float32).view(1, 1, 4, 8)  # rows north to south, no pole rows
+    padded = earth_pad(x, 2, 1, 1, 2, pole_row=False)
+    assert padded.shape == (1, 1, 7, 11)
+    inner = padded[0, 0, 2:6, 1:9]
+    assert torch.equal(inner, x[0, 0])
+    assert torch.equal(padded[0, 0, 2:6, 0], x[0, 0, :, -1])  # west of the first longitude: the last one
+    assert torch.equal(padded[0, 0, 2:6, 9:], x[0, 0, :, :2])
+    # the row just beyond the north pole is the first row, seen from the other side (180 degrees away)
+    lon_shifted = torch.roll(x[0, 0, 0], 4)
+    assert torch.equal(padded[0, 0, 1, 1:9], lon_shifted)
+    assert torch.equal(padded[0, 0, 0, 1:9], torch.roll(x[0, 0, 1], 4))
+    assert torch.equal(padded[0, 0, 6, 1:9], torch.roll(x[0, 0, 3], 4))
+    with_pole = earth_pad(x, 1, 0, 0, 0, pole_row=True)  # the pole row itself is not repeated
+    assert torch.equal(with_pole[0, 0, 0], torch.roll(x[0, 0, 1], 4))
+
+
+@pytest.mark.parametrize("kind", ["local", "long"])
+def test_window_grouping_is_a_permutation(kind: str) -> None:
+    attn = WindowAttention(8, 4, window=3, kind=kind, dropout=0.0)
+    x = torch.randn(2, 6, 9, 8)
+    groups = attn._group(x, 3)
+    assert groups.shape == (2 * 2 * 3, 9, 8)
+    assert torch.equal(attn._ungroup(groups, 2, 6, 9, 3), x)
+    if kind == "long":  # a long-range group holds tokens spread over the whole map
+        rows = attn._group(torch.arange(6.0).view(1, 6, 1, 1).expand(1, 6, 9, 1), 3)[0, :, 0]
+        assert sorted(set(rows.tolist())) == [0.0, 2.0, 4.0]
+
+
+def test_window_attention_masks_padding_when_the_map_is_not_a_multiple() -> None:
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 4, window=4, kind="local", dropout=0.0).eval()
+    x = torch.randn(1, 4, 4, 8)
+    full = attn(x)
+    bigger = torch.cat([x, torch.randn(1, 4, 1, 8)], dim=2)  # a fifth column in a window of its own
+    assert torch.allclose(attn(bigger)[:, :, :4], full, atol=1e-5)
+
+
+@pytest.mark.parametrize(("lat", "lon", "earth"), [
+    (np.linspace(58, 50, 33), np.linspace(-10, 2, 49), False),  # the UK ERA5 grid: regional, odd sizes
+    (np.linspace(90, -90, 19), np.arange(0, 360, 10.0), True),  # global with pole rows
+])
+def test_forward_keeps_the_grid_and_pads_by_kind(lat: np.ndarray, lon: np.ndarray, earth: bool) -> None:
+    cfg = WeatherConfig(**TINY)  # type: ignore[arg-type]
+    model = WXFormer(cfg, _info(lat, lon))
+    assert model.earth is earth and model.pole_row is earth
+    h, w = len(lat), len(lon)
+    out = model(torch.randn(2, 1, 2, h, w), torch.randn(2, 5, h, w), torch.randn(2, 5, h, w))
+    assert out.shape == (2, 2, h, w) and torch.isfinite(out).all()
+
+
+def test_every_conv_and_linear_is_spectrally_normalized() -> None:
+    model = WXFormer(WeatherConfig(**TINY), _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert layers and all(hasattr(m, "parametrizations") for m in layers)
+    model.train()
+    for _ in range(30):  # power iterations converge; the effective weights then have spectral norm <= ~1
+        model.head.weight  # noqa: B018
+    sigma = torch.linalg.matrix_norm(model.head.weight.flatten(1), ord=2)
+    assert sigma.item() < 1.05
+    plain = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
+    assert not any(hasattr(m, "parametrizations") for m in plain.modules())
+
+
+def test_multi_step_training_lowers_the_loss_on_synthetic_weather() -> None:
+    torch.manual_seed(0)
+    cfg = WeatherConfig(**TINY, synthetic_days=6, synthetic_grid=(16, 32), train_rollout=2, lr=2e-3)  # type: ignore[arg-type]
+    prepared = prepare(cfg)
+    model = WXFormer(cfg, prepared.info)
+    batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=8, shuffle=True)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    losses = []
+    for _ in range(15):
+        loss = rollout_loss(model, batch, torch.device("cpu"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    # gradients reach the first step's parameters through the second step too
+    assert all(p.grad is not None for p in model.embeds[0].parameters())

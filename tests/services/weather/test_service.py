@@ -1,0 +1,123 @@
+"""Initial states from netCDF/JSON checked against the model (grid, variables, levels, units, times), the
+rollout written back in the data's layout, and the evaluation pipeline's output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from services.weather.config import WeatherConfig
+from services.weather.data import prepare, synthetic_dataset
+from services.weather.evaluation import evaluate_forecasts
+from services.weather.inference import (
+    StateError,
+    forecast,
+    rollout_dataset,
+    state_from_dataset,
+    to_model_units,
+)
+from services.weather.model import WXFormer
+from services.weather.service import ForecastJSON, _state_from_json
+from shared.serving import RequestError
+
+TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
+        "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 4, "synthetic_grid": (16, 32)}
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[WXFormer, dict[str, Any], WeatherConfig]:
+    torch.manual_seed(0)
+    cfg = WeatherConfig(**TINY)  # type: ignore[arg-type]
+    prepared = prepare(cfg)
+    return WXFormer(cfg, prepared.info).eval(), prepared.info, cfg
+
+
+@pytest.fixture()
+def state() -> Any:
+    return synthetic_dataset(days=1, grid=(16, 32), seed=0).isel(time=slice(5, 6))
+
+
+def test_state_from_the_training_layout(trained: Any, state: Any) -> None:
+    _, info, _ = trained
+    values, init_time, notes = state_from_dataset(state, info, history=1)
+    assert values.shape == (1, 3, 16, 32) and notes == []
+    assert init_time == np.datetime64("2000-01-01T05:00", "ns")
+    np.testing.assert_allclose(values[0, 2], state["t2m"].values[0])
+
+
+def test_celsius_is_converted_and_missing_units_are_assumed(trained: Any, state: Any) -> None:
+    _, info, _ = trained
+    celsius = state.copy(deep=True)
+    celsius["t2m"] = celsius["t2m"] - 273.15
+    celsius["t2m"].attrs["units"] = "degC"
+    del celsius["t"].attrs["units"]
+    values, _, notes = state_from_dataset(celsius, info, history=1)
+    np.testing.assert_allclose(values[0, 2], state["t2m"].values[0], atol=1e-3)
+    assert any("t_850: no units given, assumed K" in n for n in notes)
+    with pytest.raises(StateError, match="units 'm s\\*\\*-1' do not match the model's 'K'"):
+        to_model_units(np.zeros(2), "m s**-1", "K", "t2m")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda ds: ds.isel(latitude=slice(0, 8)), "grid is 8 x 32"),
+    (lambda ds: ds.assign_coords(longitude=ds.longitude + 1.0), "grid coordinates differ"),
+    (lambda ds: ds.drop_vars("t2m"), "variable 't2m' is missing"),
+    (lambda ds: ds.sel(level=[850.0]), "level 500 is missing"),
+    (lambda ds: ds.isel(time=0).drop_vars("time"), "needs a 'time' coordinate"),
+    (lambda ds: ds.expand_dims(number=3), "3 ensemble members"),
+    (lambda ds: ds.where(ds.latitude < 80), "NaN"),
+])
+def test_bad_states_are_refused_with_the_reason(trained: Any, state: Any, change: Any, reason: str) -> None:
+    _, info, _ = trained
+    with pytest.raises(StateError, match=reason):
+        state_from_dataset(change(state), info, history=1)
+
+
+def test_json_form_checks_channels_shape_and_units(trained: Any, state: Any) -> None:
+    _, info, _ = trained
+    fields = {"t_850": state["t"].values[0, 0].tolist(), "t_500": state["t"].values[0, 1].tolist(),
+              "t2m": state["t2m"].values[0].tolist()}
+    states, notes = _state_from_json(ForecastJSON(time="2000-01-01T05:00Z", fields=fields), info, 1)
+    assert states.shape == (1, 3, 16, 32) and len(notes) == 3
+    with pytest.raises(RequestError, match="missing \\['t2m'\\]"):
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields={k: fields[k] for k in ("t_850", "t_500")}), info, 1)
+    short = {**fields, "t2m": fields["t2m"][:-1]}
+    with pytest.raises(RequestError, match="expected 16 rows"):
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=short), info, 1)
+    with pytest.raises(RequestError, match="units 'Pa'"):
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields, units={"t2m": "Pa"}), info, 1)
+    with pytest.raises(RequestError, match="needs 2 consecutive states"):
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields), info, 2)
+
+
+def test_rollout_back_to_the_data_layout(trained: Any, state: Any) -> None:
+    model, info, _ = trained
+    values, init_time, _ = state_from_dataset(state, info, history=1)
+    predicted = forecast(model, info, values[None], np.array([init_time]), steps=3)[0]
+    assert predicted.shape == (3, 3, 16, 32) and np.isfinite(predicted).all()
+    out = rollout_dataset(predicted, init_time, info, {"model": "weather v1"})
+    assert out["t"].dims == ("time", "level", "latitude", "longitude") and out["t"].attrs["units"] == "K"
+    assert out["level"].values.tolist() == [850.0, 500.0]
+    assert str(out.time.values[0])[:16] == "2000-01-01T11:00" and out.attrs["model"] == "weather v1"
+    np.testing.assert_allclose(out["t2m"].values, predicted[:, 2])
+    again, _, _ = state_from_dataset(out.isel(time=slice(-1, None)), info, history=1)  # a forecast is a valid state
+    np.testing.assert_allclose(again[0], predicted[-1], rtol=1e-6)
+
+
+def test_evaluation_reports_model_and_baselines_per_lead(trained: Any) -> None:
+    model, info, cfg = trained
+    result = evaluate_forecasts(model, cfg, info, None, {"lead_steps": 2, "init_every_hours": 6, "split": "test",
+                                                          "map_lead": 1})
+    m = result.metrics
+    assert m["lead_hours"] == [6, 12]
+    for score in ("rmse", "acc"):
+        assert set(m[score]) == {"model", "persistence", "climatology"}
+        for table in m[score].values():
+            assert set(table) == {"t_850", "t_500", "t2m"} and all(len(v) == 2 for v in table.values())
+    assert all(v == 0.0 for v in m["acc"]["climatology"]["t2m"])
+    # persistence error grows with lead time on a moving atmosphere
+    assert m["rmse"]["persistence"]["t_500"][1] > m["rmse"]["persistence"]["t_500"][0] > 0
+    assert {"rmse_vs_lead.png", "acc_vs_lead.png", "maps.png"} == set(result.figures)
