@@ -4,6 +4,7 @@
     tessera train DOMAIN [--model M] [--data PATH] [--set k=v ...] [--address URL]
     tessera evaluate DOMAIN [--version V] [--data PATH] [--set k=v ...] [--address URL]
     tessera predict forecasting FILE.csv [--horizon H] [--output OUT.csv]
+    tessera predict weather STATE.nc [--horizon STEPS] [--output forecast.nc]
 """
 
 from __future__ import annotations
@@ -187,8 +188,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from shared import registry
 
     domain = registry.get(args.domain)
+    if domain.name == "weather":
+        return _predict_weather(args)
     if domain.name != "forecasting":
-        console.print(f"[red]`tessera predict` reads CSV for forecasting; for {domain.name} POST to {domain.endpoint}")
+        console.print(f"[red]`tessera predict` sends CSV (forecasting) or netCDF/GRIB (weather); for {domain.name} "
+                      f"POST to {domain.endpoint}")
         return 2
     frame = read_table(args.file)
     if args.last:
@@ -215,6 +219,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(out.to_csv(index=False), end="")
     model = answer["model"]
     console.print(f"model {model['name']} v{model['version']} ({model.get('architecture')}), run {model['run_id']}")
+    return 0
+
+
+def _predict_weather(args: argparse.Namespace) -> int:
+    """Upload an initial state (netCDF or GRIB) and save the rollout as netCDF."""
+    import httpx
+
+    from infra.stack import service_url
+
+    url = (args.url or service_url("weather")).rstrip("/") + "/forecast"
+    path = Path(args.file)
+    with path.open("rb") as handle:
+        response = httpx.post(url, files={"file": (path.name, handle, "application/octet-stream")},
+                              data={"steps": str(args.horizon or 4)}, timeout=600)
+    if response.status_code != 200:
+        console.print(f"[red]{response.status_code}[/] from {url}: {response.text}")
+        return 1
+    output = Path(args.output or "forecast.nc")
+    output.write_bytes(response.content)
+    console.print(f"wrote {output} ({len(response.content) / 1e6:.1f} MB, {args.horizon or 4} steps) from model "
+                  f"version {response.headers.get('x-model-version')}")
     return 0
 
 
@@ -245,10 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--tracking-uri", default=None,
                          help="MLflow URI as seen from the cluster (default: the cluster's own setting)")
         job.add_argument("--no-wait", action="store_true", help="submit and return")
-    predict = sub.add_parser("predict", help="send a CSV to a domain's service and print the forecast")
+    predict = sub.add_parser("predict", help="send a CSV (forecasting) or a netCDF/GRIB state (weather) to a service")
     predict.add_argument("domain")
     predict.add_argument("file")
-    predict.add_argument("--horizon", type=int)
+    predict.add_argument("--horizon", type=int, help="forecast steps (weather: model steps, default 4)")
     predict.add_argument("--last", type=int, help="send only the last N rows")
     predict.add_argument("--url", help="service URL (default: the local stack's)")
     predict.add_argument("--output", "-o", help="write the forecast CSV here instead of stdout")

@@ -1,8 +1,8 @@
 """``make demo``: start the local stack, train every available domain model on Ray, query the services.
 
 Trains on the synthetic default data, or on ``TESSERA_DATA`` when given (a CSV/Parquet path for forecasting, a
-Push-T replay buffer ``.zarr`` for robot_policy), with short settings so the whole demo fits in a few minutes
-on 2 CPU cores; leaves the stack running.
+netCDF/GRIB file for weather, a Push-T replay buffer ``.zarr`` for robot_policy), with short settings so the
+whole demo fits in a few minutes on 2 CPU cores; leaves the stack running.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ console = Console(width=max(110, Console().width))  # tables stay readable under
 DEMO_JOBS: list[tuple[str, str, list[str]]] = [
     ("forecasting", "itransformer", ["epochs=3", "max_steps_per_epoch=120"]),
     ("forecasting", "autoformer", ["epochs=2", "max_steps_per_epoch=60", "d_model=128", "d_ff=256"]),
+    ("weather", "wxformer", ["epochs=2", "max_steps_per_epoch=30", "synthetic_days=20"]),
     ("robot_policy", "ebt", ["epochs=3", "max_steps_per_epoch=40", "synthetic_episodes=30", "d_model=64",
                              "d_ff=128", "n_layers=2", "batch_size=128"]),
 ]
-DATA_SUFFIXES = {"forecasting": (".csv", ".parquet"), "robot_policy": (".zarr",)}
+DATA_SUFFIXES = {"forecasting": (".csv", ".parquet"), "weather": (".grib", ".grb", ".grib2", ".nc"),
+                 "robot_policy": (".zarr",)}
 
 
 def data_for(domain: str, data: str | None) -> str | None:
@@ -78,6 +80,7 @@ def main() -> None:
 
     console.rule("query the services")
     served = {"forecasting": _query_forecasting(results, data_for("forecasting", data)),
+              "weather": _query_weather(results, data_for("weather", data)),
               "robot_policy": _query_robot_policy(results)}
 
     table = Table(title="trained models (Ray jobs, registered in MLflow)")
@@ -120,6 +123,42 @@ def _query_forecasting(results: list[dict[str, Any]], data: str | None) -> str:
         forecast.add_row(stamp, *(f"{v:.3f}" for v in answer["values"][i][: len(shown)]))
     console.print(forecast)
     return served
+
+
+def _query_weather(results: list[dict[str, Any]], data: str | None) -> str:
+    """Upload the last state of the training data as netCDF and show the 24 h rollout that comes back."""
+    import io
+
+    import numpy as np
+    import xarray as xr
+
+    from services.weather.data import open_dataset, synthetic_dataset
+
+    url = stack.service_url("weather")
+    info = _wait_for_version(url, _production(results, "weather"))
+    source = open_dataset(data) if data else synthetic_dataset(days=20, seed=0)
+    state = source.isel(time=slice(-1, None)).drop_vars([v for v in ("lsm", "orography") if v in source])
+    files = {"file": ("state.nc", bytes(state.to_netcdf()), "application/x-netcdf")}
+    response = httpx.post(f"{url}/forecast", files=files, data={"steps": "4"}, timeout=120)
+    response.raise_for_status()
+    rollout = xr.open_dataset(io.BytesIO(response.content), engine="scipy")
+    weights = np.cos(np.deg2rad(rollout["latitude"].values))[:, None]
+    table = Table(title=f"POST {url}/forecast (netCDF in, netCDF out) -> {info.get('architecture')} "
+                        f"v{info.get('version')}: latitude-weighted means from {str(state.time.values[0])[:13]}")
+    table.add_column("valid time")
+    channels = [(v["variable"], v["level"]) for v in info["variables"]]
+    for var, level in channels:
+        table.add_column(f"{var}{'' if level is None else f' {level:g} hPa'} ({rollout[var].attrs.get('units', '')})",
+                         justify="right")
+    for k, when in enumerate(rollout.time.values):
+        row = []
+        for var, level in channels:
+            field = rollout[var].isel(time=k)
+            field = field.sel(level=level) if level is not None else field
+            row.append(f"{float((field.values * weights).sum() / (weights.sum() * field.shape[-1])):.2f}")
+        table.add_row(str(when)[:13], *row)
+    console.print(table)
+    return str(rollout.attrs["model"]).rsplit("v", 1)[-1]
 
 
 def _query_robot_policy(results: list[dict[str, Any]]) -> str:

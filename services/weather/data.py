@@ -172,7 +172,8 @@ def read_fields(ds: xr.Dataset, variables: tuple[str, ...] = (), levels: tuple[f
         gaps = np.diff(times)
         if not (gaps == gaps[0]).all() or gaps[0] <= np.timedelta64(0):
             raise ValueError(f"{name}: times are not regular and increasing (steps {np.unique(gaps)[:5]})")
-    arrays, channels, units, sources = [], [], [], []
+    arrays, channels, units = [], [], []
+    sources: list[tuple[str, float | None]] = []
     for var in chosen:
         da = ds[var]
         unit = str(da.attrs.get("units", ""))
@@ -198,7 +199,7 @@ def read_fields(ds: xr.Dataset, variables: tuple[str, ...] = (), levels: tuple[f
         bad = [c for i, c in enumerate(channels) if not np.isfinite(values[:, i]).all()]
         raise ValueError(f"{name}: channels {bad} hold NaN/inf (missing values are not supported)")
     statics: dict[str, np.ndarray] = {}
-    static_names = list(static_variables) or [v for v in ds.data_vars if set(ds[v].dims) == {ydim, xdim}
+    static_names = list(static_variables) or [str(v) for v in ds.data_vars if set(ds[v].dims) == {ydim, xdim}
                                               and v not in LAT_NAMES + LON_NAMES]
     for var in static_names:
         if var not in ds.data_vars or set(ds[var].dims) != {ydim, xdim}:

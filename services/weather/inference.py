@@ -153,12 +153,12 @@ def rollout_dataset(predicted: np.ndarray, init_time: np.datetime64, info: dict[
         if items[0][0] is None:
             data_vars[var] = (("time", *space), predicted[:, items[0][1]], {"units": unit})
             continue
-        levels = [float(lv) for lv, _ in items]
+        levels = [float(lv) for lv, _ in items if lv is not None]
         first_levels = first_levels or levels
         dim = "level" if levels == first_levels else f"level_{var}"  # variables read on other levels
         coords[dim] = (dim, np.array(levels), {"units": "hPa"})
         data_vars[var] = (("time", dim, *space), np.stack([predicted[:, i] for _, i in items], axis=1), {"units": unit})
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-    ds.attrs["forecast_reference_time"] = str(np.datetime_as_string(np.datetime64(init_time, "s")))
+    ds.attrs["forecast_reference_time"] = str(np.datetime_as_string(np.asarray(init_time).astype("datetime64[s]")))
     return ds
 

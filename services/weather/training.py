@@ -30,7 +30,7 @@ def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Te
     """The latitude-weighted MSE summed over the K autoregressive steps of the window (CREDIT's multi-step
     training: gradients flow through the whole rollout, so the model learns to keep its own errors small)."""
     history, forcing, target = (t.to(device, non_blocking=True) for t in batch)
-    weights = unwrap(model).lat_weights
+    weights: Tensor = unwrap(model).lat_weights  # type: ignore[assignment]
     total = history.new_zeros(())
     for k in range(target.shape[1]):
         nxt = history[:, -1] + model(history, forcing[:, k], forcing[:, k + 1])

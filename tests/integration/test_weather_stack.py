@@ -1,0 +1,182 @@
+"""weather on the real local stack: a Ray training job, ``POST /forecast`` (netCDF upload) and
+``/forecast_json`` over HTTP, bad inputs, and an evaluation Ray job with its scores and plots in MLflow."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+TINY = ["epochs=2", "max_steps_per_epoch=4", "dims=16,32", "depths=1,1", "kernels=[[2,4],[2,4]]", "strides=2,2",
+        "local_window=2", "global_windows=2,2", "dim_head=8", "synthetic_days=6", "synthetic_grid=16,32",
+        "batch_size=4", "cpus_per_worker=1"]
+
+
+def _url(route: str = "/forecast") -> str:
+    from infra import stack
+
+    return stack.service_url("weather") + route
+
+
+def _submit(module: str, overrides: list[str]) -> tuple[int, dict | None]:
+    from infra import stack
+    from pipelines.cli import job_entrypoint, submit_and_follow
+
+    entrypoint = job_entrypoint(module, "weather", "wxformer" if module == "pipelines.train" else None, None,
+                                overrides, None)
+    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+
+
+def _state() -> Any:
+    from services.weather.data import synthetic_dataset
+
+    ds = synthetic_dataset(days=1, grid=(16, 32), seed=0).isel(time=slice(5, 6))
+    return ds.drop_vars(["lsm", "orography"])
+
+
+def _json_state(ds: Any) -> dict[str, Any]:
+    return {"time": "2000-01-01T05:00:00Z", "steps": 2,
+            "fields": {"t_850": ds["t"].values[0, 0].tolist(), "t_500": ds["t"].values[0, 1].tolist(),
+                       "t2m": ds["t2m"].values[0].tolist()}}
+
+
+def _upload(content: bytes, **form: Any) -> httpx.Response:
+    return httpx.post(_url(), files={"file": ("state.nc", content, "application/x-netcdf")},
+                      data={k: str(v) for k, v in form.items()}, timeout=120)
+
+
+def test_forecast_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str]) -> None:
+    response = httpx.post(_url("/forecast_json"), json=_json_state(_state()), timeout=30)
+    assert response.status_code == 503, response.text
+    assert "tessera train weather" in response.text
+
+
+@pytest.fixture(scope="module")
+def weather_model(stack_env: dict[str, str]) -> dict:
+    code, result = _submit("pipelines.train", TINY)
+    assert code == 0 and result is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the service polls the alias every 2 s here
+        if httpx.post(_url("/model"), json={}, timeout=30).status_code == 200:
+            break
+        time.sleep(2)
+    return result
+
+
+def test_training_job_registers_wxformer_with_metrics_and_maps(weather_model: dict) -> None:
+    from shared.tracking import client
+
+    assert weather_model["promoted"] is True and weather_model["model"] == "wxformer"
+    assert weather_model["test_wrmse"] > 0
+    mlflow = client()
+    metrics = mlflow.get_run(weather_model["run_id"]).data.metrics
+    assert {"train_loss", "val_wrmse", "val_wrmse_step1", "test_wrmse", "test_wrmse_persistence_step1"} <= set(metrics)
+    plots = {a.path for a in mlflow.list_artifacts(weather_model["run_id"], "plots")}
+    assert {"plots/loss.png", "plots/forecast_vs_truth.png"} <= plots
+
+
+def test_netcdf_upload_returns_the_rollout_as_netcdf(weather_model: dict) -> None:
+    import xarray as xr
+
+    response = _upload(bytes(_state().to_netcdf()), steps=3)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-netcdf"
+    out = xr.open_dataset(io.BytesIO(response.content), engine="scipy")  # netCDF-3 bytes
+    assert out["t"].dims == ("time", "level", "latitude", "longitude") and out["t2m"].shape == (3, 16, 32)
+    assert str(out.time.values[-1])[:16] == "2000-01-01T23:00" and out["t2m"].attrs["units"] == "K"
+    assert np.isfinite(out["t2m"].values).all() and 200 < float(out["t2m"].mean()) < 320
+    assert out.attrs["model"] == f"weather v{weather_model['version']}"
+    summary = _upload(bytes(_state().to_netcdf()), steps=2, format="json")
+    assert summary.status_code == 200, summary.text
+    body = summary.json()
+    assert body["lead_hours"] == [6, 12] and body["values"] is None
+    assert body["summary"]["t2m"]["mean"][0] == pytest.approx(float((out["t2m"][0] * _weights()).mean()), abs=1e-3)
+
+
+def _weights() -> np.ndarray:
+    lat = np.deg2rad(_state().latitude.values)
+    w = np.cos(lat)[:, None] * np.ones((1, 32))
+    return w / w.mean()
+
+
+def test_json_form_returns_values_and_summary(weather_model: dict) -> None:
+    response = httpx.post(_url("/forecast_json"), json=_json_state(_state()), timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["channels"] == ["t_850", "t_500", "t2m"] and body["times"][0].startswith("2000-01-01T11:00")
+    assert np.asarray(body["values"]["t2m"]).shape == (2, 16, 32)
+    assert body["model"]["version"] == str(weather_model["version"])
+    assert any("assumed K" in note for note in body["notes"])
+    info = httpx.post(_url("/model"), json={}, timeout=30).json()
+    assert info["step_hours"] == 6 and info["channels"] == ["t_850", "t_500", "t2m"]
+    assert len(info["grid"]["latitude"]) == 16
+
+
+def _bad_uploads() -> list[Any]:
+    state = _state()
+    celsius_wind = state.copy()
+    celsius_wind["t2m"].attrs["units"] = "m s**-1"
+    return [
+        (bytes(state.isel(latitude=slice(0, 8)).to_netcdf()), {}, 422, "grid is 8 x 32"),
+        (bytes(state.drop_vars("t2m").to_netcdf()), {}, 422, "variable 't2m' is missing"),
+        (bytes(celsius_wind.to_netcdf()), {}, 422, "do not match the model's 'K'"),
+        (b"this is not netCDF", {}, 422, "could not read the upload"),
+        (bytes(state.to_netcdf()), {"steps": 0}, 400, "greater than or equal to 1"),
+        (bytes(state.to_netcdf()), {"steps": 1000}, 400, "less than or equal to 120"),
+        (bytes(state.to_netcdf()), {"format": "grib"}, 400, "netcdf"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_bad_uploads_are_a_4xx_with_the_reason(weather_model: dict, case: int) -> None:
+    content, form, status, reason = _bad_uploads()[case]
+    response = _upload(content, **form)
+    assert response.status_code == status, response.text
+    assert reason in response.text
+
+
+@pytest.mark.parametrize(("change", "status", "reason"), [
+    (lambda b: b["fields"].pop("t2m"), 422, "missing ['t2m']"),
+    (lambda b: b["fields"]["t2m"].pop(), 422, "expected 16 rows"),
+    (lambda b: b.update(units={"t2m": "Pa"}), 422, "units 'Pa'"),
+    (lambda b: b.update(time="yesterday"), 400, "time"),
+    (lambda b: b.update(extra=1), 400, "Extra inputs"),
+])
+def test_bad_json_is_a_4xx_with_the_reason(weather_model: dict, change: Any, status: int, reason: str) -> None:
+    body = _json_state(_state())
+    change(body)
+    response = httpx.post(_url("/forecast_json"), json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert reason in response.text
+
+
+def test_nan_and_oversized_bodies_are_refused(weather_model: dict) -> None:
+    body = _json_state(_state())
+    text = httpx.Request("POST", "/", json=body).content.decode().replace(str(body["fields"]["t2m"][0][0]), "NaN", 1)
+    response = httpx.post(_url("/forecast_json"), content=text, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and "finite" in response.text
+    huge = _upload(b"\0" * (33 * 1024 * 1024))
+    assert huge.status_code == 413 and "larger than" in huge.text
+
+
+def test_evaluation_job_scores_model_and_baselines_per_lead(weather_model: dict) -> None:
+    from shared.tracking import client
+
+    code, result = _submit("pipelines.evaluate", ["lead_steps=3"])
+    assert code == 0 and result is not None
+    assert result["version"] == weather_model["version"] and result["lead_hours"] == [6, 12, 18]
+    for score in ("rmse", "acc"):
+        assert set(result[score]) == {"model", "persistence", "climatology"}
+        assert all(len(v) == 3 for table in result[score].values() for v in table.values())
+    assert set(result["rmse"]["model"]) == {"t_850", "t_500", "t2m"}
+    mlflow = client()
+    artifacts = {a.path for a in mlflow.list_artifacts(result["run_id"], "plots")}
+    assert {"plots/rmse_vs_lead.png", "plots/acc_vs_lead.png", "plots/maps.png"} <= artifacts
+    metrics = mlflow.get_run(result["run_id"]).data.metrics
+    assert "rmse.model.t2m_0" in metrics
