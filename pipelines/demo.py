@@ -127,7 +127,7 @@ def _query_forecasting(results: list[dict[str, Any]], data: str | None) -> str:
 
 def _query_weather(results: list[dict[str, Any]], data: str | None) -> str:
     """Upload the last state of the training data as netCDF and show the 24 h rollout that comes back."""
-    import io
+    import tempfile
 
     import numpy as np
     import xarray as xr
@@ -141,7 +141,9 @@ def _query_weather(results: list[dict[str, Any]], data: str | None) -> str:
     files = {"file": ("state.nc", bytes(state.to_netcdf()), "application/x-netcdf")}
     response = httpx.post(f"{url}/forecast", files=files, data={"steps": "4"}, timeout=120)
     response.raise_for_status()
-    rollout = xr.open_dataset(io.BytesIO(response.content), engine="scipy")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "forecast.nc").write_bytes(response.content)
+        rollout = xr.open_dataset(Path(tmp) / "forecast.nc").load()
     weights = np.cos(np.deg2rad(rollout["latitude"].values))[:, None]
     table = Table(title=f"POST {url}/forecast (netCDF in, netCDF out) -> {info.get('architecture')} "
                         f"v{info.get('version')}: latitude-weighted means from {str(state.time.values[0])[:13]}")

@@ -92,7 +92,7 @@ class Weather:
                      "model_run_id": str(loaded.run_id), "architecture": str(loaded.cfg.model),
                      "notes": "; ".join(notes)}
             out = rollout_dataset(predicted, init_time, loaded.info, attrs)
-            content = bytes(out.to_netcdf())  # netCDF-3 (scipy): no temporary file
+            content = bytes(out.to_netcdf())  # netCDF-4 (HDF5), built in memory
             from starlette.responses import Response
 
             return Response(content, media_type="application/x-netcdf",

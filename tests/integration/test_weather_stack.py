@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import io
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -81,13 +81,14 @@ def test_training_job_registers_wxformer_with_metrics_and_maps(weather_model: di
     assert {"plots/loss.png", "plots/forecast_vs_truth.png"} <= plots
 
 
-def test_netcdf_upload_returns_the_rollout_as_netcdf(weather_model: dict) -> None:
+def test_netcdf_upload_returns_the_rollout_as_netcdf(weather_model: dict, tmp_path: Path) -> None:
     import xarray as xr
 
     response = _upload(bytes(_state().to_netcdf()), steps=3)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/x-netcdf"
-    out = xr.open_dataset(io.BytesIO(response.content), engine="scipy")  # netCDF-3 bytes
+    (tmp_path / "forecast.nc").write_bytes(response.content)
+    out = xr.open_dataset(tmp_path / "forecast.nc").load()
     assert out["t"].dims == ("time", "level", "latitude", "longitude") and out["t2m"].shape == (3, 16, 32)
     assert str(out.time.values[-1])[:16] == "2000-01-01T23:00" and out["t2m"].attrs["units"] == "K"
     assert np.isfinite(out["t2m"].values).all() and 200 < float(out["t2m"].mean()) < 320
