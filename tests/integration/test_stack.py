@@ -44,7 +44,6 @@ def _train(extra: list[str] | None = None) -> tuple[int, dict | None]:
 
 def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
     from infra import stack
-
     from tests.integration.conftest import DOMAINS
 
     rows = {r["component"]: r for r in stack.status()}
