@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from pydantic import BaseModel
+
 from shared.tracking import PRODUCTION, LoadedModel, client, load_registered, production_version
 
 log = logging.getLogger("tessera.serving")
@@ -23,6 +25,15 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+
+class ModelRef(BaseModel):
+    """The model version that produced an answer (``LoadedModel.describe()``), echoed in every response."""
+
+    name: str | None
+    version: str | None
+    run_id: str | None
+    architecture: str | None = None
 
 
 class RequestError(Exception):

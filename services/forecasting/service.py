@@ -17,7 +17,14 @@ from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.forecasting import inference
-from shared.serving import BodySizeLimit, ModelHolder, ModelUnavailable, RequestError, error_response
+from shared.serving import (
+    BodySizeLimit,
+    ModelHolder,
+    ModelRef,
+    ModelUnavailable,
+    RequestError,
+    error_response,
+)
 
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
@@ -35,13 +42,6 @@ class ForecastRequest(BaseModel):
     values: list[list[float]] = Field(min_length=1, max_length=MAX_ROWS, description="rows = time steps, in column order")
     timestamps: list[datetime] | None = Field(default=None, max_length=MAX_ROWS, description="one per row (needed by models trained with calendar features)")
     horizon: int | None = Field(default=None, ge=1, le=10_000, description="steps to forecast (default: the trained horizon)")
-
-
-class ModelRef(BaseModel):
-    name: str | None
-    version: str | None
-    run_id: str | None
-    architecture: str | None = None
 
 
 class ForecastResponse(BaseModel):

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.robot_policy.config import ACTION_DIM, STATE_DIM, WORKSPACE
-from shared.serving import BodySizeLimit, ModelHolder, RequestError, error_response
+from shared.serving import BodySizeLimit, ModelHolder, ModelRef, RequestError, error_response
 
 MAX_BODY_BYTES = int(os.environ.get("TESSERA_MAX_BODY_BYTES", 64 * 1024))
 MAX_DESCENT_STEPS = 16
@@ -40,13 +40,6 @@ class ActRequest(BaseModel):
     candidates: int | None = Field(default=None, ge=1, le=MAX_CANDIDATES,
                                    description="chunks refined in parallel; the lowest energy is returned")
     seed: int | None = Field(default=None, ge=0, description="seed of the initial noise (reproducible answers)")
-
-
-class ModelRef(BaseModel):
-    name: str | None
-    version: str | None
-    run_id: str | None
-    architecture: str | None = None
 
 
 class ActResponse(BaseModel):

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.weather.inference import StateError, forecast, rollout_dataset, to_model_units
-from shared.serving import BodySizeLimit, ModelHolder, RequestError, error_response
+from shared.serving import BodySizeLimit, ModelHolder, ModelRef, RequestError, error_response
 
 MAX_BODY_BYTES = int(os.environ.get("TESSERA_WEATHER_MAX_BYTES", 32 * 1024 * 1024))
 MAX_STEPS = 120  # 30 days of 6-hourly steps
@@ -41,13 +41,6 @@ class ForecastJSON(BaseModel):
     units: dict[str, str] | None = Field(default=None, description="units per channel (default: the model's)")
     steps: int = Field(default=4, ge=1, le=MAX_STEPS, description="model steps to roll out")
     include_values: bool = Field(default=True, description="return the forecast fields, not only summaries")
-
-
-class ModelRef(BaseModel):
-    name: str | None
-    version: str | None
-    run_id: str | None
-    architecture: str | None = None
 
 
 class ForecastSummary(BaseModel):
