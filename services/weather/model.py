@@ -10,7 +10,7 @@ the atmospheric state at t (plus static fields and forcings) to t + dt, rolled o
 - **Spectral normalization** on every convolution and linear layer (stable long rollouts).
 - **Earth padding** for global grids: circular in longitude; above a pole the rows continue on the other
   side of the pole (rows mirrored, rolled by 180 degrees of longitude). Regional grids are padded plainly.
-- The network predicts the change of the normalized state; :meth:`WXFormer.step` adds it.
+- The network predicts the change of the normalized state; ``training.rollout`` adds it, step after step.
 """
 
 from __future__ import annotations
@@ -252,10 +252,6 @@ class WXFormer(nn.Module):
         x = self.head(torch.cat([self.up_out(x), x0], dim=1))  # (B, C, H', W')
         top, _, left, _ = self.pads
         return x[..., top: top + h, left: left + w]
-
-    def step(self, history: Tensor, forcing_now: Tensor, forcing_next: Tensor) -> Tensor:
-        """The next normalized state (B, C, H, W)."""
-        return history[:, -1] + self(history, forcing_now, forcing_next)
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

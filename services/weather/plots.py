@@ -68,10 +68,11 @@ def scores_figure(lead_hours: list[int], scores: dict[str, np.ndarray], channels
 def sample_figure(model: Any, dataset: Any, info: dict[str, Any]) -> Figure:
     """Truth / forecast / error maps one step ahead for the first test window (physical units)."""
     from .data import Grid
+    from .training import rollout
 
     history, forcing, target = dataset[0]
-    nxt = model.step(history[None].to(model.mean.device), forcing[None, 0].to(model.mean.device),
-                     forcing[None, 1].to(model.mean.device))
+    device = model.mean.device
+    nxt = rollout(model, history[None].to(device), forcing[None].to(device), 1)[0]
     pred = model.denormalize(nxt)[0].float().cpu().numpy()
     truth = model.denormalize(target[0].to(model.mean.device)).float().cpu().numpy()
     return maps_figure(truth, pred, Grid.from_info(info["grid"]), info["channels"], info["units"],

@@ -17,10 +17,11 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
 
 
 def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int) -> list[Tensor]:
-    """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W)."""
+    """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W).
+    The network gives the change of the last state; ``model`` may be wrapped (DDP): only its forward is used."""
     states = []
     for k in range(steps):
-        nxt = model.step(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
+        nxt = history[:, -1] + model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
         states.append(nxt)
         history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
     return states
@@ -32,10 +33,8 @@ def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Te
     history, forcing, target = (t.to(device, non_blocking=True) for t in batch)
     weights: Tensor = unwrap(model).lat_weights  # type: ignore[assignment]
     total = history.new_zeros(())
-    for k in range(target.shape[1]):
-        nxt = history[:, -1] + model(history, forcing[:, k], forcing[:, k + 1])
-        total = total + weighted_mse(nxt, target[:, k], weights)
-        history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
+    for k, state in enumerate(rollout(model, history, forcing, target.shape[1])):
+        total = total + weighted_mse(state, target[:, k], weights)
     return total / target.shape[1]
 
 
