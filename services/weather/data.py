@@ -38,7 +38,7 @@ def open_dataset(path: str | Path) -> xr.Dataset:
         raise FileNotFoundError(f"weather data {path} does not exist")
     if path.suffix.lower() in GRIB_SUFFIXES:
         ds = xr.open_dataset(path, engine="cfgrib", backend_kwargs={"indexpath": ""})
-    elif path.suffix.lower() == ".zarr" or (path.is_dir() and (path / "zarr.json").exists() or (path / ".zgroup").exists()):
+    elif path.suffix.lower() == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
         ds = xr.open_zarr(path)
     else:
         ds = xr.open_dataset(path)

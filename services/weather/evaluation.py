@@ -11,19 +11,18 @@ import numpy as np
 
 from shared.registry import EvaluationResult
 
-from .data import prepare, starts
-from .inference import forecast, lead_times
+from .data import Fields, fields_for, split_bounds, starts, time_offset
+from .inference import StateError, check_grid, forecast, lead_times
 from .metrics import acc, climatology_at, hourly_climatology, weighted_rmse
 
 
-def _check_compatible(info: Mapping[str, Any], channels: list[str], shape: tuple[int, ...]) -> None:
-    if channels != list(info["channels"]):
-        raise SystemExit(f"the evaluation data has channels {channels}; the model forecasts {info['channels']}")
-    grid = info["grid"]
-    expected = (len(grid["latitude"]), len(grid["longitude"])) if grid.get("regular", True) else \
-        np.asarray(grid["latitude"]).shape
-    if tuple(shape) != tuple(expected):
-        raise SystemExit(f"the evaluation grid is {shape}; the model was trained on {expected}")
+def _check_compatible(info: Mapping[str, Any], fields: Fields) -> None:
+    if fields.channels != list(info["channels"]):
+        raise SystemExit(f"the evaluation data has channels {fields.channels}; the model forecasts {info['channels']}")
+    try:
+        check_grid(fields.grid.lat, fields.grid.lon, dict(info))
+    except StateError as exc:
+        raise SystemExit(f"the evaluation data does not fit the model: {exc}") from None
 
 
 def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str | None,
@@ -36,16 +35,16 @@ def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str 
     split = str(settings["split"])
     if split not in ("val", "test"):
         raise SystemExit(f"split={split!r}: expected 'val' or 'test'")
-    prepared = prepare(cfg.replace(train_rollout=1), data)
-    fields = prepared.fields
-    _check_compatible(info, fields.channels, fields.grid.shape)
-    bounds = prepared.bounds[1 if split == "val" else 2]
+    fields = fields_for(cfg, data)
+    _check_compatible(info, fields)
+    periods = split_bounds(len(fields.times), cfg.val_fraction, cfg.test_fraction)
+    bounds = periods[1 if split == "val" else 2]
+    o = time_offset(fields, cfg.step_hours)
     every = max(1, int(round(int(settings["init_every_hours"]) / fields.step_hours)))
-    inits = starts(bounds, prepared.offset, cfg.history, lead_steps, every)
+    inits = starts(bounds, o, cfg.history, lead_steps, every)
     if len(inits) == 0:
         raise SystemExit(f"the {split} period ({bounds[1] - bounds[0]} time steps) is shorter than {lead_steps} "
                          f"steps of {cfg.step_hours} h; lower lead_steps")
-    o = prepared.offset
     values, times = fields.values, fields.times
     history = np.stack([values[t - (cfg.history - 1) * o: t + 1: o] for t in inits])  # (N, h, C, H, W)
     truth = np.stack([values[t + o: t + lead_steps * o + 1: o] for t in inits])  # (N, L, C, H, W)
@@ -53,7 +52,7 @@ def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str 
     predicted = forecast(model, dict(info), history, times[inits], lead_steps)
     seconds = time.perf_counter() - started
     persistence = np.repeat(values[inits][:, None], lead_steps, axis=1)
-    a, b = prepared.bounds[0]
+    a, b = periods[0]
     clim = hourly_climatology(values[a:b], times[a:b])
     valid_times = lead_times(times[inits], lead_steps, cfg.step_hours)[:, 1:]  # (N, L)
     climatology = climatology_at(clim, valid_times)

@@ -43,12 +43,12 @@ class StateError(ValueError):
 
 
 _TEMPERATURE_OFFSETS = {"k": 0.0, "kelvin": 0.0, "degc": 273.15, "°c": 273.15, "c": 273.15, "celsius": 273.15,
-                        "deg_c": 273.15, "degreec": 273.15, "degreesc": 273.15}
+                        "degreec": 273.15, "degreesc": 273.15}
 
 
 def _unit_key(unit: str) -> str:
-    return unit.strip().lower().replace("**", "").replace("^", "").replace(" ", "").replace("_", "") \
-        if unit.strip().lower() not in ("deg_c",) else "deg_c"
+    """Spelling-insensitive units: ``m**2 s**-2`` = ``m2 s-2``, ``deg_C`` = ``degC``."""
+    return unit.strip().lower().replace("**", "").replace("^", "").replace(" ", "").replace("_", "")
 
 
 def to_model_units(values: np.ndarray, given: str | None, expected: str, channel: str) -> np.ndarray:
