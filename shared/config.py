@@ -59,6 +59,14 @@ def _parse_value(raw: str, annotation: Any, key: str) -> Any:
     raise ValueError(f"{key}: cannot parse a value of type {annotation!r} from the command line")
 
 
+def require_at_least(cfg: Any, minimum: float, names: Iterable[str]) -> None:
+    """``ValueError`` naming the first field of ``cfg`` among ``names`` whose value is below ``minimum``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ValueError(f"{name}={value!r}: must be >= {minimum}")
+
+
 def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
     """Split ``["a=1", "b=x"]`` into ``{"a": "1", "b": "x"}``; a pair without ``=`` is an error."""
     out: dict[str, str] = {}

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shared.config import require_at_least
+
 MODELS = ("itransformer", "autoformer")
 
 # Published ETTh1 settings (iTransformer: thuml/iTransformer scripts; Autoformer: thuml/Autoformer scripts).
@@ -63,13 +65,11 @@ class ForecastingConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
-        for name in ("seq_len", "pred_len", "d_model", "n_heads", "e_layers", "d_ff", "batch_size", "epochs",
-                     "num_workers", "cpus_per_worker", "synthetic_steps", "synthetic_vars", "factor", "moving_avg"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        for name in ("label_len", "d_layers", "patience", "max_steps_per_epoch", "max_failures"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        require_at_least(self, 1, ("seq_len", "pred_len", "d_model", "n_heads", "e_layers", "d_ff",
+                                   "batch_size", "epochs", "num_workers", "cpus_per_worker",
+                                   "synthetic_steps", "synthetic_vars", "factor", "moving_avg"))
+        require_at_least(self, 0, ("label_len", "d_layers", "patience", "max_steps_per_epoch",
+                                   "max_failures"))
         if self.label_len > self.seq_len:
             raise ValueError(f"label_len={self.label_len} must not exceed seq_len={self.seq_len}")
         if self.d_model % self.n_heads:

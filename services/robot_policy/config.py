@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shared.config import require_at_least
+
 MODELS = ("ebt", "diffusion")
 
 STATE_DIM = 5  # Push-T state: agent x, y, block x, y, block angle (pixels, radians)
@@ -65,11 +67,10 @@ class RobotPolicyConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
-        for name in ("synthetic_episodes", "obs_horizon", "action_horizon", "action_exec", "action_patch",
-                     "d_model", "n_heads", "n_layers", "d_ff", "train_steps", "infer_steps", "candidates",
-                     "diffusion_steps", "batch_size", "epochs", "num_workers", "cpus_per_worker"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        require_at_least(self, 1, ("synthetic_episodes", "obs_horizon", "action_horizon", "action_exec",
+                                   "action_patch", "d_model", "n_heads", "n_layers", "d_ff", "train_steps",
+                                   "infer_steps", "candidates", "diffusion_steps", "batch_size", "epochs",
+                                   "num_workers", "cpus_per_worker"))
         if self.action_horizon % self.action_patch:
             raise ValueError(f"action_patch={self.action_patch} must divide action_horizon={self.action_horizon}")
         if self.action_exec > self.action_horizon:
@@ -78,10 +79,9 @@ class RobotPolicyConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
-        for name in ("langevin_noise", "init_noise", "energy_margin", "energy_weight", "early_stop_tol",
-                     "weight_decay", "patience", "max_steps_per_epoch", "max_failures"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        require_at_least(self, 0, ("langevin_noise", "init_noise", "energy_margin", "energy_weight",
+                                   "early_stop_tol", "weight_decay", "patience", "max_steps_per_epoch",
+                                   "max_failures"))
         if not 0.0 <= self.warm_start_prob <= 1.0:
             raise ValueError(f"warm_start_prob={self.warm_start_prob} must be in [0, 1]")
         if not (self.step_size > 0 and self.lr > 0):

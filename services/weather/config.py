@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shared.config import require_at_least
+
 MODELS = ("wxformer",)
 
 
@@ -61,10 +63,9 @@ class WeatherConfig:
         for name in ("depths", "kernels", "strides", "global_windows"):
             if len(getattr(self, name)) != stages:
                 raise ValueError(f"{name}={getattr(self, name)!r}: needs one entry per stage ({stages}, as dims)")
-        for name in ("step_hours", "sample_every_hours", "synthetic_days", "local_window", "dim_head", "history",
-                     "train_rollout", "batch_size", "epochs", "num_workers", "cpus_per_worker"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        require_at_least(self, 1, ("step_hours", "sample_every_hours", "synthetic_days", "local_window",
+                                   "dim_head", "history", "train_rollout", "batch_size", "epochs",
+                                   "num_workers", "cpus_per_worker"))
         if min(self.dims) < 1 or min(self.depths) < 1 or min(self.strides) < 1 or min(self.global_windows) < 1:
             raise ValueError("dims, depths, strides and global_windows must be >= 1")
         for stage, (dim, kernels, stride) in enumerate(zip(self.dims, self.kernels, self.strides, strict=True)):
@@ -79,9 +80,8 @@ class WeatherConfig:
             raise ValueError(f"synthetic_grid={self.synthetic_grid!r}: expected (lat, lon) of at least 8 points each")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
-        for name in ("weight_decay", "patience", "max_steps_per_epoch", "max_failures", "member"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        require_at_least(self, 0, ("weight_decay", "patience", "max_steps_per_epoch", "max_failures",
+                                   "member"))
         if not self.lr > 0 or not self.mlp_ratio > 0:
             raise ValueError("lr and mlp_ratio must be > 0")
         if not 0.0 <= self.dropout < 1.0:

@@ -46,3 +46,13 @@ def test_published_settings_per_model() -> None:
     assert ForecastingConfig.published("itransformer", pred_len=336).d_model == 512
     af = ForecastingConfig.published("autoformer")
     assert (af.d_model, af.d_ff, af.factor, af.moving_avg, af.dropout, af.d_layers) == (512, 2048, 3, 25, 0.05, 1)
+
+
+def test_domain_configs_name_the_field_below_its_minimum() -> None:
+    from services.forecasting.config import ForecastingConfig
+    from services.weather.config import WeatherConfig
+
+    with pytest.raises(ValueError, match="^history=0: must be >= 1$"):
+        WeatherConfig(history=0)
+    with pytest.raises(ValueError, match="^patience=-1: must be >= 0$"):
+        ForecastingConfig(patience=-1)
