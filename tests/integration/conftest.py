@@ -6,8 +6,10 @@ It runs on ports of its own (so a developer's running stack is untouched) with i
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +41,31 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def submit_job(module: str, domain: str, model: str | None, overrides: list[str],
+               extra: list[str] | None = None) -> tuple[int, dict[str, Any] | None]:
+    """``python -m <module> <domain> ...`` as a Ray job on the test stack, followed to the end: its exit code
+    and the JSON object of its last line."""
+    from infra import stack
+    from pipelines.cli import job_entrypoint, submit_and_follow
+
+    entrypoint = job_entrypoint(module, domain, model, None, overrides, extra)
+    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+
+
+def train_until_served(domain: str, model: str, overrides: list[str], timeout: float = 60.0) -> dict[str, Any]:
+    """Train ``domain``/``model`` as a Ray job, then wait until its service has loaded a model (it polls the
+    registry alias every 2 s here)."""
+    import httpx
+
+    from infra import stack
+
+    code, result = submit_job("pipelines.train", domain, model, overrides)
+    assert code == 0 and result is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.post(stack.service_url(domain) + "/model", json={}, timeout=30).status_code == 200:
+            break
+        time.sleep(2)
+    return result

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import httpx
 import pytest
+
+from tests.integration.conftest import submit_job, train_until_served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -22,13 +23,8 @@ def _url(route: str = "/act") -> str:
     return stack.service_url("robot_policy") + route
 
 
-def _submit(module: str, overrides: list[str], extra: list[str] | None = None) -> tuple[int, dict | None]:
-    from infra import stack
-    from pipelines.cli import job_entrypoint, submit_and_follow
-
-    entrypoint = job_entrypoint(module, "robot_policy", "ebt" if module == "pipelines.train" else None, None,
-                                overrides, extra)
-    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+def _submit(module: str, overrides: list[str]) -> tuple[int, dict | None]:
+    return submit_job(module, "robot_policy", "ebt" if module == "pipelines.train" else None, overrides)
 
 
 def test_act_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str]) -> None:
@@ -39,14 +35,7 @@ def test_act_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str
 
 @pytest.fixture(scope="module")
 def policy_model(stack_env: dict[str, str]) -> dict:
-    code, result = _submit("pipelines.train", TINY)
-    assert code == 0 and result is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the service polls the alias every 2 s here
-        if httpx.post(_url(), json={"observations": HISTORY}, timeout=30).status_code == 200:
-            break
-        time.sleep(2)
-    return result
+    return train_until_served("robot_policy", "ebt", TINY)
 
 
 def test_training_job_registers_the_policy_with_its_plots(policy_model: dict) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.conftest import DOMAINS, submit_job
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 TINY = ["epochs=2", "max_steps_per_epoch=8", "d_model=32", "d_ff=64", "e_layers=1", "n_heads=4",
@@ -35,16 +37,11 @@ def _forecast_url() -> str:
 
 
 def _train(extra: list[str] | None = None) -> tuple[int, dict | None]:
-    from infra import stack
-    from pipelines.cli import job_entrypoint, submit_and_follow
-
-    entrypoint = job_entrypoint("pipelines.train", "forecasting", "itransformer", None, TINY + (extra or []))
-    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+    return submit_job("pipelines.train", "forecasting", "itransformer", TINY + (extra or []))
 
 
 def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
     from infra import stack
-    from tests.integration.conftest import DOMAINS
 
     rows = {r["component"]: r for r in stack.status()}
     assert set(rows) == {"mlflow", "ray", *DOMAINS}

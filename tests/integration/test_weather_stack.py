@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+
+from tests.integration.conftest import submit_job, train_until_served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -25,12 +26,7 @@ def _url(route: str = "/forecast") -> str:
 
 
 def _submit(module: str, overrides: list[str]) -> tuple[int, dict | None]:
-    from infra import stack
-    from pipelines.cli import job_entrypoint, submit_and_follow
-
-    entrypoint = job_entrypoint(module, "weather", "wxformer" if module == "pipelines.train" else None, None,
-                                overrides, None)
-    return submit_and_follow(entrypoint, stack.dashboard_url(), None)
+    return submit_job(module, "weather", "wxformer" if module == "pipelines.train" else None, overrides)
 
 
 def _state() -> Any:
@@ -59,14 +55,7 @@ def test_forecast_says_503_and_how_to_train_before_any_model(stack_env: dict[str
 
 @pytest.fixture(scope="module")
 def weather_model(stack_env: dict[str, str]) -> dict:
-    code, result = _submit("pipelines.train", TINY)
-    assert code == 0 and result is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the service polls the alias every 2 s here
-        if httpx.post(_url("/model"), json={}, timeout=30).status_code == 200:
-            break
-        time.sleep(2)
-    return result
+    return train_until_served("weather", "wxformer", TINY)
 
 
 def test_training_job_registers_wxformer_with_metrics_and_maps(weather_model: dict) -> None:
