@@ -150,7 +150,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.model and args.model not in domain.models:
         console.print(f"[red]unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
         return 2
-    entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, _resolve_data(args.data), args.overrides)
+    extra = ["--init-from", args.init_from] if args.init_from else []
+    entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, _resolve_data(args.data), args.overrides,
+                                extra)
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
     if result:
         console.print(_result_table("training result", result))
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     train = sub.add_parser("train", help="submit a training job to Ray and follow it")
     train.add_argument("--model")
+    train.add_argument("--init-from", metavar="VERSION|ALIAS",
+                       help="start from a registered version's weights (e.g. 3 or production): train longer or fine-tune")
     train.set_defaults(func=_cmd_train)
     evaluate = sub.add_parser("evaluate", help="submit an evaluation job (the production model) to Ray and follow it")
     evaluate.add_argument("--version", help="registered model version (default: @production)")

@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="config overrides, e.g. --set epochs=1 d_model=128")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
     parser.add_argument("--no-register", action="store_true", help="train and log only")
+    parser.add_argument("--init-from", metavar="VERSION|ALIAS", default=None,
+                        help="start from the weights of a registered version of this domain's model (e.g. 3 or "
+                             "production) instead of a fresh initialisation: fine-tuning or training longer")
     return parser.parse_args(argv)
 
 
@@ -54,6 +57,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
     cfg = domain.make_config(args.model, args.data, parse_overrides(args.overrides))
     uri = tracking.tracking_uri()
+    init_weights, init_tags = None, {}
+    if args.init_from:
+        try:
+            start, meta, init_weights = tracking.registered_weights(tracking.client(uri), domain.name, args.init_from)
+        except ValueError as exc:
+            raise SystemExit(f"--init-from {args.init_from}: {exc}") from None
+        trained_as = meta.get("config", {}).get("model")
+        if trained_as != getattr(cfg, "model", trained_as):
+            raise SystemExit(f"--init-from {args.init_from}: {domain.name} v{start.version} is a {trained_as!r} model, "
+                             f"this run trains {cfg.model!r}")
+        init_tags = {"init_from_version": str(start.version), "init_from_run": start.run_id or ""}
+        print(f"starting from the weights of {domain.name} v{start.version} (run {start.run_id})", flush=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment or domain.name)
     storage = os.environ.get("TESSERA_STORAGE") or str(stack.home() / "ray_results")
@@ -64,11 +79,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with mlflow.start_run(run_name=f"{model_name}-{data_name}") as run:
         run_id = run.info.run_id
         mlflow.set_tags({"domain": domain.name, "model": model_name, "data": data_name,
-                         "ray_job_id": os.environ.get("RAY_JOB_ID", os.environ.get("RAY_JOB_SUBMISSION_ID", ""))})
+                         "ray_job_id": os.environ.get("RAY_JOB_ID", os.environ.get("RAY_JOB_SUBMISSION_ID", "")),
+                         **init_tags})
         params = to_dict(cfg)
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         print(f"MLflow run {run_id} at {uri}", flush=True)
-        fit(domain.name, cfg, run_id=run_id, tracking_uri=uri, storage_path=storage)
+        fit(domain.name, cfg, run_id=run_id, tracking_uri=uri, storage_path=storage, init_weights=init_weights)
 
     client = tracking.client(uri)
     metrics = client.get_run(run_id).data.metrics

@@ -94,6 +94,23 @@ def _loss_figure(history: list[dict[str, float]], metric: str) -> Any:
     return fig
 
 
+def load_initial_weights(model: torch.nn.Module, weights: bytes) -> None:
+    """Load safetensors ``weights`` into ``model``; a ValueError naming the first mismatches when the saved
+    model has other parameters or shapes (another architecture or size)."""
+    from safetensors.torch import load as load_safetensors
+
+    saved = load_safetensors(weights)
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in saved and saved[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"the initial weights do not fit this model (another size or architecture?): "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
+    model.load_state_dict(saved)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; ``config`` holds the domain name, its config dict and the MLflow run."""
     import ray.train
@@ -129,6 +146,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["trainer"]
         _log(rank, f"resumed from checkpoint after epoch {state['epoch']} (best val_{metric} {state['best_val']:.4f})")
+    elif config.get("init_weights"):
+        load_initial_weights(model, config["init_weights"])
+        _log(rank, "started from the given weights")
     ddp = domain.supports_ddp(cfg)
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
     pin = device.type == "cuda"
@@ -227,15 +247,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.train.report(final, checkpoint=None)
 
 
-def fit(domain_name: str, cfg: Any, *, run_id: str, tracking_uri: str, storage_path: str) -> None:
-    """Run the trainer on the connected Ray cluster; rank 0 logs every result to the MLflow run ``run_id``."""
+def fit(domain_name: str, cfg: Any, *, run_id: str, tracking_uri: str, storage_path: str,
+        init_weights: bytes | None = None) -> None:
+    """Run the trainer on the connected Ray cluster; rank 0 logs every result to the MLflow run ``run_id``.
+    ``init_weights`` (safetensors bytes of a model of the same shape) replaces the fresh initialisation."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"domain": domain_name, "cfg": to_dict(cfg), "run_id": run_id,
-                           "tracking_uri": tracking_uri},
+                           "tracking_uri": tracking_uri, "init_weights": init_weights},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

@@ -145,6 +145,33 @@ def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVers
     return True, reason
 
 
+def resolve_version(mlflow_client: MlflowClient, name: str, ref: str) -> ModelVersion:
+    """A registered version of ``name`` from ``ref``: a version number (``"3"``) or an alias (``"production"``,
+    ``"@production"``); a clear ValueError when there is none."""
+    ref = ref.strip().lstrip("@")
+    if not ref:
+        raise ValueError("empty model reference: give a version number or an alias such as 'production'")
+    try:
+        if ref.isdigit():
+            return mlflow_client.get_model_version(name, ref)
+        return mlflow_client.get_model_version_by_alias(name, ref)
+    except MlflowException as exc:
+        raise ValueError(f"no registered model {name!r} {'version' if ref.isdigit() else 'alias'} {ref!r}: "
+                         f"{exc.message}") from None
+
+
+def registered_weights(mlflow_client: MlflowClient, name: str, ref: str) -> tuple[ModelVersion, dict[str, Any], bytes]:
+    """(version, its config.json, its safetensors weights as bytes) of a registered model, e.g. to start a
+    training run from it."""
+    version = resolve_version(mlflow_client, name, ref)
+    if not version.run_id:
+        raise ValueError(f"model version {name} v{version.version} has no run to download from")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow_client.download_artifacts(version.run_id, MODEL_DIR, tmp))
+        meta = json.loads((local / "config.json").read_text())
+        return version, meta, (local / "weights.safetensors").read_bytes()
+
+
 def load_registered(name: str, alias: str = PRODUCTION, uri: str | None = None,
                     device: str | torch.device = "cpu", version_number: str | int | None = None) -> LoadedModel | None:
     """Download and rebuild ``models:/<name>@<alias>`` (or version ``version_number``); None when no version

@@ -36,8 +36,8 @@ def _forecast_url() -> str:
     return stack.service_url("forecasting") + "/forecast"
 
 
-def _train(extra: list[str] | None = None) -> tuple[int, dict | None]:
-    return submit_job("pipelines.train", "forecasting", "itransformer", TINY + (extra or []))
+def _train(extra: list[str] | None = None, args: list[str] | None = None) -> tuple[int, dict | None]:
+    return submit_job("pipelines.train", "forecasting", "itransformer", TINY + (extra or []), args)
 
 
 def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
@@ -151,6 +151,25 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
             break
         time.sleep(2)
     assert served == str(result["version"])
+
+
+def test_training_can_start_from_a_registered_version(first_model: dict) -> None:
+    from shared.tracking import client
+
+    mlflow = client()
+    production = mlflow.get_model_version_by_alias("forecasting", "production")
+    code, result = _train(["seed=11"], ["--init-from", "production"])
+    assert code == 0 and result is not None
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.tags["init_from_version"] == production.version
+    assert run.data.tags["init_from_run"] == production.run_id
+    # Its weights were used: its first epoch starts from a trained model, so its loss is below the loss of the
+    # fresh model's first epoch.
+    first_epoch = {r: mlflow.get_metric_history(r, "train_loss")[0].value for r in (production.run_id, run.info.run_id)}
+    assert first_epoch[run.info.run_id] < first_epoch[production.run_id]
+
+    code, result = _train([], ["--init-from", "99"])  # no such version: the job fails before training
+    assert code != 0 and result is None
 
 
 def test_tessera_predict_wraps_the_call_for_csv_users(first_model: dict, tmp_path: Path) -> None:
