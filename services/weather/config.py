@@ -39,6 +39,7 @@ class WeatherConfig:
     spectral_norm: bool = True  # spectral normalization on every conv and linear layer (CREDIT)
     padding: Literal["auto", "earth", "plain"] = "auto"  # earth: circular lon + pole crossing; auto: by grid
     history: int = 1  # input states (t, t - step, ...)
+    history_skip: bool = False  # add a learned linear blend of the input states to the predicted change
 
     train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
     batch_size: int = 8

@@ -179,6 +179,9 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+MIX_GAIN = 30.0
+
+
 class WXFormer(nn.Module):
     """(history states, forcings at t and t + dt) -> state at t + dt, all normalized, on one fixed grid."""
 
@@ -224,6 +227,12 @@ class WXFormer(nn.Module):
         self.head = nn.Conv2d(cfg.dims[0] + dim_in, self.n_channels, 3, padding=1)
         if cfg.spectral_norm:
             apply_spectral_norm(self)
+        # Linear blend of the input states (C, h * C), added to the change; starts at zero. A plain parameter,
+        # outside spectral normalization: the blend that matters, such as "the state one day earlier minus
+        # now" with a 6-hourly history of 4, has a norm above 1, which a normalized head cannot express.
+        # Stored divided by MIX_GAIN so that Adam's steps of about lr move the blend MIX_GAIN times faster.
+        self.history_mix = nn.Parameter(torch.zeros(self.n_channels, cfg.history * self.n_channels)) \
+            if cfg.history_skip else None
 
     @staticmethod
     def _pads(size: int, factor: int, margin: int) -> tuple[int, int]:
@@ -251,7 +260,10 @@ class WXFormer(nn.Module):
             x = fuse(torch.cat([up(x), skip], dim=1))
         x = self.head(torch.cat([self.up_out(x), x0], dim=1))  # (B, C, H', W')
         top, _, left, _ = self.pads
-        return x[..., top: top + h, left: left + w]
+        x = x[..., top: top + h, left: left + w]
+        if self.history_mix is not None:
+            x = x + torch.einsum("oi,bihw->bohw", MIX_GAIN * self.history_mix.to(x.dtype), history.flatten(1, 2))
+        return x
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

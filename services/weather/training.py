@@ -40,7 +40,7 @@ def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Te
 
 def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
     """Latitude-weighted RMSE in normalized units over the validation windows: overall (``wrmse``, the
-    promotion metric), per rollout step, and against persistence at the first step."""
+    promotion metric), per rollout step, and persistence (the initial state kept) at every step."""
     sums: dict[str, float] = {}
     count = 0
     for batch in batches:
@@ -51,11 +51,11 @@ def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) ->
         for k, state in enumerate(states):
             mse = ((state.float() - target[:, k]) ** 2 * w).mean(dim=(1, 2, 3))  # (B,)
             sums[f"step{k + 1}"] = sums.get(f"step{k + 1}", 0.0) + float(mse.sum())
-        persistence = ((history[:, -1] - target[:, 0]) ** 2 * w).mean(dim=(1, 2, 3))
-        sums["persistence"] = sums.get("persistence", 0.0) + float(persistence.sum())
+            persistence = ((history[:, -1] - target[:, k]) ** 2 * w).mean(dim=(1, 2, 3))
+            sums[f"persistence_step{k + 1}"] = sums.get(f"persistence_step{k + 1}", 0.0) + float(persistence.sum())
         count += n
     steps = sorted(k for k in sums if k.startswith("step"))
     out = {f"wrmse_{k}": (sums[k] / max(1, count)) ** 0.5 for k in steps}
     out["wrmse"] = (sum(sums[k] for k in steps) / max(1, count * len(steps))) ** 0.5
-    out["wrmse_persistence_step1"] = (sums.get("persistence", 0.0) / max(1, count)) ** 0.5
+    out.update({f"wrmse_persistence_{k}": (sums[f"persistence_{k}"] / max(1, count)) ** 0.5 for k in steps})
     return out

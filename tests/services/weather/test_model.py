@@ -104,3 +104,44 @@ def test_multi_step_training_lowers_the_loss_on_synthetic_weather() -> None:
     assert losses[-1] < 0.6 * losses[0]
     # gradients reach the first step's parameters through the second step too
     assert all(p.grad is not None for p in model.embeds[0].parameters())
+
+
+def test_history_skip_adds_a_linear_blend_of_the_inputs_outside_spectral_norm() -> None:
+    from services.weather.model import MIX_GAIN
+
+    torch.manual_seed(0)
+    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8))
+    model = WXFormer(WeatherConfig(**TINY, history=3, history_skip=True), info).eval()  # type: ignore[arg-type]
+    assert model.history_mix is not None and model.history_mix.shape == (2, 6)
+    assert torch.count_nonzero(model.history_mix) == 0  # starts as the plain network
+    history, now, nxt = torch.randn(1, 3, 2, 8, 8), torch.randn(1, 5, 8, 8), torch.randn(1, 5, 8, 8)
+    with torch.no_grad():
+        plain = model(history, now, nxt)
+        blend = torch.zeros(2, 6)
+        blend[0, 0], blend[0, 4] = 1.0, -1.0  # channel 0: oldest state minus the newest (norm sqrt(2) > 1)
+        model.history_mix.copy_(blend / MIX_GAIN)
+        mixed = model(history, now, nxt)
+    assert torch.allclose(mixed[:, 0] - plain[:, 0], history[:, 0, 0] - history[:, 2, 0], atol=1e-5)
+    assert torch.allclose(mixed[:, 1], plain[:, 1])
+    model.train()
+    model(history, now, nxt).sum().backward()
+    assert model.history_mix.grad is not None and torch.count_nonzero(model.history_mix.grad) > 0
+    assert WXFormer(WeatherConfig(**TINY), info).history_mix is None  # type: ignore[arg-type]
+
+
+def test_validation_metrics_score_persistence_at_every_step() -> None:
+    from services.weather.training import offline_metrics
+
+    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
+    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    for p in model.head.parameters():  # the network then predicts no change: it is persistence itself
+        torch.nn.init.zeros_(p)
+    history = torch.randn(4, 1, 1, 8, 8)
+    target = history[:, -1:] + torch.arange(1, 4, dtype=torch.float32).view(1, 3, 1, 1, 1)  # off by 1, 2, 3
+    forcing = torch.zeros(4, 4, 5, 8, 8)
+    with torch.no_grad():
+        out = offline_metrics(model, [(history, forcing, target)], torch.device("cpu"))
+    for k in (1, 2, 3):
+        assert out[f"wrmse_persistence_step{k}"] == pytest.approx(k, rel=1e-5)
+        assert out[f"wrmse_step{k}"] == pytest.approx(k, rel=1e-5)
+    assert out["wrmse"] == pytest.approx(np.sqrt((1 + 4 + 9) / 3), rel=1e-5)
