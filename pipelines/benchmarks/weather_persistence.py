@@ -1,0 +1,74 @@
+"""How hard is a data set for a forecast model? Persistence by period, and the best linear use of the past.
+
+Prints, for every two days of an hourly record, the latitude-weighted RMSE of 6 h and 24 h persistence (a
+low 24 h value with a high 6 h value is a large, repeating diurnal cycle), then fits, on the training part
+of a 60/20/20 time split, least-squares regressions of the state ``lead`` hours ahead on the states now and
+6, 12, 18 and 24 h earlier (one set of coefficients for all points), and scores them on the test part
+against persistence. A learned model that cannot beat these on the test part is facing a regime change,
+not only a lack of capacity.
+
+Run: ``python -m pipelines.benchmarks.weather_persistence [--data PATH] [--variable t2m] [--lead 24]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from services.weather.data import Grid, open_dataset, spatial
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "weather" / "era5-2mt-2019-03-uk.grib"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.benchmarks.weather_persistence",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="an hourly (time, lat, lon) record")
+    parser.add_argument("--variable", default=None, help="variable (default: the first one)")
+    parser.add_argument("--lead", type=int, default=24, help="lead time of the regressions, in hours")
+    args = parser.parse_args(argv)
+
+    ds = open_dataset(args.data)
+    name = args.variable or next(iter(ds.data_vars))
+    _, _, lat, lon, _ = spatial(ds)
+    weights = Grid(lat, lon).weights().astype(np.float64)
+    times = ds["time"].values
+    hours = (times - times[0]) / np.timedelta64(1, "h")
+    if not np.allclose(np.diff(hours), 1.0):
+        raise SystemExit(f"{args.data}: expected hourly data")
+    x = ds[name].values.astype(np.float64)  # (T, H, W)
+    total = len(x)
+
+    def rmse(errors: np.ndarray) -> float:
+        return float(np.sqrt((errors ** 2 * weights).mean()))
+
+    print(f"{name}: {total} hourly states on a {x.shape[1]} x {x.shape[2]} grid")
+    print(f"{'period':<24} {'6 h persistence':>16} {'24 h persistence':>17} {'mean':>8}")
+    for start in range(0, total - 24, 48):
+        inits = np.arange(start, min(start + 48, total - 24), 6)
+        p6 = rmse(x[inits + 6] - x[inits])
+        p24 = rmse(x[inits + 24] - x[inits])
+        label = f"{str(times[start])[:13]} +48 h"
+        print(f"{label:<24} {p6:16.2f} {p24:17.2f} {float(x[start:start + 48].mean()):8.2f}")
+
+    train_end, test_start = int(total * 0.6), int(total * 0.8)
+    lead = args.lead
+    train_inits = np.arange(24, train_end - lead)
+    test_inits = np.arange(test_start + 24, total - lead, 6)
+    persistence = rmse(x[test_inits + lead] - x[test_inits])
+    print(f"\n+{lead} h on the test part ({len(test_inits)} initial times every 6 h): persistence {persistence:.3f}")
+    for lags in ([0], [0, 6, 12, 18], [0, 6, 12, 18, 24]):
+        def features(inits: np.ndarray, lags: list[int] = lags) -> np.ndarray:
+            columns = [x[inits - lag].ravel() for lag in lags] + [np.ones(len(inits) * x[0].size)]
+            return np.stack(columns, axis=1)
+
+        coef, *_ = np.linalg.lstsq(features(train_inits), x[train_inits + lead].ravel(), rcond=None)
+        error = (features(test_inits) @ coef).reshape(len(test_inits), *x.shape[1:]) - x[test_inits + lead]
+        shown = ", ".join(f"{c:+.3f}" for c in coef[:-1])
+        print(f"linear on lags {lags} h (coefficients {shown}): {rmse(error):.3f}")
+
+
+if __name__ == "__main__":
+    main()
