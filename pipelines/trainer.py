@@ -94,30 +94,13 @@ def _loss_figure(history: list[dict[str, float]], metric: str) -> Any:
     return fig
 
 
-def load_initial_weights(model: torch.nn.Module, weights: bytes) -> None:
-    """Load safetensors ``weights`` into ``model``; a ValueError naming the first mismatches when the saved
-    model has other parameters or shapes (another architecture or size)."""
-    from safetensors.torch import load as load_safetensors
-
-    saved = load_safetensors(weights)
-    own = model.state_dict()
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in saved and saved[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"the initial weights do not fit this model (another size or architecture?): "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
-    model.load_state_dict(saved)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; ``config`` holds the domain name, its config dict and the MLflow run."""
     import ray.train
     import ray.train.torch
     from mlflow import MlflowClient
 
-    from shared.tracking import log_model, unwrap
+    from shared.tracking import load_weights, log_model, unwrap
 
     domain = registry.get(config["domain"])
     cfg: Any = from_dict(domain.config_cls, config["cfg"])
@@ -147,7 +130,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = saved["trainer"]
         _log(rank, f"resumed from checkpoint after epoch {state['epoch']} (best val_{metric} {state['best_val']:.4f})")
     elif config.get("init_weights"):
-        load_initial_weights(model, config["init_weights"])
+        from safetensors.torch import load as load_safetensors
+
+        load_weights(model, load_safetensors(config["init_weights"]))
         _log(rank, "started from the given weights")
     ddp = domain.supports_ddp(cfg)
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)

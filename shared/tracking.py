@@ -72,6 +72,20 @@ class LoadedModel:
                 "architecture": getattr(self.cfg, "model", None)}
 
 
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``; a ValueError naming the first mismatches when the saved model has other
+    parameters or shapes (another architecture or size)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"the weights do not fit this model (another size or architecture?): "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")
+    model.load_state_dict(state)
+
+
 def load_model_dir(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a model from a folder written by :func:`save_model_dir` (no code is unpickled)."""
     meta = json.loads((path / "config.json").read_text())
@@ -79,9 +93,7 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu") -> LoadedMode
     domain = registry.get(meta["domain"])
     cfg: Any = from_dict(domain.config_cls, meta["config"])
     model = domain.build_model(cfg, info)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "weights.safetensors")), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_weights(model, load_file(str(path / "weights.safetensors")))
     model.to(device).eval()
     return LoadedModel(model=model, cfg=cfg, info=info, domain=meta["domain"])
 
@@ -145,6 +157,13 @@ def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVers
     return True, reason
 
 
+def _download_model_dir(mlflow_client: MlflowClient, name: str, version: ModelVersion, into: str) -> Path:
+    """The model folder of a registered version, downloaded under ``into``."""
+    if not version.run_id:
+        raise ValueError(f"model version {name} v{version.version} has no run to download from")
+    return Path(mlflow_client.download_artifacts(version.run_id, MODEL_DIR, into))
+
+
 def resolve_version(mlflow_client: MlflowClient, name: str, ref: str) -> ModelVersion:
     """A registered version of ``name`` from ``ref``: a version number (``"3"``) or an alias (``"production"``,
     ``"@production"``); a clear ValueError when there is none."""
@@ -164,10 +183,8 @@ def registered_weights(mlflow_client: MlflowClient, name: str, ref: str) -> tupl
     """(version, its config.json, its safetensors weights as bytes) of a registered model, e.g. to start a
     training run from it."""
     version = resolve_version(mlflow_client, name, ref)
-    if not version.run_id:
-        raise ValueError(f"model version {name} v{version.version} has no run to download from")
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow_client.download_artifacts(version.run_id, MODEL_DIR, tmp))
+        local = _download_model_dir(mlflow_client, name, version, tmp)
         meta = json.loads((local / "config.json").read_text())
         return version, meta, (local / "weights.safetensors").read_bytes()
 
@@ -185,9 +202,6 @@ def load_registered(name: str, alias: str = PRODUCTION, uri: str | None = None,
     if version is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow_client.download_artifacts(version.run_id, MODEL_DIR, tmp) if version.run_id else None
-        if local is None:
-            raise ValueError(f"model version {name} v{version.version} has no run to download from")
-        loaded = load_model_dir(Path(local), device)
+        loaded = load_model_dir(_download_model_dir(mlflow_client, name, version, tmp), device)
     loaded.name, loaded.version, loaded.run_id = name, str(version.version), version.run_id
     return loaded

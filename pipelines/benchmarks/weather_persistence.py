@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from services.weather.data import Grid, open_dataset, spatial
+from services.weather.metrics import weighted_rmse
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "weather" / "era5-2mt-2019-03-uk.grib"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "weather" / "era5-2mt-2019-03-uk.grib"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,15 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     x = ds[name].values.astype(np.float64)  # (T, H, W)
     total = len(x)
 
-    def rmse(errors: np.ndarray) -> float:
-        return float(np.sqrt((errors ** 2 * weights).mean()))
-
     print(f"{name}: {total} hourly states on a {x.shape[1]} x {x.shape[2]} grid")
     print(f"{'period':<24} {'6 h persistence':>16} {'24 h persistence':>17} {'mean':>8}")
     for start in range(0, total - 24, 48):
         inits = np.arange(start, min(start + 48, total - 24), 6)
-        p6 = rmse(x[inits + 6] - x[inits])
-        p24 = rmse(x[inits + 24] - x[inits])
+        p6 = weighted_rmse(x[inits], x[inits + 6], weights)
+        p24 = weighted_rmse(x[inits], x[inits + 24], weights)
         label = f"{str(times[start])[:13]} +48 h"
         print(f"{label:<24} {p6:16.2f} {p24:17.2f} {float(x[start:start + 48].mean()):8.2f}")
 
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     lead = args.lead
     train_inits = np.arange(24, train_end - lead)
     test_inits = np.arange(test_start + 24, total - lead, 6)
-    persistence = rmse(x[test_inits + lead] - x[test_inits])
+    persistence = weighted_rmse(x[test_inits], x[test_inits + lead], weights)
     print(f"\n+{lead} h on the test part ({len(test_inits)} initial times every 6 h): persistence {persistence:.3f}")
     for lags in ([0], [0, 6, 12, 18], [0, 6, 12, 18, 24]):
         def features(inits: np.ndarray, lags: list[int] = lags) -> np.ndarray:
@@ -65,9 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             return np.stack(columns, axis=1)
 
         coef, *_ = np.linalg.lstsq(features(train_inits), x[train_inits + lead].ravel(), rcond=None)
-        error = (features(test_inits) @ coef).reshape(len(test_inits), *x.shape[1:]) - x[test_inits + lead]
+        predicted = (features(test_inits) @ coef).reshape(len(test_inits), *x.shape[1:])
         shown = ", ".join(f"{c:+.3f}" for c in coef[:-1])
-        print(f"linear on lags {lags} h (coefficients {shown}): {rmse(error):.3f}")
+        print(f"linear on lags {lags} h (coefficients {shown}): "
+              f"{weighted_rmse(predicted, x[test_inits + lead], weights):.3f}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
-from safetensors.torch import save
+from safetensors.torch import load, save
 
-from pipelines.trainer import load_initial_weights
+from shared.tracking import load_weights
 
 
 def _net(width: int = 4) -> torch.nn.Module:
@@ -20,18 +20,18 @@ def _net(width: int = 4) -> torch.nn.Module:
 def test_initial_weights_are_loaded_exactly() -> None:
     torch.manual_seed(0)
     source, target = _net(), _net()
-    load_initial_weights(target, save({k: v.contiguous() for k, v in source.state_dict().items()}))
+    load_weights(target, load(save({k: v.contiguous() for k, v in source.state_dict().items()})))  # as the job does
     for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
 def test_weights_of_another_size_or_architecture_are_refused_with_the_mismatch() -> None:
-    weights = save({k: v.contiguous() for k, v in _net(width=8).state_dict().items()})
+    weights = _net(width=8).state_dict()
     with pytest.raises(ValueError, match=r"another size or architecture.*0\.weight \(8, 3\) vs \(4, 3\)"):
-        load_initial_weights(_net(width=4), weights)
-    other = save({"encoder.weight": torch.zeros(2, 2)})
+        load_weights(_net(width=4), weights)
+    other = {"encoder.weight": torch.zeros(2, 2)}
     with pytest.raises(ValueError, match=r"missing \['0\.weight'.*unexpected \['encoder\.weight'\]"):
-        load_initial_weights(_net(), other)
+        load_weights(_net(), other)
 
 
 class _FakeRegistry:
