@@ -93,12 +93,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {"run_id": run_id, "domain": domain.name, "model": model_name,
                               "version": None, "promoted": False}
-    result.update({k: v for k, v in metrics.items() if k.startswith(("test_", "best_val_", "epochs_run"))})
+    result.update({k: v for k, v in metrics.items() if k.startswith(("test_", "best_val_", "kept_", "epochs_run"))})
     if not args.no_register:
         info_path = client.download_artifacts(run_id, f"{tracking.MODEL_DIR}/stats.json")
         info = json.loads(Path(info_path).read_text())
         signature = domain.eval_signature(cfg, info)
-        val = float(metrics[f"best_val_{domain.val_metric}"])
+        # The validation score of the weights registered (the last epoch's when the domain keeps the last).
+        val = float(metrics.get(f"kept_val_{domain.val_metric}", metrics[f"best_val_{domain.val_metric}"]))
         version = tracking.register(client, domain.name, run_id, tags={
             "model": model_name, "data": data_name, "eval_signature": signature,
             f"val_{domain.val_metric}": f"{val:.6f}"})

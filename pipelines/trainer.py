@@ -1,7 +1,8 @@
 """The one trainer every domain uses: Ray Train ``TorchTrainer`` with per-epoch checkpoints.
 
 Domains supply data, a model and a loss (``shared.registry.Domain``); this module owns the loop: optimizer,
-learning-rate schedule, early stopping on the validation metric, checkpoints every epoch (a restarted worker
+learning-rate schedule, early stopping on the validation metric, the choice of the weights to keep (the best
+validation epoch's or the last's, ``cfg.keep``), checkpoints every epoch (a restarted worker
 resumes from the last one), progress lines, and MLflow logging from rank 0 (per-epoch metrics, final test
 metrics, plots and the model folder).
 """
@@ -33,6 +34,24 @@ def learning_rate(base: float, schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
     return base
+
+
+def kept_epoch(state: dict[str, Any], keep: str, metric: str) -> tuple[dict[str, torch.Tensor] | None, int, float]:
+    """The weights to register after training, their 1-based epoch and validation ``metric``.
+
+    ``keep="best"``: the best validation epoch's weights (a copy held in ``state``); ``"last"``: ``None``, the
+    model as it stands after the last epoch (for domains whose validation metric is only a proxy, such as
+    open-loop action error for a closed-loop policy).
+    """
+    history = state["history"]
+    if not history:
+        return None, 0, float("nan")
+    if keep == "last":
+        return None, int(history[-1]["epoch"]), float(history[-1][f"val_{metric}"])
+    if keep != "best":
+        raise ValueError(f"keep={keep!r}: expected 'best' or 'last'")
+    epoch = int(state.get("best_epoch") or min(history, key=lambda r: r[f"val_{metric}"])["epoch"])
+    return state["best_model"], epoch, float(state["best_val"])
 
 
 def _log(rank: int, message: str) -> None:
@@ -119,8 +138,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # goes from 3.8 to 1.6 ms.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0),
                                   fused=device.type in ("cpu", "cuda"))
-    state: dict[str, Any] = {"epoch": 0, "best_val": float("inf"), "best_model": None, "bad_epochs": 0,
-                             "history": [], "stopped": False}
+    state: dict[str, Any] = {"epoch": 0, "best_val": float("inf"), "best_model": None, "best_epoch": 0,
+                             "bad_epochs": 0, "history": [], "stopped": False}
+    keep = str(getattr(cfg, "keep", "best"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -190,7 +210,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(record)
         if val[metric] < state["best_val"]:
             state["best_val"] = val[metric]
-            state["best_model"] = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            state["best_epoch"] = epoch + 1
+            if keep == "best":
+                state["best_model"] = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
             state["bad_epochs"] = 0
         else:
             state["bad_epochs"] += 1
@@ -212,10 +234,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in record.items()}, checkpoint=ckpt)
 
-    # Final: best weights, test metrics, plots and the model folder (rank 0 only).
-    if state["best_model"] is not None:
-        unwrap(model).load_state_dict(state["best_model"])
-    final: dict[str, Any] = {"epochs_run": state["epoch"], f"best_val_{metric}": state["best_val"]}
+    # Final: the kept weights, test metrics, plots and the model folder (rank 0 only).
+    weights, kept, kept_val = kept_epoch(state, keep, metric)
+    if weights is not None:
+        unwrap(model).load_state_dict(weights)
+    _log(rank, f"keeping the weights of epoch {kept} ({keep}; val_{metric} {kept_val:.4f})")
+    final: dict[str, Any] = {"epochs_run": state["epoch"], f"best_val_{metric}": state["best_val"],
+                             "kept_epoch": kept, f"kept_val_{metric}": kept_val}
     if rank == 0 and mlflow is not None:
         test = evaluate(test_loader)
         final.update({f"test_{k}": v for k, v in test.items()})

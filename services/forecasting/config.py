@@ -53,6 +53,7 @@ class ForecastingConfig:
     weight_decay: float = 0.0
     epochs: int = 10
     patience: int = 3  # early stopping on validation MSE
+    keep: Literal["best", "last"] = "best"  # weights registered: the best validation epoch's, or the last's
     max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps steps (quick demos and tests)
     seed: int = 2023
 

@@ -48,6 +48,7 @@ class WeatherConfig:
     weight_decay: float = 1e-4
     epochs: int = 20
     patience: int = 0
+    keep: Literal["best", "last"] = "best"  # weights registered: the best validation epoch's, or the last's
     max_steps_per_epoch: int = 0
     seed: int = 0
 
