@@ -140,6 +140,11 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
     mlflow = client()
     history = mlflow.get_metric_history(result["run_id"], "val_mse")
     assert [m.step for m in history] == [1, 2]  # epoch 1 was not redone after the restart
+    # The best epoch survives the restart: the registered weights and their validation tag are the best epoch's.
+    best = min(history, key=lambda m: m.value)
+    assert result["kept_epoch"] == best.step and result["kept_val_mse"] == pytest.approx(best.value)
+    tags = mlflow.get_model_version("forecasting", str(result["version"])).tags
+    assert float(tags["val_mse"]) == pytest.approx(best.value, abs=1e-5)
 
     # Promote the new version by hand; the running service must switch to it without a restart.
     mlflow.set_registered_model_alias("forecasting", "production", str(result["version"]))
@@ -158,8 +163,12 @@ def test_training_can_start_from_a_registered_version(first_model: dict) -> None
 
     mlflow = client()
     production = mlflow.get_model_version_by_alias("forecasting", "production")
-    code, result = _train(["seed=11"], ["--init-from", "production"])
+    code, result = _train(["seed=11", "keep=last"], ["--init-from", "production"])
     assert code == 0 and result is not None
+    # keep=last: the last epoch's weights and validation score, whichever epoch validated best.
+    last = mlflow.get_metric_history(result["run_id"], "val_mse")[-1]
+    assert result["kept_epoch"] == result["epochs_run"] == last.step
+    assert result["kept_val_mse"] == pytest.approx(last.value)
     run = mlflow.get_run(result["run_id"])
     assert run.data.tags["init_from_version"] == production.version
     assert run.data.tags["init_from_run"] == production.run_id
