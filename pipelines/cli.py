@@ -2,7 +2,7 @@
 
     tessera up | status | down                  the local stack (Ray head, MLflow, BentoML services)
     tessera train DOMAIN [--model M] [--data PATH] [--set k=v ...] [--address URL]
-    tessera evaluate DOMAIN [--version V] [--data PATH] [--set k=v ...] [--address URL]
+    tessera evaluate DOMAIN [--version V [--promote]] [--data PATH] [--set k=v ...] [--address URL]
     tessera predict forecasting FILE.csv [--horizon H] [--output OUT.csv]
     tessera predict weather STATE.nc [--horizon STEPS] [--output forecast.nc]
 """
@@ -174,6 +174,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     domain = registry.get(args.domain)
     extra = (["--version", str(args.version)] if args.version else []) + (["--alias", args.alias] if args.alias else [])
+    extra += ["--promote"] if args.promote else []
     entrypoint = job_entrypoint("pipelines.evaluate", domain.name, None, _resolve_data(args.data), args.overrides,
                                 extra)
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="submit an evaluation job (the production model) to Ray and follow it")
     evaluate.add_argument("--version", help="registered model version (default: @production)")
     evaluate.add_argument("--alias", help="registry alias (default: production)")
+    evaluate.add_argument("--promote", action="store_true",
+                          help="move @production to --version if it beats production's evaluation score (robot_policy)")
     evaluate.set_defaults(func=_cmd_evaluate)
     for job in (train, evaluate):
         job.add_argument("domain")

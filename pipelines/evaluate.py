@@ -2,8 +2,13 @@
 
 Loads a registered model (``@production`` unless ``--version``/``--alias`` say otherwise), runs the domain's
 evaluation pipeline on the connected Ray cluster (or a local one), logs the settings, metrics, plots and files
-to a new MLflow run in the domain's experiment, tags the model version with the run, and prints one JSON
-object (the metrics, with the model version) as its last line. ``tessera evaluate`` submits it as a Ray job.
+to a new MLflow run in the domain's experiment, tags the model version with the run (and, for domains with
+an evaluation score, with that score and the settings it was measured with), and prints one JSON object (the
+metrics, with the model version) as its last line. ``tessera evaluate`` submits it as a Ray job.
+
+``--promote`` (domains with an evaluation score, e.g. robot_policy's closed-loop coverage) moves
+``@production`` to the evaluated version when it beats the production version's score measured with the same
+settings; a production version not yet scored with them is evaluated in the same job first.
 """
 
 from __future__ import annotations
@@ -32,11 +37,47 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, regis
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="evaluation settings, e.g. --set episodes=10")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
+    parser.add_argument("--promote", action="store_true",
+                        help="move @production to this version if it beats production's evaluation score "
+                             "(measured with the same settings; production is evaluated first when it is not)")
     for key, default in (domain.eval_settings if domain else {}).items():
         parser.add_argument(f"--{key.replace('_', '-')}", dest=f"eval_{key}", type=type(default) if default is not None else str,
                             default=None, help=f"evaluation setting {key} (default {default})")
     args = parser.parse_args(argv)
-    return args, registry.get(args.domain)
+    domain = registry.get(args.domain)
+    if args.promote and domain.eval_score is None:
+        parser.error(f"--promote: {domain.name} has no evaluation score to rank models on; its training job "
+                     "promotes on the validation metric")
+    if args.promote and not args.version:
+        parser.error("--promote needs --version: the version to evaluate and promote")
+    return args, domain
+
+
+def score_signature(settings: dict[str, Any], data: str | None) -> str:
+    """What an evaluation score depends on: scores are compared only between equal signatures."""
+    return json.dumps({"data": data or "", **settings}, sort_keys=True, default=str)
+
+
+def _score(domain: registry.Domain, loaded: Any, args: argparse.Namespace, settings: dict[str, Any],
+           mlflow_client: Any) -> float:
+    """Evaluate ``loaded`` (metrics only) and tag its version with the score: used for a production version
+    that has no score for these settings yet."""
+    import matplotlib.pyplot as plt
+
+    assert domain.eval_score is not None
+    print(f"scoring {domain.name} v{loaded.version} (@production) with the same settings", flush=True)
+    result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.info, args.data, settings)
+    for fig in result.figures.values():
+        plt.close(fig)
+    value = float(result.metrics[domain.eval_score[0]])
+    _tag_score(domain, mlflow_client, str(loaded.version), value, score_signature(settings, args.data))
+    return value
+
+
+def _tag_score(domain: registry.Domain, mlflow_client: Any, version: str, value: float, signature: str) -> None:
+    assert domain.eval_score is not None
+    mlflow_client.set_model_version_tag(domain.name, version, f"score_{domain.eval_score[0]}", f"{value:.6f}")
+    mlflow_client.set_model_version_tag(domain.name, version, "score_signature", signature)
 
 
 def settings_for(domain: registry.Domain, args: argparse.Namespace) -> dict[str, Any]:
@@ -106,9 +147,30 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 path.write_bytes(content)
                 mlflow.log_artifact(str(path), artifact_path=str(Path("files") / Path(name).parent).rstrip("/."))
         eval_run_id = run.info.run_id
-    tracking.client(uri).set_model_version_tag(domain.name, str(loaded.version), "last_evaluation_run", eval_run_id)
+    mlflow_client = tracking.client(uri)
+    mlflow_client.set_model_version_tag(domain.name, str(loaded.version), "last_evaluation_run", eval_run_id)
     print(f"MLflow evaluation run {eval_run_id} at {uri}", flush=True)
-    return {**result.metrics, "version": int(loaded.version) if loaded.version else None, "run_id": eval_run_id}
+    out: dict[str, Any] = {**result.metrics, "version": int(loaded.version) if loaded.version else None,
+                           "run_id": eval_run_id}
+    if domain.eval_score is not None:
+        metric, higher = domain.eval_score
+        signature = score_signature(settings, args.data)
+        _tag_score(domain, mlflow_client, str(loaded.version), float(result.metrics[metric]), signature)
+        if args.promote:
+            version = mlflow_client.get_model_version(domain.name, str(loaded.version))
+            current = tracking.production_version(mlflow_client, domain.name)
+            if (current is not None and current.version != version.version
+                    and current.tags.get("score_signature") != signature):
+                held = tracking.load_registered(domain.name, uri=uri, version_number=str(current.version))
+                if held is not None:
+                    _score(domain, held, args, settings, mlflow_client)
+            promoted, reason = tracking.promote_if_better(
+                mlflow_client, domain.name, version, metric, float(result.metrics[metric]), signature,
+                prefix="score_", signature_tag="score_signature", higher_is_better=higher)
+            print(f"{domain.name} v{loaded.version} {'promoted to @production' if promoted else 'not promoted'}: "
+                  f"{reason}", flush=True)
+            out.update(promoted=promoted, promotion=reason)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

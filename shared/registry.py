@@ -95,6 +95,9 @@ class Domain(abc.ABC):
     # Evaluation pipeline (``python -m pipelines.evaluate <domain>``): settings the domain accepts with their
     # defaults; each also gets a command-line flag of the same name (``--episodes 10``) besides ``--set``.
     eval_settings: ClassVar[dict[str, Any]] = {}
+    # The evaluation metric that ranks models, and whether higher is better: `pipelines.evaluate --promote`
+    # moves @production on it (for domains whose validation metric is only a proxy). None: no such metric.
+    eval_score: ClassVar[tuple[str, bool] | None] = None
 
     def evaluation(self, model: torch.nn.Module, cfg: Any, info: Mapping[str, Any], data: str | None,
                    settings: Mapping[str, Any]) -> EvaluationResult:

@@ -133,25 +133,30 @@ def register(mlflow_client: MlflowClient, name: str, run_id: str, tags: dict[str
 
 
 def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVersion, metric: str,
-                      value: float, signature: str, alias: str = PRODUCTION) -> tuple[bool, str]:
-    """Move ``alias`` to ``version`` when it beats the current holder on ``metric`` (lower is better).
+                      value: float, signature: str, alias: str = PRODUCTION, *, prefix: str = "val_",
+                      signature_tag: str = "eval_signature", higher_is_better: bool = False) -> tuple[bool, str]:
+    """Move ``alias`` to ``version`` when it beats the current holder on ``metric``.
 
-    Scores are only comparable on the same validation data (``signature``); a model evaluated on other
-    data replaces the holder, and the reason says so.
+    The holder's score is its ``{prefix}{metric}`` tag (lower is better unless ``higher_is_better``). Scores
+    are only comparable on the same data and settings (``signature``, the holder's ``signature_tag`` tag); a
+    model scored on something else replaces the holder, and the reason says so.
     """
+    label = f"{prefix}{metric}"
     current = production_version(mlflow_client, name, alias)
     if current is None:
-        reason = "first model: no production version yet"
+        reason = f"first model: no {alias} version yet"
+    elif str(current.version) == str(version.version):
+        return False, f"v{version.version} already holds @{alias}"
     else:
-        cur_sig = current.tags.get("eval_signature")
-        cur_val = current.tags.get(f"val_{metric}")
+        cur_sig = current.tags.get(signature_tag)
+        cur_val = current.tags.get(label)
         if cur_sig == signature and cur_val is not None:
-            if value >= float(cur_val):
-                return False, (f"val_{metric} {value:.4f} does not beat production v{current.version} "
-                               f"({float(cur_val):.4f})")
-            reason = f"val_{metric} {value:.4f} beats production v{current.version} ({float(cur_val):.4f})"
+            better = value > float(cur_val) if higher_is_better else value < float(cur_val)
+            if not better:
+                return False, f"{label} {value:.4f} does not beat {alias} v{current.version} ({float(cur_val):.4f})"
+            reason = f"{label} {value:.4f} beats {alias} v{current.version} ({float(cur_val):.4f})"
         else:
-            reason = (f"production v{current.version} was validated on other data ({cur_sig}); "
+            reason = (f"{alias} v{current.version} was scored on other data or settings ({cur_sig}); "
                       f"the newest model for {signature} takes over")
     mlflow_client.set_registered_model_alias(name, alias, version.version)
     return True, reason

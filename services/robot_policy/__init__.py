@@ -37,6 +37,7 @@ class RobotPolicy(Domain):
     config_cls = RobotPolicyConfig
     val_metric = "action_mse"
     eval_settings = EVAL_SETTINGS
+    eval_score = ("mean_max_coverage", True)  # closed loop: open-loop action MSE does not rank policies
 
     def make_config(self, model: str | None = None, data: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> RobotPolicyConfig:

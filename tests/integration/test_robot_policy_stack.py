@@ -105,3 +105,31 @@ def test_evaluation_job_rolls_out_episodes_and_logs_gif_and_plots(policy_model: 
     assert "files/rollouts.gif" in {a.path for a in mlflow.list_artifacts(result["run_id"], "files")}
     version = mlflow.get_model_version("robot_policy", str(policy_model["version"]))
     assert version.tags["last_evaluation_run"] == result["run_id"]
+
+
+def test_evaluate_promote_ranks_versions_on_closed_loop_coverage(policy_model: dict) -> None:
+    """A second version is promoted only if its coverage beats production's, measured with the same settings;
+    production, not yet scored with them, is evaluated in the same job."""
+    from shared.tracking import client
+
+    code, second = _submit("pipelines.train", TINY + ["seed=5"])
+    assert code == 0 and second is not None
+    mlflow = client()
+    mlflow.set_registered_model_alias("robot_policy", "production", str(policy_model["version"]))
+    settings = ["episodes=2", "max_steps=16", "gif_episodes=0", "ood_samples=16"]  # not used for v1 before
+    code, result = submit_job("pipelines.evaluate", "robot_policy", None, settings,
+                              ["--version", str(second["version"]), "--promote"])
+    assert code == 0 and result is not None and result["version"] == second["version"]
+    first = mlflow.get_model_version("robot_policy", str(policy_model["version"])).tags
+    new = mlflow.get_model_version("robot_policy", str(second["version"])).tags
+    assert first["score_signature"] == new["score_signature"]  # production was scored with the same settings
+    assert float(new["score_mean_max_coverage"]) == pytest.approx(result["mean_max_coverage"], abs=1e-6)
+    beats = float(new["score_mean_max_coverage"]) > float(first["score_mean_max_coverage"])
+    assert result["promoted"] is beats, result["promotion"]
+    holder = mlflow.get_model_version_by_alias("robot_policy", "production").version
+    assert holder == str(second["version"] if beats else policy_model["version"])
+    assert f"production v{policy_model['version']}" in result["promotion"]
+
+    code, result = submit_job("pipelines.evaluate", "robot_policy", None, settings, ["--version", holder, "--promote"])
+    assert code == 0 and result is not None
+    assert result["promoted"] is False and result["promotion"] == f"v{holder} already holds @production"
