@@ -58,20 +58,18 @@ def score_signature(settings: dict[str, Any], data: str | None) -> str:
     return json.dumps({"data": data or "", **settings}, sort_keys=True, default=str)
 
 
-def _score(domain: registry.Domain, loaded: Any, args: argparse.Namespace, settings: dict[str, Any],
-           mlflow_client: Any) -> float:
+def _score(domain: registry.Domain, loaded: Any, data: str | None, settings: dict[str, Any], signature: str,
+           mlflow_client: Any) -> None:
     """Evaluate ``loaded`` (metrics only) and tag its version with the score: used for a production version
     that has no score for these settings yet."""
     import matplotlib.pyplot as plt
 
     assert domain.eval_score is not None
     print(f"scoring {domain.name} v{loaded.version} (@production) with the same settings", flush=True)
-    result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.info, args.data, settings)
+    result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.info, data, settings)
     for fig in result.figures.values():
         plt.close(fig)
-    value = float(result.metrics[domain.eval_score[0]])
-    _tag_score(domain, mlflow_client, str(loaded.version), value, score_signature(settings, args.data))
-    return value
+    _tag_score(domain, mlflow_client, str(loaded.version), float(result.metrics[domain.eval_score[0]]), signature)
 
 
 def _tag_score(domain: registry.Domain, mlflow_client: Any, version: str, value: float, signature: str) -> None:
@@ -162,8 +160,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             if (current is not None and current.version != version.version
                     and current.tags.get("score_signature") != signature):
                 held = tracking.load_registered(domain.name, uri=uri, version_number=str(current.version))
-                if held is not None:
-                    _score(domain, held, args, settings, mlflow_client)
+                _score(domain, held, args.data, settings, signature, mlflow_client)
             promoted, reason = tracking.promote_if_better(
                 mlflow_client, domain.name, version, metric, float(result.metrics[metric]), signature,
                 prefix="score_", signature_tag="score_signature", higher_is_better=higher)

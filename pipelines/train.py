@@ -88,7 +88,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     client = tracking.client(uri)
     metrics = client.get_run(run_id).data.metrics
-    if f"best_val_{domain.val_metric}" not in metrics:
+    if f"kept_val_{domain.val_metric}" not in metrics:
         raise RuntimeError(f"run {run_id} finished without final metrics; see the worker logs above")
 
     result: dict[str, Any] = {"run_id": run_id, "domain": domain.name, "model": model_name,
@@ -98,8 +98,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         info_path = client.download_artifacts(run_id, f"{tracking.MODEL_DIR}/stats.json")
         info = json.loads(Path(info_path).read_text())
         signature = domain.eval_signature(cfg, info)
-        # The validation score of the weights registered (the last epoch's when the domain keeps the last).
-        val = float(metrics.get(f"kept_val_{domain.val_metric}", metrics[f"best_val_{domain.val_metric}"]))
+        # The validation score of the weights registered (the last epoch's when the run keeps the last).
+        val = float(metrics[f"kept_val_{domain.val_metric}"])
         version = tracking.register(client, domain.name, run_id, tags={
             "model": model_name, "data": data_name, "eval_signature": signature,
             f"val_{domain.val_metric}": f"{val:.6f}"})

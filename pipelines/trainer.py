@@ -50,7 +50,7 @@ def kept_epoch(state: dict[str, Any], keep: str, metric: str) -> tuple[dict[str,
         return None, int(history[-1]["epoch"]), float(history[-1][f"val_{metric}"])
     if keep != "best":
         raise ValueError(f"keep={keep!r}: expected 'best' or 'last'")
-    epoch = int(state.get("best_epoch") or min(history, key=lambda r: r[f"val_{metric}"])["epoch"])
+    epoch = next((int(r["epoch"]) for r in history if r[f"val_{metric}"] == state["best_val"]), 0)
     return state["best_model"], epoch, float(state["best_val"])
 
 
@@ -138,8 +138,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # goes from 3.8 to 1.6 ms.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0),
                                   fused=device.type in ("cpu", "cuda"))
-    state: dict[str, Any] = {"epoch": 0, "best_val": float("inf"), "best_model": None, "best_epoch": 0,
-                             "bad_epochs": 0, "history": [], "stopped": False}
+    state: dict[str, Any] = {"epoch": 0, "best_val": float("inf"), "best_model": None, "bad_epochs": 0,
+                             "history": [], "stopped": False}
     keep = str(getattr(cfg, "keep", "best"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -210,7 +210,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(record)
         if val[metric] < state["best_val"]:
             state["best_val"] = val[metric]
-            state["best_epoch"] = epoch + 1
             if keep == "best":
                 state["best_model"] = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
             state["bad_epochs"] = 0

@@ -14,8 +14,7 @@ from shared.config import apply_overrides
 def _state(vals: list[float]) -> dict:
     history = [{"epoch": i + 1, "val_mse": v} for i, v in enumerate(vals)]
     best = min(range(len(vals)), key=vals.__getitem__)
-    return {"history": history, "best_val": vals[best], "best_epoch": best + 1,
-            "best_model": {"w": torch.full((2,), float(best + 1))}}
+    return {"history": history, "best_val": vals[best], "best_model": {"w": torch.full((2,), float(best + 1))}}
 
 
 def test_best_keeps_the_best_validation_epoch_weights() -> None:
@@ -30,10 +29,9 @@ def test_last_keeps_the_model_as_it_stands_with_its_own_validation_score() -> No
     assert epoch == 3 and val == 0.4
 
 
-def test_best_epoch_is_recovered_from_history_for_checkpoints_written_before_it_was_stored() -> None:
-    state = _state([0.5, 0.3, 0.4])
-    del state["best_epoch"]
-    assert kept_epoch(state, "best", "mse")[1] == 2
+def test_best_epoch_is_the_first_epoch_with_the_best_validation_score() -> None:
+    assert kept_epoch(_state([0.5, 0.3, 0.4]), "best", "mse")[1] == 2
+    assert kept_epoch(_state([0.5, 0.3, 0.3]), "best", "mse")[1] == 2  # a tie does not replace the best
 
 
 def test_no_epoch_and_unknown_choices() -> None:
