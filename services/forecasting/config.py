@@ -45,7 +45,7 @@ class ForecastingConfig:
     activation: Literal["gelu", "relu"] = "gelu"
     use_norm: bool = True  # iTransformer per-instance normalization (subtract mean / divide std over time)
     factor: int = 3  # Autoformer: top_k = factor * ln(L) delays
-    moving_avg: int = 25  # Autoformer: series decomposition kernel (odd)
+    moving_avg: int = 25  # Autoformer: series decomposition kernel (odd: centred; even: k/2 back, k/2 - 1 ahead)
 
     batch_size: int = 32
     lr: float = 1e-4
@@ -75,8 +75,6 @@ class ForecastingConfig:
             raise ValueError(f"label_len={self.label_len} must not exceed seq_len={self.seq_len}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.moving_avg % 2 == 0:
-            raise ValueError(f"moving_avg={self.moving_avg} must be odd (a centred moving average)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if not self.lr > 0:

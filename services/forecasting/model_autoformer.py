@@ -34,10 +34,13 @@ from services.forecasting.config import ForecastingConfig
 
 
 def moving_average(x: Tensor, kernel_size: int) -> Tensor:
-    """Centred moving average over time of ``x`` (B, L, C); the edges repeat the first/last value."""
-    pad = (kernel_size - 1) // 2
-    first, last = x[:, :1].expand(-1, pad, -1), x[:, -1:].expand(-1, pad, -1)
-    padded = torch.cat([first, x, last], dim=1)  # (B, L+2p, C)
+    """Moving average over time of ``x`` (B, L, C), centred for an odd ``kernel_size``; an even kernel reaches
+    one step further back than ahead (k/2 before, k/2 - 1 after, as in the FEDformer benchmark code). The edges
+    repeat the first/last value."""
+    ahead = (kernel_size - 1) // 2
+    behind = kernel_size - 1 - ahead
+    first, last = x[:, :1].expand(-1, behind, -1), x[:, -1:].expand(-1, ahead, -1)
+    padded = torch.cat([first, x, last], dim=1)  # (B, L + k - 1, C)
     # Seen as (B, C, 1, L+2p) the (B, L, C) memory is channels-last, which avg_pool2d reads and writes in
     # place: no transposed copies forward or backward.
     trend = F.avg_pool2d(padded.transpose(1, 2).unsqueeze(2), (1, kernel_size), stride=1)  # (B, C, 1, L)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from shared.config import require_at_least
 
 MODELS = ("wxformer",)
+# Forcings computed from time and position (exact at any lead), in the order the model reads them.
+FORCINGS = ("cos_zenith", "sin_local_hour", "cos_local_hour", "sin_day_of_year", "cos_day_of_year")
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,9 @@ class WeatherConfig:
     variables: tuple[str, ...] = ()  # prognostic variables; () = every (time, [level,] lat, lon) variable
     levels: tuple[float, ...] = ()  # pressure levels kept for 3-D variables; () = all of them
     static_variables: tuple[str, ...] = ()  # time-invariant fields read from the data (orography, land-sea mask)
+    # Forcings given at t and t + dt. Drop the day of year on a record shorter than a year: seen over one month
+    # it only tells the training days from the test days, a feature the test period lies outside of.
+    forcings: tuple[str, ...] = FORCINGS
     member: int = 0  # ensemble member kept when the data has a 'number' dimension
     step_hours: int = 6  # model time step: one forward pass advances the state this much
     sample_every_hours: int = 1  # initial times are taken this often (denser than the step: more samples)
@@ -78,6 +83,9 @@ class WeatherConfig:
                 raise ValueError(f"dims[{stage}]={dim} must be a multiple of dim_head={self.dim_head}")
             if dim < 2 ** len(kernels):
                 raise ValueError(f"dims[{stage}]={dim} is too small for {len(kernels)} embedding kernels")
+        unknown = [f for f in self.forcings if f not in FORCINGS]
+        if unknown or len(set(self.forcings)) != len(self.forcings):
+            raise ValueError(f"forcings={self.forcings!r}: expected distinct names among {list(FORCINGS)}")
         if len(self.synthetic_grid) != 2 or min(self.synthetic_grid) < 8:
             raise ValueError(f"synthetic_grid={self.synthetic_grid!r}: expected (lat, lon) of at least 8 points each")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):

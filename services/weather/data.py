@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .config import FORCINGS
+
 if TYPE_CHECKING:
     import xarray as xr
 
@@ -25,7 +27,6 @@ LEVEL_DIMS = ("level", "isobaricInhPa", "pressure_level", "plev", "lev")
 MEMBER_DIMS = ("number", "member", "realization")
 LAT_NAMES = ("latitude", "lat")
 LON_NAMES = ("longitude", "lon")
-FORCINGS = ("cos_zenith", "sin_local_hour", "cos_local_hour", "sin_day_of_year", "cos_day_of_year")
 COORD_STATICS = ("sin_lat", "cos_lat", "sin_lon", "cos_lon")
 
 
@@ -216,9 +217,10 @@ def load_fields(path: str | Path, **kwargs: Any) -> Fields:
 
 # --- forcings: known in advance for any time, so the model gets them for the time it forecasts -------------
 
-def forcings(times: np.ndarray, grid: Grid) -> np.ndarray:
-    """(T, F, H, W) float32: top-of-atmosphere cos(solar zenith) (0 at night), local solar hour and day of year
-    as sin/cos. Computed from time and position only, so they are exact at every lead time."""
+def forcings(times: np.ndarray, grid: Grid, names: tuple[str, ...] | list[str] = FORCINGS) -> np.ndarray:
+    """(T, F, H, W) float32, the ``names`` among :data:`FORCINGS` in that order: top-of-atmosphere cos(solar
+    zenith) (0 at night), local solar hour and day of year as sin/cos. Computed from time and position only, so
+    they are exact at every lead time."""
     times = np.asarray(times).astype("datetime64[s]")
     day = (times - times.astype("datetime64[Y]")).astype(np.float64) / 86400.0  # fractional day of year
     hour_utc = (day % 1.0) * 24.0
@@ -231,9 +233,10 @@ def forcings(times: np.ndarray, grid: Grid) -> np.ndarray:
     cos_zenith = np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(hour_angle)
     hour_phase = 2 * math.pi * local_hour / 24.0
     ones = np.ones_like(local_hour)
-    out = np.stack([cos_zenith.clip(min=0.0), np.sin(hour_phase), np.cos(hour_phase),
-                    np.sin(year_angle)[:, None, None] * ones, np.cos(year_angle)[:, None, None] * ones], axis=1)
-    return out.astype(np.float32)
+    every = {"cos_zenith": cos_zenith.clip(min=0.0), "sin_local_hour": np.sin(hour_phase),
+             "cos_local_hour": np.cos(hour_phase), "sin_day_of_year": np.sin(year_angle)[:, None, None] * ones,
+             "cos_day_of_year": np.cos(year_angle)[:, None, None] * ones}
+    return np.stack([every[name] for name in names], axis=1).astype(np.float32)
 
 
 def coordinate_statics(grid: Grid) -> np.ndarray:
@@ -409,7 +412,7 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
     mean = train.mean(axis=(0, 2, 3), dtype=np.float64)
     std = train.std(axis=(0, 2, 3), dtype=np.float64) + 1e-6
     normalized = ((fields.values - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
-    forcing = forcings(fields.times, fields.grid)
+    forcing = forcings(fields.times, fields.grid, cfg.forcings)
     datasets = []
     for a, b in bounds:
         idx = starts((a, b), offset, cfg.history, cfg.train_rollout, every)
@@ -424,7 +427,7 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
     info = {"data": fields.name, "fingerprint": fields.fingerprint, "channels": fields.channels,
             "sources": [list(s) for s in fields.sources],
             "units": fields.units, "mean": mean.tolist(), "std": std.tolist(), "grid": fields.grid.to_info(),
-            "step_hours": cfg.step_hours, "data_step_hours": fields.step_hours,
+            "step_hours": cfg.step_hours, "data_step_hours": fields.step_hours, "forcings": list(cfg.forcings),
             "static_names": list(fields.statics),
             "statics": {k: np.round(v, 4).tolist() for k, v in fields.statics.items()},
             "periods": {name: [iso(a), iso(b - 1)] for name, (a, b) in zip(("train", "val", "test"), bounds, strict=True)}}

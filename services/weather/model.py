@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from shared.attention import attention
 from shared.layers import FeedForward
 
-from .config import WeatherConfig
-from .data import FORCINGS, Grid, coordinate_statics
+from .config import FORCINGS, WeatherConfig
+from .data import Grid, coordinate_statics
 
 
 def earth_pad(x: Tensor, top: int, bottom: int, left: int, right: int, pole_row: bool) -> Tensor:
@@ -195,7 +195,7 @@ class WXFormer(nn.Module):
         self.cfg = cfg
         grid = Grid.from_info(info["grid"])
         self.n_channels = len(info["channels"])
-        self.n_forcings = len(FORCINGS)
+        self.n_forcings = len(info.get("forcings", FORCINGS))  # models saved before the choice had them all
         h, w = grid.shape
         statics = [coordinate_statics(grid)]
         for name in info.get("static_names", []):

@@ -19,7 +19,7 @@ def test_overrides_are_parsed_to_field_types_and_revalidated() -> None:
         (["epochs=zero"], "expected an integer"),
         (["nope=1"], "unknown setting 'nope'"),
         (["d_model=100", "n_heads=8"], "divisible by n_heads"),
-        (["moving_avg=24"], "must be odd"),
+        (["moving_avg=0"], "moving_avg"),
         (["lr_schedule=linear"], "expected one of"),
         (["epochs"], "not of the form key=value"),
         (["use_norm=maybe"], "expected a boolean"),

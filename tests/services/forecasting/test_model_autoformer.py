@@ -16,6 +16,7 @@ from services.forecasting.model_autoformer import (
     CircularConv,
     SeriesDecomp,
     autocorrelation,
+    moving_average,
     select_delays,
     time_delay_aggregation,
 )
@@ -168,3 +169,15 @@ def test_tiny_model_overfits_tiny_batch() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert min(losses[-10:]) < losses[0] / 5, (losses[0], losses[-10:])
+
+
+def test_even_moving_average_reaches_one_step_further_back() -> None:
+    # k = 24 (the FEDformer benchmark's Autoformer): the mean of x[t-12 .. t+11], ends repeated.
+    x = torch.randn(2, 60, 3, dtype=torch.float64)
+    trend = moving_average(x, 24)
+    padded = torch.cat([x[:, :1].expand(-1, 12, -1), x, x[:, -1:].expand(-1, 11, -1)], dim=1)
+    expected = torch.stack([padded[:, t: t + 24].mean(dim=1) for t in range(60)], dim=1)
+    torch.testing.assert_close(trend, expected)
+    # a daily cycle of 24 steps averages out exactly away from the edges
+    cycle = torch.sin(2 * torch.pi * torch.arange(96, dtype=torch.float64) / 24)[None, :, None]
+    torch.testing.assert_close(moving_average(cycle, 24)[:, 12:-11], torch.zeros(1, 73, 1, dtype=torch.float64))
