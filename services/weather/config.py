@@ -45,6 +45,10 @@ class WeatherConfig:
     padding: Literal["auto", "earth", "plain"] = "auto"  # earth: circular lon + pole crossing; auto: by grid
     history: int = 1  # input states (t, t - step, ...)
     history_skip: bool = False  # add a learned linear blend of the input states to the predicted change
+    # The state the predicted change is added to: the last one ("last"), or the one 24 h before the target
+    # ("day": needs history >= 24 / step_hours). With "day" a network that outputs nothing is diurnal
+    # persistence, the better baseline for near-surface fields with a strong daily cycle.
+    residual_base: Literal["last", "day"] = "last"
 
     train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
     batch_size: int = 8
@@ -83,6 +87,9 @@ class WeatherConfig:
                 raise ValueError(f"dims[{stage}]={dim} must be a multiple of dim_head={self.dim_head}")
             if dim < 2 ** len(kernels):
                 raise ValueError(f"dims[{stage}]={dim} is too small for {len(kernels)} embedding kernels")
+        if self.residual_base == "day" and (24 % self.step_hours or self.history < 24 // self.step_hours):
+            raise ValueError(f"residual_base='day' needs step_hours dividing 24 and history >= 24 / step_hours "
+                             f"(here step_hours={self.step_hours}, history={self.history})")
         unknown = [f for f in self.forcings if f not in FORCINGS]
         if unknown or len(set(self.forcings)) != len(self.forcings):
             raise ValueError(f"forcings={self.forcings!r}: expected distinct names among {list(FORCINGS)}")

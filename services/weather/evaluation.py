@@ -3,6 +3,7 @@ climatology computed in the same run (WeatherBench-2 RMSE and ACC per channel an
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,18 @@ def _check_compatible(info: Mapping[str, Any], fields: Fields) -> None:
         check_grid(fields.grid.lat, fields.grid.lon, dict(info))
     except StateError as exc:
         raise SystemExit(f"the evaluation data does not fit the model: {exc}") from None
+
+
+def diurnal_persistence(values: np.ndarray, inits: np.ndarray, lead_hours: list[int],
+                        data_step_hours: float) -> np.ndarray | None:
+    """(N, L, ...) the state at the same hour of the day on the last day before each initial time, per lead:
+    yesterday's diurnal cycle replayed (at a whole-day lead it is persistence). None when the data's time step
+    does not divide the day or the record does not reach back far enough."""
+    back_hours = [24 * math.ceil(h / 24) - h for h in lead_hours]  # 0 <= back < 24
+    steps = [b / data_step_hours for b in back_hours]
+    if not all(s == int(s) for s in steps) or len(inits) == 0 or int(min(inits)) < max(steps):
+        return None
+    return np.stack([values[inits - int(s)] for s in steps], axis=1)
 
 
 def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str | None,
@@ -58,14 +71,17 @@ def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str 
     climatology = climatology_at(clim, valid_times)
     weights = fields.grid.weights()
 
+    lead_hours = [int(cfg.step_hours * (k + 1)) for k in range(lead_steps)]
     forecasts = {"model": predicted, "persistence": persistence, "climatology": climatology}
+    diurnal = diurnal_persistence(values, inits, lead_hours, fields.step_hours)
+    if diurnal is not None:
+        forecasts["diurnal_persistence"] = diurnal
     rmse = {k: weighted_rmse(v, truth, weights) for k, v in forecasts.items()}  # (L, C)
     scores = {k: acc(v, truth, climatology, weights) for k, v in forecasts.items()}
 
     def per_channel(table: np.ndarray) -> dict[str, list[float]]:
         return {c: [round(float(x), 5) for x in table[:, i]] for i, c in enumerate(fields.channels)}
 
-    lead_hours = [int(cfg.step_hours * (k + 1)) for k in range(lead_steps)]
     metrics: dict[str, Any] = {
         "lead_hours": lead_hours,
         "rmse": {k: per_channel(v) for k, v in rmse.items()},

@@ -10,7 +10,8 @@ the atmospheric state at t (plus static fields and forcings) to t + dt, rolled o
 - **Spectral normalization** on every convolution and linear layer (stable long rollouts).
 - **Earth padding** for global grids: circular in longitude; above a pole the rows continue on the other
   side of the pole (rows mirrored, rolled by 180 degrees of longitude). Regional grids are padded plainly.
-- The network predicts the change of the normalized state; ``training.rollout`` adds it, step after step.
+- The network predicts the change of the normalized state from a base state, the last one or (option) the one
+  a day before the target; ``training.rollout`` adds it, step after step.
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ class WXFormer(nn.Module):
         self.register_buffer("mean", torch.tensor(info["mean"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info["std"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
+        self.base_lag = 24 // cfg.step_hours if cfg.residual_base == "day" else 1  # read by training.rollout
         self.earth = cfg.padding == "earth" or (cfg.padding == "auto" and grid.is_global)
         self.pole_row = bool(self.earth and abs(abs(float(grid.lat[0, 0])) - 90.0) < 1e-6)
         factor = math.prod(cfg.strides)

@@ -18,10 +18,12 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
 
 def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int) -> list[Tensor]:
     """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W).
-    The network gives the change of the last state; ``model`` may be wrapped (DDP): only its forward is used."""
+    The network gives the change from its base state: the last one, or with ``base_lag`` n > 1 the state n
+    steps before the target (a day earlier with ``residual_base="day"``). ``model`` may be wrapped (DDP)."""
+    lag = int(getattr(unwrap(model), "base_lag", 1))
     states = []
     for k in range(steps):
-        nxt = history[:, -1] + model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
+        nxt = history[:, -lag] + model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
         states.append(nxt)
         history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
     return states

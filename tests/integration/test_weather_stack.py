@@ -162,7 +162,7 @@ def test_evaluation_job_scores_model_and_baselines_per_lead(weather_model: dict)
     assert code == 0 and result is not None
     assert result["version"] == weather_model["version"] and result["lead_hours"] == [6, 12, 18]
     for score in ("rmse", "acc"):
-        assert set(result[score]) == {"model", "persistence", "climatology"}
+        assert set(result[score]) == {"model", "persistence", "climatology", "diurnal_persistence"}
         assert all(len(v) == 3 for table in result[score].values() for v in table.values())
     assert set(result["rmse"]["model"]) == {"t_850", "t_500", "t2m"}
     mlflow = client()

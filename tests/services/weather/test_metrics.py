@@ -35,3 +35,18 @@ def test_hourly_climatology_by_hour_of_day() -> None:
     assert clim[5, 0, 0, 0] == pytest.approx(5.5)  # hour 5 on day 0 (5) and day 1 (6)
     at = climatology_at(clim, np.array([["2020-01-01T05", "2020-01-01T23"]], dtype="datetime64[ns]"))
     assert at.shape == (1, 2, 1, 1, 1) and at[0, 1, 0, 0, 0] == pytest.approx(23.5)
+
+
+def test_diurnal_persistence_replays_the_same_hour_of_the_day_before() -> None:
+    from services.weather.evaluation import diurnal_persistence
+
+    values = np.arange(100, dtype=np.float64)[:, None, None] * np.ones((1, 2, 3))  # state index as the value
+    inits = np.array([30, 36])
+    out = diurnal_persistence(values, inits, [6, 12, 24, 30], data_step_hours=1.0)
+    assert out is not None and out.shape == (2, 4, 2, 3)
+    # +6 h: 18 h before the start; +24 h: the start itself (persistence); +30 h: 18 h before it again
+    assert out[:, :, 0, 0].tolist() == [[12, 18, 30, 12], [18, 24, 36, 18]]
+    assert diurnal_persistence(values, np.array([10]), [6], 1.0) is None  # the record starts too late
+    assert diurnal_persistence(values, inits, [6], 5.0) is None  # 5-hourly data cannot hit the same hour
+    assert diurnal_persistence(values[::6], np.array([4]), [6, 12, 18, 24], 6.0)[0, :, 0, 0].tolist() == [
+        1 * 6, 2 * 6, 3 * 6, 4 * 6]

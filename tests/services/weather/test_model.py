@@ -145,3 +145,25 @@ def test_validation_metrics_score_persistence_at_every_step() -> None:
         assert out[f"wrmse_persistence_step{k}"] == pytest.approx(k, rel=1e-5)
         assert out[f"wrmse_step{k}"] == pytest.approx(k, rel=1e-5)
     assert out["wrmse"] == pytest.approx(np.sqrt((1 + 4 + 9) / 3), rel=1e-5)
+
+
+def test_day_residual_base_replays_yesterday_and_anchors_a_day_ahead_on_the_start() -> None:
+    from services.weather.training import rollout
+
+    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
+    cfg = WeatherConfig(**TINY, spectral_norm=False, history=4, residual_base="day")  # type: ignore[arg-type]
+    model = WXFormer(cfg, info).eval()
+    assert model.base_lag == 4  # 24 h of 6 h steps
+    for p in model.head.parameters():  # no change: the rollout is the base state itself
+        torch.nn.init.zeros_(p)
+    history = torch.randn(2, 4, 1, 8, 8)  # t - 18 h, t - 12 h, t - 6 h, t
+    with torch.no_grad():
+        states = rollout(model, history, torch.zeros(2, 6, 5, 8, 8), 5)
+    # +6 h is t - 18 h, ..., +24 h is t itself, +30 h again yesterday's +6 h
+    for k, expected in enumerate([history[:, 0], history[:, 1], history[:, 2], history[:, 3], history[:, 0]]):
+        assert torch.equal(states[k], expected)
+    assert WXFormer(WeatherConfig(**TINY), info).base_lag == 1  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="residual_base='day' needs"):
+        WeatherConfig(history=2, residual_base="day")
+    with pytest.raises(ValueError, match="residual_base='day' needs"):
+        WeatherConfig(step_hours=5, history=8, residual_base="day")

@@ -114,7 +114,7 @@ def test_evaluation_reports_model_and_baselines_per_lead(trained: Any) -> None:
     m = result.metrics
     assert m["lead_hours"] == [6, 12]
     for score in ("rmse", "acc"):
-        assert set(m[score]) == {"model", "persistence", "climatology"}
+        assert set(m[score]) == {"model", "persistence", "climatology", "diurnal_persistence"}
         for table in m[score].values():
             assert set(table) == {"t_850", "t_500", "t2m"} and all(len(v) == 2 for v in table.values())
     assert all(v == 0.0 for v in m["acc"]["climatology"]["t2m"])
