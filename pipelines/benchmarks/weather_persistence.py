@@ -4,8 +4,9 @@ Prints, for every two days of an hourly record, the latitude-weighted RMSE of 6 
 low 24 h value with a high 6 h value is a large, repeating diurnal cycle), then fits, on the training part
 of a 60/20/20 time split, least-squares regressions of the state ``lead`` hours ahead on the states now and
 6, 12, 18 and 24 h earlier (one set of coefficients for all points), and scores them on the test part
-against persistence. A learned model that cannot beat these on the test part is facing a regime change,
-not only a lack of capacity.
+against persistence; the same regressions fitted on the test part itself bound what such a model could do
+there. Also prints diurnal persistence (the state at the same hour a day earlier) per lead. A learned model
+that cannot beat these on the test part is facing a regime change, not only a lack of capacity.
 
 Run: ``python -m pipelines.benchmarks.weather_persistence [--data PATH] [--variable t2m] [--lead 24]``.
 """
@@ -55,18 +56,29 @@ def main(argv: list[str] | None = None) -> None:
     lead = args.lead
     train_inits = np.arange(24, train_end - lead)
     test_inits = np.arange(test_start + 24, total - lead, 6)
+    print(f"\non the test part ({len(test_inits)} initial times every 6 h), by lead:")
+    for hours in (6, 12, 18, 24):
+        if test_start + 24 + 24 > total - hours:
+            continue
+        inits = np.arange(test_start + 24, total - hours, 6)
+        back = 24 * -(-hours // 24)  # the same hour on the last day before the start
+        print(f"  +{hours:>2} h: persistence {weighted_rmse(x[inits], x[inits + hours], weights):.3f}, "
+              f"diurnal persistence (the same hour a day earlier) "
+              f"{weighted_rmse(x[inits + hours - back], x[inits + hours], weights):.3f}")
     persistence = weighted_rmse(x[test_inits], x[test_inits + lead], weights)
-    print(f"\n+{lead} h on the test part ({len(test_inits)} initial times every 6 h): persistence {persistence:.3f}")
+    print(f"\n+{lead} h on the test part: persistence {persistence:.3f}")
+    dense_test = np.arange(test_start + 24, total - lead)
     for lags in ([0], [0, 6, 12, 18], [0, 6, 12, 18, 24]):
         def features(inits: np.ndarray, lags: list[int] = lags) -> np.ndarray:
             columns = [x[inits - lag].ravel() for lag in lags] + [np.ones(len(inits) * x[0].size)]
             return np.stack(columns, axis=1)
 
-        coef, *_ = np.linalg.lstsq(features(train_inits), x[train_inits + lead].ravel(), rcond=None)
-        predicted = (features(test_inits) @ coef).reshape(len(test_inits), *x.shape[1:])
-        shown = ", ".join(f"{c:+.3f}" for c in coef[:-1])
-        print(f"linear on lags {lags} h (coefficients {shown}): "
-              f"{weighted_rmse(predicted, x[test_inits + lead], weights):.3f}")
+        for fitted_on, inits in (("training part", train_inits), ("test part itself", dense_test)):
+            coef, *_ = np.linalg.lstsq(features(inits), x[inits + lead].ravel(), rcond=None)
+            predicted = (features(test_inits) @ coef).reshape(len(test_inits), *x.shape[1:])
+            shown = ", ".join(f"{c:+.3f}" for c in coef[:-1])
+            print(f"linear on lags {lags} h fitted on the {fitted_on} (coefficients {shown}): "
+                  f"{weighted_rmse(predicted, x[test_inits + lead], weights):.3f}")
 
 
 if __name__ == "__main__":
