@@ -11,12 +11,15 @@ from shared.config import require_at_least
 MODELS = ("itransformer", "autoformer")
 
 # Published ETTh1 settings (iTransformer: thuml/iTransformer scripts; Autoformer: thuml/Autoformer scripts).
+# Autoformer's ETTh1 figure at horizon 96 (0.449 MSE) is the FEDformer paper's benchmark run, which the
+# iTransformer paper repeats: that code decomposes with a 24-step moving average (a whole day) where the
+# Autoformer scripts use 25, so the preset follows the benchmark run.
 # The shared fields (seq 96, batch 32, lr 1e-4, 10 epochs, patience 3, lr halved per epoch) are the defaults below.
 PUBLISHED: dict[str, dict[str, Any]] = {
     "itransformer": {"d_model": 256, "d_ff": 256, "n_heads": 8, "e_layers": 2, "dropout": 0.1, "seed": 2023},
     "autoformer": {
         "d_model": 512, "d_ff": 2048, "n_heads": 8, "e_layers": 2, "d_layers": 1,
-        "dropout": 0.05, "factor": 3, "moving_avg": 25, "activation": "gelu", "seed": 2021,
+        "dropout": 0.05, "factor": 3, "moving_avg": 24, "activation": "gelu", "seed": 2021,
         # Not a paper setting: bf16 autocast makes its large matmuls 1.8x faster on AVX512-BF16 CPUs.
         "precision": "bf16",
     },

@@ -45,7 +45,7 @@ def test_published_settings_per_model() -> None:
     assert (itr.d_model, itr.d_ff, itr.e_layers, itr.dropout, itr.lr, itr.batch_size) == (256, 256, 2, 0.1, 1e-4, 32)
     assert ForecastingConfig.published("itransformer", pred_len=336).d_model == 512
     af = ForecastingConfig.published("autoformer")
-    assert (af.d_model, af.d_ff, af.factor, af.moving_avg, af.dropout, af.d_layers) == (512, 2048, 3, 25, 0.05, 1)
+    assert (af.d_model, af.d_ff, af.factor, af.moving_avg, af.dropout, af.d_layers) == (512, 2048, 3, 24, 0.05, 1)
 
 
 def test_domain_configs_name_the_field_below_its_minimum() -> None:
