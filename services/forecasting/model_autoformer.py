@@ -41,7 +41,7 @@ def moving_average(x: Tensor, kernel_size: int) -> Tensor:
     behind = kernel_size - 1 - ahead
     first, last = x[:, :1].expand(-1, behind, -1), x[:, -1:].expand(-1, ahead, -1)
     padded = torch.cat([first, x, last], dim=1)  # (B, L + k - 1, C)
-    # Seen as (B, C, 1, L+2p) the (B, L, C) memory is channels-last, which avg_pool2d reads and writes in
+    # Seen as (B, C, 1, L + k - 1) the (B, L, C) memory is channels-last, which avg_pool2d reads and writes in
     # place: no transposed copies forward or backward.
     trend = F.avg_pool2d(padded.transpose(1, 2).unsqueeze(2), (1, kernel_size), stride=1)  # (B, C, 1, L)
     return trend.squeeze(2).transpose(1, 2)  # (B, L, C), contiguous
