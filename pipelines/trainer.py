@@ -241,11 +241,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final: dict[str, Any] = {"epochs_run": state["epoch"], f"best_val_{metric}": state["best_val"],
                              "kept_epoch": kept, f"kept_val_{metric}": kept_val}
     if rank == 0 and mlflow is not None:
+        bare = unwrap(model).to(device).eval()
+        calibration = domain.calibrate(bare, data, cfg, device)
+        if calibration:  # the validation score as served, next to the kept epoch's raw one
+            final.update(calibration)
+            final.update({f"calibrated_val_{k}": v for k, v in evaluate(val_loader).items()})
+            _log(rank, f"calibrated on validation: val_{metric} {kept_val:.4f} -> "
+                       f"{final[f'calibrated_val_{metric}']:.4f}")
         test = evaluate(test_loader)
         final.update({f"test_{k}": v for k, v in test.items()})
         for key, value in final.items():
             mlflow.log_metric(run_id, key, float(value))
-        bare = unwrap(model).to(device).eval()
         figures = {"loss.png": _loss_figure(state["history"], metric)} if state["history"] else {}
         with torch.inference_mode():
             figures.update(domain.figures(bare, data, cfg))

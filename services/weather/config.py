@@ -49,6 +49,10 @@ class WeatherConfig:
     # ("day": needs history >= 24 / step_hours). With "day" a network that outputs nothing is diurnal
     # persistence, the better baseline for near-surface fields with a strong daily cycle.
     residual_base: Literal["last", "day"] = "last"
+    # After training, fit per step and channel a factor in [0, 1] on the validation period that scales the
+    # predicted change (least squares, step by step with the earlier factors applied), saved with the model.
+    # A network that overfits predicts changes that are too large; this shrinks them toward its base state.
+    damping: bool = True
 
     train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
     batch_size: int = 8

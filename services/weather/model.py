@@ -190,6 +190,7 @@ class WXFormer(nn.Module):
     statics: Tensor
     mean: Tensor
     std: Tensor
+    damping: Tensor
 
     def __init__(self, cfg: WeatherConfig, info: Mapping[str, Any]) -> None:
         super().__init__()
@@ -208,6 +209,11 @@ class WXFormer(nn.Module):
         self.register_buffer("std", torch.tensor(info["std"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
         self.base_lag = 24 // cfg.step_hours if cfg.residual_base == "day" else 1  # read by training.rollout
+        # (K, C, 1, 1) factors on the predicted change of rollout step k (the last one beyond K), fitted on
+        # validation after training (training.fit_damping) and saved in info; none: the change as predicted.
+        self.register_buffer("damping", torch.ones(0, self.n_channels, 1, 1), persistent=False)
+        if info.get("damping"):
+            self.set_damping(torch.tensor(info["damping"], dtype=torch.float32))
         self.earth = cfg.padding == "earth" or (cfg.padding == "auto" and grid.is_global)
         self.pole_row = bool(self.earth and abs(abs(float(grid.lat[0, 0])) - 90.0) < 1e-6)
         factor = math.prod(cfg.strides)
@@ -266,6 +272,18 @@ class WXFormer(nn.Module):
         if self.history_mix is not None:
             x = x + torch.einsum("oi,bihw->bohw", MIX_GAIN * self.history_mix.to(x.dtype), history.flatten(1, 2))
         return x
+
+    def set_damping(self, factors: Tensor) -> None:
+        """Per-step, per-channel factors (K, C) on the predicted change; an empty tensor removes them."""
+        if factors.numel() and (factors.ndim != 2 or factors.shape[1] != self.n_channels):
+            raise ValueError(f"damping factors of shape {tuple(factors.shape)}: expected (steps, {self.n_channels})")
+        self.damping = factors.reshape(-1, self.n_channels, 1, 1).to(self.mean.device, torch.float32)
+
+    def step_scale(self, step: int) -> Tensor | None:
+        """The factor (C, 1, 1) on the change predicted at rollout step ``step`` (0-based), or None."""
+        if not len(self.damping):
+            return None
+        return self.damping[min(step, len(self.damping) - 1)]
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

@@ -19,11 +19,16 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
 def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int) -> list[Tensor]:
     """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W).
     The network gives the change from its base state: the last one, or with ``base_lag`` n > 1 the state n
-    steps before the target (a day earlier with ``residual_base="day"``). ``model`` may be wrapped (DDP)."""
-    lag = int(getattr(unwrap(model), "base_lag", 1))
+    steps before the target (a day earlier with ``residual_base="day"``), scaled by the model's damping factors
+    when it has them (``fit_damping``). ``model`` may be wrapped (DDP)."""
+    bare = unwrap(model)
+    lag = int(getattr(bare, "base_lag", 1))
+    step_scale = getattr(bare, "step_scale", None)
     states = []
     for k in range(steps):
-        nxt = history[:, -lag] + model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
+        change = model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
+        scale = step_scale(k) if step_scale is not None else None
+        nxt = history[:, -lag] + (change if scale is None else scale.to(change.dtype) * change)
         states.append(nxt)
         history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
     return states
@@ -61,3 +66,35 @@ def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) ->
     out["wrmse"] = (sum(sums[k] for k in steps) / max(1, count * len(steps))) ** 0.5
     out.update({f"wrmse_persistence_{k}": (sums[f"persistence_{k}"] / max(1, count)) ** 0.5 for k in steps})
     return out
+
+
+@torch.no_grad()
+def fit_damping(model: Any, batches: Iterable[Any], device: torch.device, steps: int) -> Tensor:
+    """(steps, C) factors in [0, 1] on the predicted change, fitted on ``batches`` (the validation windows).
+
+    Step by step: with the factors of the earlier steps applied, the factor of step k and channel c is the
+    latitude-weighted least-squares fit of the true change (target minus the base state) by the predicted one,
+    clipped to [0, 1] (a factor above 1 would amplify the network's errors over a long rollout). A channel whose
+    predicted change is zero keeps 1."""
+    lag = int(getattr(model, "base_lag", 1))
+    weights = model.lat_weights
+    cached = [tuple(t.to(device) for t in batch) for batch in batches]
+    factors = torch.ones(0, model.n_channels, device=device)
+    for k in range(steps):
+        model.set_damping(torch.cat([factors, torch.ones(1, model.n_channels, device=device)]))
+        num = torch.zeros(model.n_channels, dtype=torch.float64, device=device)
+        den = torch.zeros_like(num)
+        for history, forcing, target in cached:
+            if target.shape[1] <= k:
+                continue
+            states = rollout(model, history, forcing, k) if k else []
+            history = torch.cat([history, *(s[:, None] for s in states)], dim=1)[:, -history.shape[1]:]
+            base = history[:, -lag]
+            change = model(history, forcing[:, k], forcing[:, k + 1]).double()
+            true = (target[:, k] - base).double()
+            num += (true * change * weights).sum(dim=(0, 2, 3))
+            den += (change * change * weights).sum(dim=(0, 2, 3))
+        fitted = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num)).clamp(0.0, 1.0)
+        factors = torch.cat([factors, fitted[None].float()])
+    model.set_damping(factors)
+    return factors

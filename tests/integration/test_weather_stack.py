@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,11 @@ def test_training_job_registers_wxformer_with_metrics_and_maps(weather_model: di
     assert {"train_loss", "val_wrmse", "val_wrmse_step1", "test_wrmse", "test_wrmse_persistence_step1"} <= set(metrics)
     plots = {a.path for a in mlflow.list_artifacts(weather_model["run_id"], "plots")}
     assert {"plots/loss.png", "plots/forecast_vs_truth.png"} <= plots
+    # damping fitted on validation after training: logged, and saved with the model for the service
+    steps = [metrics[f"damping_step{k}"] for k in (1, 2)]  # train_rollout 2 by default
+    assert all(0.0 <= f <= 1.0 for f in steps) and "calibrated_val_wrmse" in metrics
+    info = json.loads(Path(mlflow.download_artifacts(weather_model["run_id"], "model/stats.json")).read_text())
+    assert [sum(row) / len(row) for row in info["damping"]] == pytest.approx(steps, rel=1e-5)
 
 
 def test_netcdf_upload_returns_the_rollout_as_netcdf(weather_model: dict, tmp_path: Path) -> None:

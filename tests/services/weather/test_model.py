@@ -167,3 +167,59 @@ def test_day_residual_base_replays_yesterday_and_anchors_a_day_ahead_on_the_star
         WeatherConfig(history=2, residual_base="day")
     with pytest.raises(ValueError, match="residual_base='day' needs"):
         WeatherConfig(step_hours=5, history=8, residual_base="day")
+
+
+class _ScaledOracle(WXFormer):
+    """Predicts ``gain`` times the true change: each target is the first forcing channel at its valid time."""
+
+    gain = 2.0
+
+    def forward(self, history: torch.Tensor, forcing_now: torch.Tensor, forcing_next: torch.Tensor) -> torch.Tensor:
+        return self.gain * (forcing_next[:, :1] - history[:, -1])
+
+
+def _oracle_windows(steps: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    history = torch.randn(6, 1, 1, 8, 8)
+    forcing = torch.randn(6, steps + 3, 5, 8, 8)  # two steps more than the windows fitted on
+    return history, forcing, forcing[:, 1:steps + 1, :1].clone()  # target k = forcing channel 0 at step k + 1
+
+
+@pytest.mark.parametrize(("gain", "expected"), [(2.0, 0.5), (0.5, 1.0)])
+def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float, expected: float) -> None:
+    from services.weather.training import fit_damping, rollout
+
+    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
+    model = _ScaledOracle(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    model.gain = gain
+    history, forcing, target = _oracle_windows()
+    with torch.no_grad():
+        raw = torch.stack(rollout(model, history, forcing, 3), dim=1)
+    assert not torch.allclose(raw, target, atol=1e-3)
+    factors = fit_damping(model, [(history[:3], forcing[:3], target[:3]), (history[3:], forcing[3:], target[3:])],
+                          torch.device("cpu"), 3)
+    assert factors.shape == (3, 1)
+    # twice the change: halved at every step; half the change: not amplified (factors stay within [0, 1])
+    assert torch.allclose(factors, torch.full((3, 1), expected), atol=1e-5)
+    with torch.no_grad():
+        damped = torch.stack(rollout(model, history, forcing, 5), dim=1)
+    if gain > 1:  # the damped rollout is the truth, also past the fitted steps (the last factor carries on)
+        assert torch.allclose(damped, forcing[:, 1:, :1], atol=1e-5)
+    else:
+        assert torch.allclose(damped[:, :3], raw)
+    rebuilt = WXFormer(WeatherConfig(**TINY, spectral_norm=False), {**info, "damping": factors.tolist()})  # type: ignore[arg-type]
+    assert torch.equal(rebuilt.damping.flatten(), factors.flatten())  # saved in info, restored at load
+
+
+def test_damping_keeps_a_network_that_predicts_no_change() -> None:
+    from services.weather.training import fit_damping
+
+    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=2)
+    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    for p in model.head.parameters():
+        torch.nn.init.zeros_(p)
+    history = torch.randn(2, 1, 2, 8, 8)
+    factors = fit_damping(model, [(history, torch.zeros(2, 3, 5, 8, 8), torch.randn(2, 2, 2, 8, 8))],
+                          torch.device("cpu"), 2)
+    assert torch.equal(factors, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="expected \\(steps, 2\\)"):
+        model.set_damping(torch.ones(3, 1))
