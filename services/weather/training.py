@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -69,8 +69,9 @@ def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) ->
 
 
 @torch.no_grad()
-def fit_damping(model: Any, batches: Iterable[Any], device: torch.device, steps: int) -> Tensor:
-    """(steps, C) factors in [0, 1] on the predicted change, fitted on ``batches`` (the validation windows).
+def fit_damping(model: Any, batches: Collection[Any], device: torch.device, steps: int) -> Tensor:
+    """(steps, C) factors in [0, 1] on the predicted change, fitted on ``batches`` (the validation windows, a
+    loader or list: read once per step, one batch on the device at a time).
 
     Step by step: with the factors of the earlier steps applied, the factor of step k and channel c is the
     latitude-weighted least-squares fit of the true change (target minus the base state) by the predicted one,
@@ -78,13 +79,13 @@ def fit_damping(model: Any, batches: Iterable[Any], device: torch.device, steps:
     predicted change is zero keeps 1."""
     lag = int(getattr(model, "base_lag", 1))
     weights = model.lat_weights
-    cached = [tuple(t.to(device) for t in batch) for batch in batches]
     factors = torch.ones(0, model.n_channels, device=device)
     for k in range(steps):
         model.set_damping(torch.cat([factors, torch.ones(1, model.n_channels, device=device)]))
         num = torch.zeros(model.n_channels, dtype=torch.float64, device=device)
         den = torch.zeros_like(num)
-        for history, forcing, target in cached:
+        for batch in batches:
+            history, forcing, target = (t.to(device) for t in batch)
             if target.shape[1] <= k:
                 continue
             states = rollout(model, history, forcing, k) if k else []
