@@ -242,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              "kept_epoch": kept, f"kept_val_{metric}": kept_val}
     if rank == 0 and mlflow is not None:
         bare = unwrap(model).to(device).eval()
-        calibration = domain.calibrate(bare, data, cfg, device)
+        calibration = domain.calibrate(bare, val_loader, data.info, cfg, device)
         if calibration:  # the validation score as served, next to the kept epoch's raw one
             final.update(calibration)
             final.update({f"calibrated_val_{k}": v for k, v in evaluate(val_loader).items()})

@@ -88,10 +88,11 @@ class Domain(abc.ABC):
         """Identifies the validation data: scores are compared for promotion only when signatures match."""
         return str(info.get("fingerprint"))
 
-    def calibrate(self, model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.device) -> dict[str, float]:
-        """Post-training settings fitted on the validation split, after the kept weights are loaded and before
-        the test metrics (rank 0). They update ``model`` and ``data.info`` (saved with the model); the return
-        is logged as metrics. Default: none."""
+    def calibrate(self, model: torch.nn.Module, val_batches: Any, info: dict[str, Any], cfg: Any,
+                  device: torch.device) -> dict[str, float]:
+        """Post-training settings fitted on the validation batches (the trainer's loader), after the kept weights
+        are loaded and before the test metrics (rank 0). They update ``model`` and ``info`` (saved with the
+        model); the return is logged as metrics. Default: none."""
         return {}
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:

@@ -67,18 +67,15 @@ class Weather(Domain):
 
         return offline_metrics(model, batches, device)
 
-    def calibrate(self, model: torch.nn.Module, data: DataBundle, cfg: WeatherConfig,
+    def calibrate(self, model: torch.nn.Module, val_batches: Any, info: dict[str, Any], cfg: WeatherConfig,
                   device: torch.device) -> dict[str, float]:
         """Damping factors on the predicted change per rollout step and channel, fitted on validation."""
-        if not cfg.damping or len(data.val) == 0:
+        if not cfg.damping or len(val_batches) == 0:
             return {}
-        from torch.utils.data import DataLoader
-
         from .training import fit_damping
 
-        factors = fit_damping(model, DataLoader(data.val, batch_size=cfg.batch_size * 2),  # type: ignore[arg-type]
-                              device, cfg.train_rollout)
-        data.info["damping"] = factors.cpu().tolist()
+        factors = fit_damping(model, val_batches, device, cfg.train_rollout)
+        info["damping"] = factors.cpu().tolist()
         return {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(factors)}
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import FORCINGS
 from .data import Grid, forcings
 from .training import rollout
 
@@ -30,7 +29,7 @@ def forecast(model: Any, info: dict[str, Any], history: np.ndarray, init_times: 
     for start in range(0, len(history), batch_size):
         hist = torch.from_numpy(np.ascontiguousarray(history[start:start + batch_size], np.float32)).to(device)
         block = times[start:start + batch_size]
-        force = torch.from_numpy(forcings(block.reshape(-1), grid, info.get("forcings", FORCINGS))).to(device)
+        force = torch.from_numpy(forcings(block.reshape(-1), grid, model.forcings)).to(device)
         force = force.view(len(block), steps + 1, *force.shape[1:])  # (n, steps + 1, F, H, W)
         states = rollout(model, model.normalize(hist), force, steps)  # steps x (n, C, H, W)
         out.append(model.denormalize(torch.stack(states, dim=1)).float().cpu().numpy())

@@ -197,7 +197,8 @@ class WXFormer(nn.Module):
         self.cfg = cfg
         grid = Grid.from_info(info["grid"])
         self.n_channels = len(info["channels"])
-        self.n_forcings = len(info.get("forcings", FORCINGS))  # models saved before the choice had them all
+        self.forcings = tuple(info.get("forcings", FORCINGS))  # models saved before the choice had them all
+        self.n_forcings = len(self.forcings)
         h, w = grid.shape
         statics = [coordinate_statics(grid)]
         for name in info.get("static_names", []):
