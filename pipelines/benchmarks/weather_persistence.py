@@ -5,8 +5,10 @@ low 24 h value with a high 6 h value is a large, repeating diurnal cycle), then 
 of a 60/20/20 time split, least-squares regressions of the state ``lead`` hours ahead on the states now and
 6, 12, 18 and 24 h earlier (one set of coefficients for all points), and scores them on the test part
 against persistence; the same regressions fitted on the test part itself bound what such a model could do
-there. Also prints diurnal persistence (the state at the same hour a day earlier) per lead. A learned model
-that cannot beat these on the test part is facing a regime change, not only a lack of capacity.
+there. Also prints, per lead, diurnal persistence (the state at the same hour a day earlier), and diurnal
+persistence relaxed toward the training climatology by a factor fitted on the validation part: the weather
+model's calibration with no network, the baseline its learned change has to add to. A learned model that
+cannot beat these on the test part is facing a regime change, not only a lack of capacity.
 
 Run: ``python -m pipelines.benchmarks.weather_persistence [--data PATH] [--variable t2m] [--lead 24]``.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from services.weather.data import Grid, open_dataset, spatial
-from services.weather.evaluation import diurnal_persistence
+from services.weather.evaluation import diurnal_persistence, relaxed_diurnal_persistence
 from services.weather.metrics import weighted_rmse
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "weather" / "era5-2mt-2019-03-uk.grib"
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  +{hours:>2} h: persistence {weighted_rmse(x[inits], x[inits + hours], weights):.3f}, "
               f"diurnal persistence (the same hour a day earlier) "
               f"{weighted_rmse(diurnal[:, 0], x[inits + hours], weights):.3f}")
+    relaxed_toward_climatology(x, times, weights, train_end, test_start)
     persistence = weighted_rmse(x[test_inits], x[test_inits + lead], weights)
     print(f"\n+{lead} h on the test part: persistence {persistence:.3f}")
     dense_test = np.arange(test_start + 24, total - lead)
@@ -79,6 +82,25 @@ def main(argv: list[str] | None = None) -> None:
             shown = ", ".join(f"{c:+.3f}" for c in coef[:-1])
             print(f"linear on lags {lags} h fitted on the {fitted_on} (coefficients {shown}): "
                   f"{weighted_rmse(predicted, x[test_inits + lead], weights):.3f}")
+
+
+def relaxed_toward_climatology(x: np.ndarray, times: np.ndarray, weights: np.ndarray, train_end: int,
+                               test_start: int) -> None:
+    """Diurnal persistence relaxed toward the training climatology, the factor per lead fitted on every hourly
+    initial time of the validation part (``evaluation.relaxed_diurnal_persistence``)."""
+    leads = [6, 12, 18, 24]
+    fit_inits = np.arange(train_end + 24, test_start - max(leads))
+    inits = np.arange(test_start + 24, len(x) - max(leads), 6)
+    states = x[:, None]  # (T, 1, H, W)
+    relaxed = relaxed_diurnal_persistence(states, times, (0, train_end), fit_inits, inits, leads, 1.0, weights)
+    diurnal = diurnal_persistence(states, inits, leads, 1.0)
+    assert relaxed is not None and diurnal is not None  # hourly data, a day of record before every start
+    truth = np.stack([states[inits + h] for h in leads], axis=1)
+    print(f"\ndiurnal persistence relaxed toward the training climatology (fitted on the validation part), "
+          f"{len(inits)} test initial times every 6 h:")
+    scores, plain = weighted_rmse(relaxed, truth, weights)[:, 0], weighted_rmse(diurnal, truth, weights)[:, 0]
+    for k, h in enumerate(leads):
+        print(f"  +{h:>2} h: {scores[k]:.3f} (diurnal persistence {plain[k]:.3f})")
 
 
 if __name__ == "__main__":

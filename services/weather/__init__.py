@@ -69,14 +69,19 @@ class Weather(Domain):
 
     def calibrate(self, model: torch.nn.Module, val_batches: Any, info: dict[str, Any], cfg: WeatherConfig,
                   device: torch.device) -> dict[str, float]:
-        """Damping factors on the predicted change per rollout step and channel, fitted on validation."""
-        if not cfg.damping or len(val_batches) == 0:
+        """Damping and climatology-relaxation factors per rollout step and channel, fitted on validation."""
+        if not (cfg.damping or cfg.relaxation) or len(val_batches) == 0:
             return {}
-        from .training import fit_damping
+        from .training import fit_calibration
 
-        factors = fit_damping(model, val_batches, device, cfg.train_rollout)
-        info["damping"] = factors.cpu().tolist()
-        return {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(factors)}
+        damping, relaxation = fit_calibration(model, val_batches, device, cfg.train_rollout,
+                                              damping=cfg.damping, relaxation=cfg.relaxation)
+        info["damping"] = damping.cpu().tolist()
+        out = {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(damping)}
+        if len(getattr(model, "relaxation", ())):
+            info["relaxation"] = relaxation.cpu().tolist()
+            out.update({f"relaxation_step{k + 1}": float(row.mean()) for k, row in enumerate(relaxation)})
+        return out
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
         from .plots import sample_figure

@@ -53,6 +53,12 @@ class WeatherConfig:
     # predicted change (least squares, step by step with the earlier factors applied), saved with the model.
     # A network that overfits predicts changes that are too large; this shrinks them toward its base state.
     damping: bool = True
+    # Fitted with it: a second factor in [0, 1] per step and channel that relaxes the forecast toward the
+    # training period's climatology for its valid hour (the mean daily cycle at every point, from
+    # ``climatology_harmonics`` harmonics). Beyond a day, skill is mostly knowing how far an anomaly decays;
+    # a network trained on a few weeks does not learn that reliably, a fit on validation does.
+    relaxation: bool = True
+    climatology_harmonics: int = 2
 
     train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
     batch_size: int = 8
@@ -102,7 +108,7 @@ class WeatherConfig:
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
         require_at_least(self, 0, ("weight_decay", "patience", "max_steps_per_epoch", "max_failures",
-                                   "member"))
+                                   "member", "climatology_harmonics"))
         if not self.lr > 0 or not self.mlp_ratio > 0:
             raise ValueError("lr and mlp_ratio must be > 0")
         if not 0.0 <= self.dropout < 1.0:

@@ -349,26 +349,52 @@ def starts(bounds: tuple[int, int], offset: int, history: int, span: int, every:
     return np.arange(first, last + 1, every) if last >= first else np.zeros(0, dtype=np.int64)
 
 
+def utc_hours(times: np.ndarray) -> np.ndarray:
+    """Hour of the day (UTC, fractional) of ``times`` (datetime64, any shape), float64."""
+    t = np.asarray(times).astype("datetime64[s]")
+    return (t - t.astype("datetime64[D]")).astype(np.float64) / 3600.0
+
+
+def daily_harmonics(hours: np.ndarray, harmonics: int) -> np.ndarray:
+    """(..., 2 * harmonics + 1) regressors of the daily cycle at ``hours`` (UTC): 1, cos, sin, cos 2, sin 2, ..."""
+    phase = 2 * math.pi * np.asarray(hours, np.float64)[..., None] * np.arange(1, harmonics + 1) / 24.0
+    cols = [np.ones_like(phase[..., :1])]
+    for j in range(harmonics):
+        cols += [np.cos(phase[..., j: j + 1]), np.sin(phase[..., j: j + 1])]
+    return np.concatenate(cols, axis=-1)
+
+
+def fit_climatology(values: np.ndarray, times: np.ndarray, harmonics: int) -> np.ndarray:
+    """(2 * harmonics + 1, C, H, W): the mean daily cycle of ``values`` (T, C, H, W) at every point, as the
+    least-squares coefficients of :func:`daily_harmonics` (a smooth hourly climatology of the period; with
+    data every 6 h the harmonics the samples cannot tell apart get zero)."""
+    basis = daily_harmonics(utc_hours(times), harmonics)  # (T, J)
+    flat = values.reshape(len(values), -1).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(basis, flat, rcond=None)
+    return coef.reshape(basis.shape[1], *values.shape[1:]).astype(np.float32)
+
+
 class RolloutDataset(torch.utils.data.Dataset):
-    """Training windows: ``history`` input states ending at t, the forcings at t, t + dt, ..., t + K dt and
-    the K target states (all normalized)."""
+    """Training windows: ``history`` input states ending at t, the forcings at t, t + dt, ..., t + K dt, the
+    K target states (all normalized) and the hour of the day of t (UTC), which places the climatology."""
 
     def __init__(self, states: np.ndarray, forcing: np.ndarray, indices: np.ndarray, offset: int, history: int,
-                 rollout: int) -> None:
+                 rollout: int, hours: np.ndarray | None = None) -> None:
         self.states = torch.from_numpy(states)  # (T, C, H, W)
         self.forcing = torch.from_numpy(forcing)  # (T, F, H, W)
+        self.hours = torch.from_numpy(np.zeros(len(states)) if hours is None else hours).float()  # (T,)
         self.indices = indices
         self.offset, self.history, self.rollout = offset, history, rollout
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         t, o = int(self.indices[i]), self.offset
         hist = self.states[t - (self.history - 1) * o: t + 1: o]  # (h, C, H, W)
         force = self.forcing[t: t + self.rollout * o + 1: o]  # (K + 1, F, H, W)
         target = self.states[t + o: t + self.rollout * o + 1: o]  # (K, C, H, W)
-        return hist, force, target
+        return hist, force, target, self.hours[t]
 
 
 @dataclass
@@ -419,7 +445,10 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
         if len(idx) == 0:
             raise ValueError(f"{fields.name}: a split of {b - a} time steps is too short for history {cfg.history} "
                              f"and {cfg.train_rollout} steps of {cfg.step_hours} h; use longer data or smaller settings")
-        datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout))
+        datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout,
+                                       utc_hours(fields.times)))
+    a, b = bounds[0]
+    climatology = fit_climatology(normalized[a:b], fields.times[a:b], cfg.climatology_harmonics)
 
     def iso(i: int) -> str:
         return str(np.datetime_as_string(fields.times[i], unit="h"))
@@ -430,5 +459,7 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
             "step_hours": cfg.step_hours, "data_step_hours": fields.step_hours, "forcings": list(cfg.forcings),
             "static_names": list(fields.statics),
             "statics": {k: np.round(v, 4).tolist() for k, v in fields.statics.items()},
-            "periods": {name: [iso(a), iso(b - 1)] for name, (a, b) in zip(("train", "val", "test"), bounds, strict=True)}}
+            "periods": {name: [iso(a), iso(b - 1)] for name, (a, b) in zip(("train", "val", "test"), bounds, strict=True)},
+            # the training period's mean daily cycle (normalized), which calibration relaxes the forecast to
+            "climatology": np.round(climatology, 4).tolist()}
     return Prepared(fields, normalized, forcing, bounds, offset, datasets, info)

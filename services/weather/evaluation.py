@@ -12,7 +12,16 @@ import numpy as np
 
 from shared.registry import EvaluationResult
 
-from .data import Fields, fields_for, split_bounds, starts, time_offset
+from .data import (
+    Fields,
+    daily_harmonics,
+    fields_for,
+    fit_climatology,
+    split_bounds,
+    starts,
+    time_offset,
+    utc_hours,
+)
 from .inference import StateError, check_grid, forecast, lead_times
 from .metrics import acc, climatology_at, hourly_climatology, weighted_rmse
 
@@ -36,6 +45,36 @@ def diurnal_persistence(values: np.ndarray, inits: np.ndarray, lead_hours: list[
     if not all(s == int(s) for s in steps) or len(inits) == 0 or int(min(inits)) < max(steps):
         return None
     return np.stack([values[inits - int(s)] for s in steps], axis=1)
+
+
+def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tuple[int, int],
+                                fit_inits: np.ndarray, inits: np.ndarray, lead_hours: list[int],
+                                data_step_hours: float, weights: np.ndarray) -> np.ndarray | None:
+    """(N, L, C, H, W) diurnal persistence moved a fraction r of the way to the training period's daily-cycle
+    climatology at the valid time (two harmonics, as the model's calibration uses), r in [0, 1] per lead and
+    channel fitted by least squares over ``fit_inits`` (validation initial times). It is the model's
+    calibration with no network: what the network's learned change has to improve on. None where diurnal
+    persistence is (see :func:`diurnal_persistence`)."""
+    base = diurnal_persistence(values, inits, lead_hours, data_step_hours)
+    fit_base = diurnal_persistence(values, fit_inits, lead_hours, data_step_hours)
+    if base is None or fit_base is None:
+        return None
+    coef = fit_climatology(values[train[0]: train[1]], times[train[0]: train[1]], harmonics=2)
+    steps = np.asarray(lead_hours) / data_step_hours
+    if not np.allclose(steps, np.round(steps)):
+        return None
+
+    def climate(starts: np.ndarray) -> np.ndarray:  # (N, L, C, H, W) at the valid times
+        valid = times[starts[:, None] + np.round(steps).astype(int)[None]]
+        return np.einsum("nlj,jchw->nlchw", daily_harmonics(utc_hours(valid), 2), coef)
+
+    clim, fit_clim = climate(inits), climate(fit_inits)
+    truth = np.stack([values[fit_inits + int(s)] for s in np.round(steps)], axis=1)
+    towards = fit_clim - fit_base
+    num = ((truth - fit_base) * towards * weights).sum(axis=(0, 3, 4))  # (L, C)
+    den = (towards * towards * weights).sum(axis=(0, 3, 4))
+    r = np.clip(np.where(den > 0, num / np.maximum(den, 1e-30), 0.0), 0.0, 1.0)
+    return base + r[None, :, :, None, None] * (clim - base)
 
 
 def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str | None,
@@ -76,6 +115,12 @@ def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str 
     diurnal = diurnal_persistence(values, inits, lead_hours, fields.step_hours)
     if diurnal is not None:
         forecasts["diurnal_persistence"] = diurnal
+        val_inits = starts(periods[1], 1, 1, int(round(lead_steps * o)), 1)
+        val_inits = val_inits[val_inits >= periods[1][0] + int(round(24 / fields.step_hours))]
+        relaxed = relaxed_diurnal_persistence(values, times, periods[0], val_inits, inits, lead_hours,
+                                              fields.step_hours, weights)
+        if relaxed is not None:
+            forecasts["relaxed_diurnal_persistence"] = relaxed
     rmse = {k: weighted_rmse(v, truth, weights) for k, v in forecasts.items()}  # (L, C)
     scores = {k: acc(v, truth, climatology, weights) for k, v in forecasts.items()}
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Grid, forcings
+from .data import Grid, forcings, utc_hours
 from .training import rollout
 
 
@@ -31,7 +31,8 @@ def forecast(model: Any, info: dict[str, Any], history: np.ndarray, init_times: 
         block = times[start:start + batch_size]
         force = torch.from_numpy(forcings(block.reshape(-1), grid, model.forcings)).to(device)
         force = force.view(len(block), steps + 1, *force.shape[1:])  # (n, steps + 1, F, H, W)
-        states = rollout(model, model.normalize(hist), force, steps)  # steps x (n, C, H, W)
+        hours = torch.from_numpy(utc_hours(block[:, 0])).float().to(device)
+        states = rollout(model, model.normalize(hist), force, steps, hours)  # steps x (n, C, H, W)
         out.append(model.denormalize(torch.stack(states, dim=1)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, steps, *history.shape[2:]), np.float32)
 

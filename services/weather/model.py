@@ -191,6 +191,8 @@ class WXFormer(nn.Module):
     mean: Tensor
     std: Tensor
     damping: Tensor
+    climatology: Tensor
+    relaxation: Tensor
 
     def __init__(self, cfg: WeatherConfig, info: Mapping[str, Any]) -> None:
         super().__init__()
@@ -211,10 +213,18 @@ class WXFormer(nn.Module):
 
         self.base_lag = 24 // cfg.step_hours if cfg.residual_base == "day" else 1  # read by training.rollout
         # (K, C, 1, 1) factors on the predicted change of rollout step k (the last one beyond K), fitted on
-        # validation after training (training.fit_damping) and saved in info; none: the change as predicted.
+        # validation after training (training.fit_calibration) and saved in info; none: the change as predicted.
         self.register_buffer("damping", torch.ones(0, self.n_channels, 1, 1), persistent=False)
         if info.get("damping"):
             self.set_damping(torch.tensor(info["damping"], dtype=torch.float32))
+        # (J, C, H, W) the training period's mean daily cycle (data.fit_climatology; models saved before it
+        # have none), and (K, C, 1, 1) factors relaxing step k toward it, fitted with the damping.
+        self.step_hours = cfg.step_hours
+        clim = torch.tensor(info["climatology"], dtype=torch.float32) if info.get("climatology") else torch.zeros(0)
+        self.register_buffer("climatology", clim, persistent=False)
+        self.register_buffer("relaxation", torch.zeros(0, self.n_channels, 1, 1), persistent=False)
+        if info.get("relaxation"):
+            self.set_relaxation(torch.tensor(info["relaxation"], dtype=torch.float32))
         self.earth = cfg.padding == "earth" or (cfg.padding == "auto" and grid.is_global)
         self.pole_row = bool(self.earth and abs(abs(float(grid.lat[0, 0])) - 90.0) < 1e-6)
         factor = math.prod(cfg.strides)
@@ -285,6 +295,28 @@ class WXFormer(nn.Module):
         if not len(self.damping):
             return None
         return self.damping[min(step, len(self.damping) - 1)]
+
+    def set_relaxation(self, factors: Tensor) -> None:
+        """Per-step, per-channel factors (K, C) relaxing the forecast toward the climatology; empty: none."""
+        if factors.numel() and not len(self.climatology):
+            raise ValueError("this model has no climatology to relax toward")
+        if factors.numel() and (factors.ndim != 2 or factors.shape[1] != self.n_channels):
+            raise ValueError(f"relaxation factors of shape {tuple(factors.shape)}: expected (steps, {self.n_channels})")
+        self.relaxation = factors.reshape(-1, self.n_channels, 1, 1).to(self.mean.device, torch.float32)
+
+    def step_relaxation(self, step: int) -> Tensor | None:
+        """The factor (C, 1, 1) toward the climatology at rollout step ``step`` (0-based), or None."""
+        if not len(self.relaxation):
+            return None
+        return self.relaxation[min(step, len(self.relaxation) - 1)]
+
+    def climate(self, hours: Tensor) -> Tensor:
+        """The climatology (B, C, H, W), normalized, at ``hours`` (B,) of the day (UTC)."""
+        harmonics = (len(self.climatology) - 1) // 2
+        phase = 2 * math.pi * hours.double()[:, None] * torch.arange(1, harmonics + 1, device=hours.device) / 24.0
+        basis = torch.cat([torch.ones_like(hours.double())[:, None],
+                           torch.stack([phase.cos(), phase.sin()], dim=-1).flatten(1)], dim=1)  # (B, J)
+        return torch.einsum("bj,jchw->bchw", basis.to(self.climatology), self.climatology)
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

@@ -70,9 +70,9 @@ def sample_figure(model: Any, dataset: Any, info: dict[str, Any]) -> Figure:
     from .data import Grid
     from .training import rollout
 
-    history, forcing, target = dataset[0]
+    history, forcing, target, hour = dataset[0]
     device = model.mean.device
-    nxt = rollout(model, history[None].to(device), forcing[None].to(device), 1)[0]
+    nxt = rollout(model, history[None].to(device), forcing[None].to(device), 1, hour[None].to(device))[0]
     pred = model.denormalize(nxt)[0].float().cpu().numpy()
     truth = model.denormalize(target[0].to(model.mean.device)).float().cpu().numpy()
     return maps_figure(truth, pred, Grid.from_info(info["grid"]), info["channels"], info["units"],

@@ -16,31 +16,48 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
     return ((pred - target) ** 2 * weights).mean()
 
 
-def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int) -> list[Tensor]:
+def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int, hours: Tensor | None = None) -> list[Tensor]:
     """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W).
     The network gives the change from its base state: the last one, or with ``base_lag`` n > 1 the state n
-    steps before the target (a day earlier with ``residual_base="day"``), scaled by the model's damping factors
-    when it has them (``fit_damping``). ``model`` may be wrapped (DDP)."""
-    bare = unwrap(model)
+    steps before the target (a day earlier with ``residual_base="day"``). A calibrated model (``fit_calibration``)
+    scales that change by its damping factor and adds its relaxation factor times the climatology at the valid
+    time minus the base state, which needs ``hours`` (B,): the hour of the day (UTC) of the last history state.
+    ``model`` may be wrapped (DDP)."""
+    bare: Any = unwrap(model)
     lag = int(getattr(bare, "base_lag", 1))
     step_scale = getattr(bare, "step_scale", None)
+    step_relaxation = getattr(bare, "step_relaxation", None)
     states = []
     for k in range(steps):
         change = model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
+        base = history[:, -lag]
         scale = step_scale(k) if step_scale is not None else None
-        nxt = history[:, -lag] + (change if scale is None else scale.to(change.dtype) * change)
+        nxt = base + (change if scale is None else scale.to(change.dtype) * change)
+        relax = step_relaxation(k) if step_relaxation is not None else None
+        if relax is not None:
+            if hours is None:
+                raise ValueError("this model relaxes toward the climatology: give the hour of its initial states")
+            climate = bare.climate(hours + (k + 1) * bare.step_hours).to(nxt.dtype)
+            nxt = nxt + relax.to(nxt.dtype) * (climate - base)
         states.append(nxt)
         history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
     return states
 
 
+def unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(history, forcing, target, hours) of a window batch on ``device``; hours None for windows without it."""
+    history, forcing, target = (t.to(device, non_blocking=True) for t in batch[:3])
+    hours = batch[3].to(device) if len(batch) > 3 else None
+    return history, forcing, target, hours
+
+
 def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Tensor:
     """The latitude-weighted MSE summed over the K autoregressive steps of the window (CREDIT's multi-step
     training: gradients flow through the whole rollout, so the model learns to keep its own errors small)."""
-    history, forcing, target = (t.to(device, non_blocking=True) for t in batch)
+    history, forcing, target, hours = unpack(batch, device)
     weights: Tensor = unwrap(model).lat_weights  # type: ignore[assignment]
     total = history.new_zeros(())
-    for k, state in enumerate(rollout(model, history, forcing, target.shape[1])):
+    for k, state in enumerate(rollout(model, history, forcing, target.shape[1], hours)):
         total = total + weighted_mse(state, target[:, k], weights)
     return total / target.shape[1]
 
@@ -51,8 +68,8 @@ def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) ->
     sums: dict[str, float] = {}
     count = 0
     for batch in batches:
-        history, forcing, target = (t.to(device) for t in batch)
-        states = rollout(model, history, forcing, target.shape[1])
+        history, forcing, target, hours = unpack(batch, device)
+        states = rollout(model, history, forcing, target.shape[1], hours)
         n = history.shape[0]
         w = model.lat_weights
         for k, state in enumerate(states):
@@ -68,34 +85,84 @@ def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) ->
     return out
 
 
-@torch.no_grad()
-def fit_damping(model: Any, batches: Collection[Any], device: torch.device, steps: int) -> Tensor:
-    """(steps, C) factors in [0, 1] on the predicted change, fitted on ``batches`` (the validation windows, a
-    loader or list: read once per step, one batch on the device at a time).
+def bounded_least_squares(gram: Tensor, rhs: Tensor) -> Tensor:
+    """argmin over x in [0, 1]^2 of x' G x - 2 b' x, for each of C problems: ``gram`` (C, 2, 2), ``rhs`` (C, 2).
+    The minimum is the unconstrained one when it is inside the box, else on an edge or a corner: every
+    candidate is tried and the best feasible one kept. A direction with no signal (zero diagonal) gets 0."""
+    cands = []
+    det = gram[:, 0, 0] * gram[:, 1, 1] - gram[:, 0, 1] ** 2
+    inner = torch.stack([gram[:, 1, 1] * rhs[:, 0] - gram[:, 0, 1] * rhs[:, 1],
+                         gram[:, 0, 0] * rhs[:, 1] - gram[:, 0, 1] * rhs[:, 0]], dim=1) / det.clamp_min(1e-30)[:, None]
+    cands.append(torch.where((det > 1e-12 * (gram[:, 0, 0] * gram[:, 1, 1]).clamp_min(1e-30))[:, None], inner,
+                             torch.full_like(inner, float("nan"))))
+    for i in (0, 1):  # one factor on a bound (0 or 1), the other fitted and clipped
+        j = 1 - i
+        for bound in (0.0, 1.0):
+            other = ((rhs[:, j] - bound * gram[:, i, j]) / gram[:, j, j].clamp_min(1e-30)).clamp(0.0, 1.0)
+            other = torch.where(gram[:, j, j] > 0, other, torch.zeros_like(other))
+            x = torch.empty_like(rhs)
+            x[:, i], x[:, j] = bound, other
+            cands.append(x)
+    best, best_loss = torch.zeros_like(rhs), torch.zeros_like(rhs[:, 0])  # x = 0: loss 0
+    for x in cands:
+        feasible = (x >= 0).all(dim=1) & (x <= 1).all(dim=1)
+        loss = torch.einsum("ci,cij,cj->c", x, gram, x) - 2 * (rhs * x).sum(dim=1)
+        better = feasible & (loss < best_loss)
+        best = torch.where(better[:, None], x, best)
+        best_loss = torch.where(better, loss, best_loss)
+    return best
 
-    Step by step: with the factors of the earlier steps applied, the factor of step k and channel c is the
-    latitude-weighted least-squares fit of the true change (target minus the base state) by the predicted one,
-    clipped to [0, 1] (a factor above 1 would amplify the network's errors over a long rollout). A channel whose
-    predicted change is zero keeps 1."""
+
+@torch.no_grad()
+def fit_calibration(model: Any, batches: Collection[Any], device: torch.device, steps: int,
+                    damping: bool = True, relaxation: bool = True) -> tuple[Tensor, Tensor]:
+    """Per rollout step and channel, a damping factor on the predicted change and a relaxation factor toward
+    the climatology, both in [0, 1], fitted on ``batches`` (the validation windows, a loader or list: read
+    once per step, one batch on the device at a time). Returns ((steps, C), (steps, C)) and sets them on
+    ``model``.
+
+    Step by step, with the factors of the earlier steps applied: the latitude-weighted least-squares fit of the
+    true change (target minus the base state) by ``a * predicted change + r * (climatology - base)`` for each
+    channel, bounded to [0, 1] (a damping above 1 would amplify the network's errors over a long rollout). With
+    ``damping`` off a stays 1; with ``relaxation`` off, or a model without a climatology, r stays 0."""
     lag = int(getattr(model, "base_lag", 1))
     weights = model.lat_weights
-    factors = torch.ones(0, model.n_channels, device=device)
+    relaxation = relaxation and len(getattr(model, "climatology", ())) > 0
+    c = model.n_channels
+    damp = torch.ones(0, c, device=device)
+    relax = torch.zeros(0, c, device=device)
     for k in range(steps):
-        model.set_damping(torch.cat([factors, torch.ones(1, model.n_channels, device=device)]))
-        num = torch.zeros(model.n_channels, dtype=torch.float64, device=device)
-        den = torch.zeros_like(num)
+        model.set_damping(torch.cat([damp, torch.ones(1, c, device=device)]))
+        if relaxation:
+            model.set_relaxation(torch.cat([relax, torch.zeros(1, c, device=device)]))
+        gram = torch.zeros(c, 2, 2, dtype=torch.float64, device=device)
+        rhs = torch.zeros(c, 2, dtype=torch.float64, device=device)
         for batch in batches:
-            history, forcing, target = (t.to(device) for t in batch)
+            history, forcing, target, hours = unpack(batch, device)
             if target.shape[1] <= k:
                 continue
-            states = rollout(model, history, forcing, k) if k else []
+            states = rollout(model, history, forcing, k, hours) if k else []
             history = torch.cat([history, *(s[:, None] for s in states)], dim=1)[:, -history.shape[1]:]
             base = history[:, -lag]
-            change = model(history, forcing[:, k], forcing[:, k + 1]).double()
+            feats = [model(history, forcing[:, k], forcing[:, k + 1]).double()]
+            feats.append((model.climate(hours + (k + 1) * model.step_hours) - base).double() if relaxation
+                         else torch.zeros_like(feats[0]))
             true = (target[:, k] - base).double()
-            num += (true * change * weights).sum(dim=(0, 2, 3))
-            den += (change * change * weights).sum(dim=(0, 2, 3))
-        fitted = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num)).clamp(0.0, 1.0)
-        factors = torch.cat([factors, fitted[None].float()])
-    model.set_damping(factors)
-    return factors
+            for i in range(2):
+                rhs[:, i] += (true * feats[i] * weights).sum(dim=(0, 2, 3))
+                for j in range(2):
+                    gram[:, i, j] += (feats[i] * feats[j] * weights).sum(dim=(0, 2, 3))
+        if not damping:  # a fixed at 1: fit r alone on what the change leaves
+            rhs[:, 1] -= gram[:, 0, 1]
+            gram[:, 0, 1] = gram[:, 1, 0] = 0.0
+            gram[:, 0, 0] = 1.0
+            rhs[:, 0] = 1.0
+        fitted = bounded_least_squares(gram, rhs).float()
+        if damping:
+            no_change = gram[:, 0, 0] == 0  # a channel the network never changes keeps 1
+            fitted[:, 0] = torch.where(no_change, torch.ones_like(fitted[:, 0]), fitted[:, 0])
+        damp = torch.cat([damp, fitted[None, :, 0]])
+        relax = torch.cat([relax, fitted[None, :, 1]])
+    model.set_damping(damp)
+    model.set_relaxation(relax if relaxation else torch.zeros(0, c, device=device))
+    return damp, relax

@@ -12,6 +12,8 @@ from services.weather.config import WeatherConfig
 from services.weather.data import (
     Grid,
     RolloutDataset,
+    daily_harmonics,
+    fit_climatology,
     forcings,
     load_fields,
     prepare,
@@ -19,6 +21,7 @@ from services.weather.data import (
     split_bounds,
     starts,
     synthetic_dataset,
+    utc_hours,
     write_synthetic,
 )
 from tests.conftest import shared_data
@@ -106,12 +109,32 @@ def test_splits_are_contiguous_in_time_and_windows_stay_inside() -> None:
 def test_rollout_window_aligns_history_forcings_and_targets() -> None:
     states = np.arange(30, dtype=np.float32)[:, None, None, None] * np.ones((30, 1, 2, 3), np.float32)
     force = np.arange(30, dtype=np.float32)[:, None, None, None] * np.ones((30, 5, 2, 3), np.float32)
-    ds = RolloutDataset(states, force, np.array([10]), offset=3, history=2, rollout=2)
-    hist, f, target = ds[0]
+    hours = np.arange(30, dtype=np.float64) % 24
+    ds = RolloutDataset(states, force, np.array([10]), offset=3, history=2, rollout=2, hours=hours)
+    hist, f, target, hour = ds[0]
     assert hist[:, 0, 0, 0].tolist() == [7.0, 10.0]
     assert f[:, 0, 0, 0].tolist() == [10.0, 13.0, 16.0]
     assert target[:, 0, 0, 0].tolist() == [13.0, 16.0]
+    assert float(hour) == 10.0  # the hour of the day of the last history state
     assert isinstance(hist, torch.Tensor)
+
+
+@pytest.mark.parametrize("every", [1, 6])
+def test_climatology_recovers_a_daily_cycle_from_hourly_or_six_hourly_data(every: int) -> None:
+    times = np.datetime64("2019-03-01T00") + np.arange(0, 24 * 10, every).astype("timedelta64[h]")
+    hours = utc_hours(times)
+    assert hours[:3].tolist() == [0.0, float(every), float(2 * every)]
+    rng = np.random.default_rng(0)
+    mean, amp, amp2 = (rng.normal(size=(2, 3, 4)) for _ in range(3))
+    phase = 2 * np.pi * hours[:, None, None, None] / 24
+    values = mean + amp * np.cos(phase) + amp2 * np.cos(2 * phase)  # (T, 2, 3, 4)
+    coef = fit_climatology(values, times, harmonics=2)
+    assert coef.shape == (5, 2, 3, 4)
+    assert np.allclose(coef[0], mean, atol=1e-5) and np.allclose(coef[1], amp, atol=1e-5)
+    assert np.allclose(coef[3], amp2, atol=1e-5)
+    assert np.abs(coef[[2, 4]]).max() < 1e-5  # no sine terms in this cycle (at 6 h, sin 2 is never sampled)
+    fitted = np.einsum("tj,jchw->tchw", daily_harmonics(hours, 2), coef)
+    assert np.allclose(fitted, values, atol=1e-5)
 
 
 def test_prepare_normalizes_with_training_statistics_only(tmp_path: Path) -> None:
@@ -124,6 +147,8 @@ def test_prepare_normalizes_with_training_statistics_only(tmp_path: Path) -> Non
     info = prepared.info
     assert info["channels"] == ["t_850", "t_500", "t2m"] and info["static_names"] == ["lsm", "orography"]
     assert info["periods"]["train"][0] == "2000-01-01T00" and prepared.offset == 6
+    clim = np.asarray(info["climatology"])  # the training period's daily cycle, 2 harmonics, normalized
+    assert clim.shape == (5, 3, 16, 32) and np.abs(clim[0].mean(axis=(1, 2))).max() < 0.05
     twelve_hourly = tmp_path / "twelve_hourly.nc"
     synthetic_dataset(days=2, grid=(16, 32), seed=0).isel(time=slice(0, None, 12)).to_netcdf(twelve_hourly)
     with pytest.raises(ValueError, match="not a multiple of the data's time step \\(12 h\\)"):

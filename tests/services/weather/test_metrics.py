@@ -50,3 +50,27 @@ def test_diurnal_persistence_replays_the_same_hour_of_the_day_before() -> None:
     assert diurnal_persistence(values, inits, [6], 5.0) is None  # 5-hourly data cannot hit the same hour
     assert diurnal_persistence(values[::6], np.array([4]), [6, 12, 18, 24], 6.0)[0, :, 0, 0].tolist() == [
         1 * 6, 2 * 6, 3 * 6, 4 * 6]
+
+
+def test_relaxed_diurnal_persistence_finds_how_far_anomalies_decay_toward_the_daily_cycle() -> None:
+    """Ten days of a pure daily cycle (the training period), then anomalies that keep 60 % of themselves from
+    one day to the next at every hour: the relaxation fitted at +24 h is 0.4, and the baseline is exact."""
+    from services.weather.data import daily_harmonics
+    from services.weather.evaluation import diurnal_persistence, relaxed_diurnal_persistence
+
+    n = 24 * 20
+    times = np.datetime64("2019-03-01T00") + np.arange(n).astype("timedelta64[h]")
+    rng = np.random.default_rng(0)
+    cycle = np.einsum("tj,jhw->thw", daily_harmonics(np.arange(n) % 24, 2), rng.normal(size=(5, 2, 3)))[:, None]
+    anomaly = np.zeros((n, 1, 2, 3))
+    anomaly[240:264] = rng.normal(size=(24, 1, 2, 3))
+    for t in range(264, n):
+        anomaly[t] = 0.6 * anomaly[t - 24]
+    values = cycle + anomaly  # (T, 1, 2, 3)
+    inits = np.array([270, 281])
+    out = relaxed_diurnal_persistence(values, times, (0, 240), np.arange(264, 400), inits, [24], 1.0,
+                                      np.ones((2, 3)))
+    plain = diurnal_persistence(values, inits, [24], 1.0)
+    assert out is not None and plain is not None and out.shape == (2, 1, 1, 2, 3)
+    assert np.allclose(out[:, 0], values[inits + 24], atol=1e-6)
+    assert not np.allclose(plain[:, 0], values[inits + 24], atol=1e-2)  # plain diurnal persistence is not

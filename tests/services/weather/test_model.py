@@ -186,7 +186,7 @@ def _oracle_windows(steps: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 @pytest.mark.parametrize(("gain", "expected"), [(2.0, 0.5), (0.5, 1.0)])
 def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float, expected: float) -> None:
-    from services.weather.training import fit_damping, rollout
+    from services.weather.training import fit_calibration, rollout
 
     info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
     model = _ScaledOracle(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
@@ -195,9 +195,11 @@ def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float
     with torch.no_grad():
         raw = torch.stack(rollout(model, history, forcing, 3), dim=1)
     assert not torch.allclose(raw, target, atol=1e-3)
-    factors = fit_damping(model, [(history[:3], forcing[:3], target[:3]), (history[3:], forcing[3:], target[3:])],
-                          torch.device("cpu"), 3)
+    factors, relaxation = fit_calibration(
+        model, [(history[:3], forcing[:3], target[:3]), (history[3:], forcing[3:], target[3:])],
+        torch.device("cpu"), 3)
     assert factors.shape == (3, 1)
+    assert not len(model.relaxation) and torch.equal(relaxation, torch.zeros(3, 1))  # no climatology: none
     # twice the change: halved at every step; half the change: not amplified (factors stay within [0, 1])
     assert torch.allclose(factors, torch.full((3, 1), expected), atol=1e-5)
     with torch.no_grad():
@@ -210,16 +212,83 @@ def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float
     assert torch.equal(rebuilt.damping.flatten(), factors.flatten())  # saved in info, restored at load
 
 
+class _ChangeOracle(WXFormer):
+    """Predicts ``gain`` times a known change, read from the first forcing channel at the valid time."""
+
+    gain = 2.0
+
+    def forward(self, history: torch.Tensor, forcing_now: torch.Tensor, forcing_next: torch.Tensor) -> torch.Tensor:
+        return self.gain * forcing_next[:, :1]
+
+
+def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly() -> None:
+    """Truth that moves by a known change and relaxes 30 % of the way to a daily climatology each 6 h step:
+    a network predicting twice the change gets damping 0.5 and relaxation 0.3, and its rollout is then exact."""
+    from services.weather.training import fit_calibration, rollout
+
+    g = torch.Generator().manual_seed(0)
+    clim = torch.randn(3, 1, 8, 8, generator=g)  # mean, cos and sin of the daily cycle
+    info = {**_info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1), "climatology": clim.tolist()}
+    model = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    n, steps = 8, 3
+    hours = torch.randint(0, 24, (n,), generator=g).float()
+    forcing = torch.randn(n, steps + 3, 5, 8, 8, generator=g)
+    history = torch.randn(n, 1, 1, 8, 8, generator=g)
+    state, targets = history[:, -1], []
+    for k in range(steps + 2):
+        state = state + forcing[:, k + 1, :1] + 0.3 * (model.climate(hours + 6 * (k + 1)) - state)
+        targets.append(state)
+    truth = torch.stack(targets, dim=1)
+    windows = [(history[:4], forcing[:4], truth[:4, :steps], hours[:4]),
+               (history[4:], forcing[4:], truth[4:, :steps], hours[4:])]
+    damping, relaxation = fit_calibration(model, windows, torch.device("cpu"), steps)
+    assert torch.allclose(damping, torch.full((steps, 1), 0.5), atol=1e-4)
+    assert torch.allclose(relaxation, torch.full((steps, 1), 0.3), atol=1e-4)
+    with torch.no_grad():
+        states = torch.stack(rollout(model, history, forcing, steps + 2, hours), dim=1)
+    assert torch.allclose(states, truth, atol=1e-4)  # also past the fitted steps
+    with pytest.raises(ValueError, match="give the hour"):
+        rollout(model, history, forcing, 1)
+    # damping off: the change is kept whole, the relaxation fitted on what it leaves
+    damping, relaxation = fit_calibration(model, windows, torch.device("cpu"), 1, damping=False)
+    assert torch.equal(damping, torch.ones(1, 1)) and 0.0 <= float(relaxation[0, 0]) <= 1.0
+    # saved in info, restored at load
+    rebuilt = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False),  # type: ignore[arg-type]
+                            {**info, "damping": damping.tolist(), "relaxation": relaxation.tolist()})
+    assert torch.equal(rebuilt.relaxation.flatten(), relaxation.flatten())
+    without = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), 1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no climatology"):
+        without.set_relaxation(torch.ones(1, 1))
+
+
+def test_bounded_least_squares_matches_a_grid_search() -> None:
+    from services.weather.training import bounded_least_squares
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(200, 6, 2, generator=g, dtype=torch.float64)
+    gram = a.transpose(1, 2) @ a  # (200, 2, 2), positive semi-definite
+    rhs = torch.randn(200, 2, generator=g, dtype=torch.float64) * 4
+    gram[0, 1] = gram[1, 0] = gram[0, 1] * 0  # one problem with a dead direction
+    gram[0, 1, 1] = 0.0
+    best = bounded_least_squares(gram, rhs)
+    assert ((best >= 0) & (best <= 1)).all() and best[0, 1] == 0
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    xs = torch.cartesian_prod(grid, grid)  # (G, 2)
+    loss = torch.einsum("gi,cij,gj->cg", xs, gram, xs) - 2 * rhs @ xs.T  # (200, G)
+    mine = torch.einsum("ci,cij,cj->c", best, gram, best) - 2 * (rhs * best).sum(dim=1)
+    assert (mine <= loss.min(dim=1).values + 1e-9).all()
+
+
 def test_damping_keeps_a_network_that_predicts_no_change() -> None:
-    from services.weather.training import fit_damping
+    from services.weather.training import fit_calibration
 
     info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=2)
     model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
     for p in model.head.parameters():
         torch.nn.init.zeros_(p)
     history = torch.randn(2, 1, 2, 8, 8)
-    factors = fit_damping(model, [(history, torch.zeros(2, 3, 5, 8, 8), torch.randn(2, 2, 2, 8, 8))],
-                          torch.device("cpu"), 2)
+    factors, _ = fit_calibration(model, [(history, torch.zeros(2, 3, 5, 8, 8), torch.randn(2, 2, 2, 8, 8))],
+                                 torch.device("cpu"), 2)
     assert torch.equal(factors, torch.ones(2, 2))
     with pytest.raises(ValueError, match="expected \\(steps, 2\\)"):
         model.set_damping(torch.ones(3, 1))
