@@ -29,7 +29,7 @@ from shared.attention import attention
 from shared.layers import FeedForward
 
 from .config import FORCINGS, WeatherConfig
-from .data import Grid, coordinate_statics
+from .data import Grid, coordinate_statics, daily_harmonics
 
 
 def earth_pad(x: Tensor, top: int, bottom: int, left: int, right: int, pole_row: bool) -> Tensor:
@@ -312,11 +312,8 @@ class WXFormer(nn.Module):
 
     def climate(self, hours: Tensor) -> Tensor:
         """The climatology (B, C, H, W), normalized, at ``hours`` (B,) of the day (UTC)."""
-        harmonics = (len(self.climatology) - 1) // 2
-        phase = 2 * math.pi * hours.double()[:, None] * torch.arange(1, harmonics + 1, device=hours.device) / 24.0
-        basis = torch.cat([torch.ones_like(hours.double())[:, None],
-                           torch.stack([phase.cos(), phase.sin()], dim=-1).flatten(1)], dim=1)  # (B, J)
-        return torch.einsum("bj,jchw->bchw", basis.to(self.climatology), self.climatology)
+        basis = daily_harmonics(hours.detach().cpu().numpy(), (len(self.climatology) - 1) // 2)  # (B, J)
+        return torch.einsum("bj,jchw->bchw", torch.from_numpy(basis).to(self.climatology), self.climatology)
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
