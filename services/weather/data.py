@@ -379,10 +379,10 @@ class RolloutDataset(torch.utils.data.Dataset):
     K target states (all normalized) and the hour of the day of t (UTC), which places the climatology."""
 
     def __init__(self, states: np.ndarray, forcing: np.ndarray, indices: np.ndarray, offset: int, history: int,
-                 rollout: int, hours: np.ndarray | None = None) -> None:
+                 rollout: int, hours: np.ndarray) -> None:
         self.states = torch.from_numpy(states)  # (T, C, H, W)
         self.forcing = torch.from_numpy(forcing)  # (T, F, H, W)
-        self.hours = torch.from_numpy(np.zeros(len(states)) if hours is None else hours).float()  # (T,)
+        self.hours = torch.from_numpy(hours).float()  # (T,) UTC hour of the day of each state
         self.indices = indices
         self.offset, self.history, self.rollout = offset, history, rollout
 
@@ -439,14 +439,14 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
     std = train.std(axis=(0, 2, 3), dtype=np.float64) + 1e-6
     normalized = ((fields.values - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
     forcing = forcings(fields.times, fields.grid, cfg.forcings)
+    hours = utc_hours(fields.times)
     datasets = []
     for a, b in bounds:
         idx = starts((a, b), offset, cfg.history, cfg.train_rollout, every)
         if len(idx) == 0:
             raise ValueError(f"{fields.name}: a split of {b - a} time steps is too short for history {cfg.history} "
                              f"and {cfg.train_rollout} steps of {cfg.step_hours} h; use longer data or smaller settings")
-        datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout,
-                                       utc_hours(fields.times)))
+        datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout, hours))
     a, b = bounds[0]
     climatology = fit_climatology(normalized[a:b], fields.times[a:b], cfg.climatology_harmonics)
 

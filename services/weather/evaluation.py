@@ -49,9 +49,9 @@ def diurnal_persistence(values: np.ndarray, inits: np.ndarray, lead_hours: list[
 
 def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tuple[int, int],
                                 fit_inits: np.ndarray, inits: np.ndarray, lead_hours: list[int],
-                                data_step_hours: float, weights: np.ndarray) -> np.ndarray | None:
+                                data_step_hours: float, weights: np.ndarray, harmonics: int = 2) -> np.ndarray | None:
     """(N, L, C, H, W) diurnal persistence moved a fraction r of the way to the training period's daily-cycle
-    climatology at the valid time (two harmonics, as the model's calibration uses), r in [0, 1] per lead and
+    climatology at the valid time (``harmonics`` harmonics, as the model's calibration), r in [0, 1] per lead and
     channel fitted by least squares over ``fit_inits`` (validation initial times). It is the model's
     calibration with no network: what the network's learned change has to improve on. None where diurnal
     persistence is (see :func:`diurnal_persistence`)."""
@@ -59,14 +59,14 @@ def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tu
     fit_base = diurnal_persistence(values, fit_inits, lead_hours, data_step_hours)
     if base is None or fit_base is None:
         return None
-    coef = fit_climatology(values[train[0]: train[1]], times[train[0]: train[1]], harmonics=2)
+    coef = fit_climatology(values[train[0]: train[1]], times[train[0]: train[1]], harmonics)
     steps = np.asarray(lead_hours) / data_step_hours
     if not np.allclose(steps, np.round(steps)):
         return None
 
     def climate(starts: np.ndarray) -> np.ndarray:  # (N, L, C, H, W) at the valid times
         valid = times[starts[:, None] + np.round(steps).astype(int)[None]]
-        return np.einsum("nlj,jchw->nlchw", daily_harmonics(utc_hours(valid), 2), coef)
+        return np.einsum("nlj,jchw->nlchw", daily_harmonics(utc_hours(valid), harmonics), coef)
 
     clim, fit_clim = climate(inits), climate(fit_inits)
     truth = np.stack([values[fit_inits + int(s)] for s in np.round(steps)], axis=1)
@@ -115,10 +115,10 @@ def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str 
     diurnal = diurnal_persistence(values, inits, lead_hours, fields.step_hours)
     if diurnal is not None:
         forecasts["diurnal_persistence"] = diurnal
-        val_inits = starts(periods[1], 1, 1, int(round(lead_steps * o)), 1)
-        val_inits = val_inits[val_inits >= periods[1][0] + int(round(24 / fields.step_hours))]
+        day = int(round(24 / fields.step_hours))  # a day of validation record before each start
+        val_inits = starts(periods[1], 1, day + 1, lead_steps * o, 1)
         relaxed = relaxed_diurnal_persistence(values, times, periods[0], val_inits, inits, lead_hours,
-                                              fields.step_hours, weights)
+                                              fields.step_hours, weights, cfg.climatology_harmonics)
         if relaxed is not None:
             forecasts["relaxed_diurnal_persistence"] = relaxed
     rmse = {k: weighted_rmse(v, truth, weights) for k, v in forecasts.items()}  # (L, C)

@@ -284,31 +284,34 @@ class WXFormer(nn.Module):
             x = x + torch.einsum("oi,bihw->bohw", MIX_GAIN * self.history_mix.to(x.dtype), history.flatten(1, 2))
         return x
 
+    def _step_factors(self, factors: Tensor, what: str) -> Tensor:
+        """(K, C) factors checked and shaped (K, C, 1, 1) on the model's device; an empty tensor means none."""
+        if factors.numel() and (factors.ndim != 2 or factors.shape[1] != self.n_channels):
+            raise ValueError(f"{what} factors of shape {tuple(factors.shape)}: expected (steps, {self.n_channels})")
+        return factors.reshape(-1, self.n_channels, 1, 1).to(self.mean.device, torch.float32)
+
+    @staticmethod
+    def _at_step(table: Tensor, step: int) -> Tensor | None:
+        """Row ``step`` (0-based) of a per-step table, its last row beyond it, None when the table is empty."""
+        return table[min(step, len(table) - 1)] if len(table) else None
+
     def set_damping(self, factors: Tensor) -> None:
         """Per-step, per-channel factors (K, C) on the predicted change; an empty tensor removes them."""
-        if factors.numel() and (factors.ndim != 2 or factors.shape[1] != self.n_channels):
-            raise ValueError(f"damping factors of shape {tuple(factors.shape)}: expected (steps, {self.n_channels})")
-        self.damping = factors.reshape(-1, self.n_channels, 1, 1).to(self.mean.device, torch.float32)
+        self.damping = self._step_factors(factors, "damping")
 
     def step_scale(self, step: int) -> Tensor | None:
         """The factor (C, 1, 1) on the change predicted at rollout step ``step`` (0-based), or None."""
-        if not len(self.damping):
-            return None
-        return self.damping[min(step, len(self.damping) - 1)]
+        return self._at_step(self.damping, step)
 
     def set_relaxation(self, factors: Tensor) -> None:
         """Per-step, per-channel factors (K, C) relaxing the forecast toward the climatology; empty: none."""
         if factors.numel() and not len(self.climatology):
             raise ValueError("this model has no climatology to relax toward")
-        if factors.numel() and (factors.ndim != 2 or factors.shape[1] != self.n_channels):
-            raise ValueError(f"relaxation factors of shape {tuple(factors.shape)}: expected (steps, {self.n_channels})")
-        self.relaxation = factors.reshape(-1, self.n_channels, 1, 1).to(self.mean.device, torch.float32)
+        self.relaxation = self._step_factors(factors, "relaxation")
 
     def step_relaxation(self, step: int) -> Tensor | None:
         """The factor (C, 1, 1) toward the climatology at rollout step ``step`` (0-based), or None."""
-        if not len(self.relaxation):
-            return None
-        return self.relaxation[min(step, len(self.relaxation) - 1)]
+        return self._at_step(self.relaxation, step)
 
     def climate(self, hours: Tensor) -> Tensor:
         """The climatology (B, C, H, W), normalized, at ``hours`` (B,) of the day (UTC)."""
