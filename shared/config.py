@@ -1,8 +1,16 @@
 """Typed configuration: frozen dataclasses with ``key=value`` overrides.
 
-Every domain's settings are one frozen dataclass that validates itself in ``__post_init__``. Users change
-a setting from the command line with ``--set key=value``; :func:`apply_overrides` parses each value to the
-field's declared type and rebuilds the dataclass, so validation runs again on the result.
+Every domain's settings are one frozen dataclass that extends :class:`RunSettings`, the run settings the
+shared trainer reads (batch, optimizer, schedule, epochs, workers, precision, failures). A domain sets its own
+defaults for those in the class statement and adds its model and data fields::
+
+    @dataclass(frozen=True)
+    class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, epochs=20):
+        model: str = "wxformer"
+        ...
+
+Users change a setting from the command line with ``--set key=value``; :func:`apply_overrides` parses each
+value to the field's declared type and rebuilds the dataclass, so validation runs again on the result.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
 
 C = TypeVar("C")
 
@@ -78,10 +87,15 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _renamed(cls: type) -> Mapping[str, str]:
+    return getattr(cls, "renamed", {})
+
+
 def apply_overrides(cfg: C, overrides: Mapping[str, Any] | Iterable[str]) -> C:
     """Return a copy of the dataclass ``cfg`` with overrides applied (strings parsed to field types).
 
-    Unknown keys raise ``ValueError`` listing the valid ones; the dataclass re-validates itself.
+    Unknown keys raise ``ValueError`` listing the valid ones (a renamed setting names its new name); the
+    dataclass re-validates itself.
     """
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError("apply_overrides expects a dataclass instance")
@@ -89,12 +103,15 @@ def apply_overrides(cfg: C, overrides: Mapping[str, Any] | Iterable[str]) -> C:
         overrides = parse_overrides(overrides)
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
+    renamed = _renamed(type(cfg))
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
+        if key in renamed and key not in names:
+            raise ValueError(f"setting {key!r} is now called {renamed[key]!r}")
         if key not in names:
             raise ValueError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(names))}")
         changes[key] = _parse_value(value, hints[key], key) if isinstance(value, str) else value
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -104,18 +121,97 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _as_tuples(value: Any, annotation: Any) -> Any:
     """JSON lists back to the (possibly nested) tuples the annotation declares."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _as_tuples(value, inner[0]) if value is not None and len(inner) == 1 else value
     if typing.get_origin(annotation) is tuple and isinstance(value, list):
         inner = typing.get_args(annotation)
+        if len(inner) == 2 and inner[1] is Ellipsis:
+            return tuple(_as_tuples(v, inner[0]) for v in value)
+        if inner and len(inner) == len(value):
+            return tuple(_as_tuples(v, a) for v, a in zip(value, inner, strict=True))
         return tuple(_as_tuples(v, inner[0]) if inner else v for v in value)
+    if typing.get_origin(annotation) is dict and isinstance(value, dict):
+        args = typing.get_args(annotation)
+        return {k: _as_tuples(v, args[1]) for k, v in value.items()} if args else value
     return value
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-    """Rebuild a config from :func:`to_dict` output; keys the class no longer has are ignored."""
+def from_dict(cls: type[C], data: Mapping[str, Any], *, what: str = "config") -> C:
+    """Rebuild a dataclass from :func:`to_dict` output (a saved model's config or state).
+
+    Fields the saved dict lacks take their defaults (a model saved before they existed); a renamed field is
+    read under its new name; a field this class does not know (a model saved by a newer Tessera) is an error
+    naming it, never silently dropped.
+    """
     hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in data:
-            value = data[f.name]
-            kwargs[f.name] = _as_tuples(value, hints[f.name])
-    return cls(**kwargs)
+    renamed = _renamed(cls)
+    data = {renamed.get(k, k): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"the saved {what} has fields {unknown} that {cls.__name__} does not know: it was written by "
+                         f"a newer version of Tessera; upgrade to load it")
+    return cls(**{k: _as_tuples(v, hints[k]) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run settings of every domain, read by the shared trainer. Domains set their defaults as keyword
+    arguments of the class statement (``class MyConfig(RunSettings, lr=3e-4, epochs=60)``)."""
+
+    batch_size: int = 32  # global batch per optimizer step, split across Ray workers and accumulation steps
+    lr: float = 1e-4  # peak learning rate
+    lr_schedule: Literal["halve", "constant", "cosine"] = "cosine"  # per epoch; halve: two epochs at lr, then halved
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 before the schedule (0: none)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    decay_1d: bool = False  # also decay parameters with fewer than 2 dimensions (norms, biases); nanoGPT: no
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: no clipping)
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step (each worker: batch / workers / accum)
+    epochs: int = 10
+    patience: int = 0  # stop after this many epochs without a better validation metric (0: never)
+    keep: Literal["best", "last"] = "best"  # weights registered: the best validation epoch's, or the last's
+    max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps optimizer steps per epoch (quick demos and tests)
+    seed: int = 0
+    ray_workers: int = 1  # Ray Train workers (data-parallel processes)
+    cpus_per_worker: int = 2  # CPU threads per Ray worker
+    use_gpu: bool = False  # one GPU per Ray worker
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # training autocast; auto: bf16 on GPU, fp32 on CPU
+    max_failures: int = 2  # worker failures survived by resuming from the last epoch checkpoint
+    loader_workers: int = 0  # DataLoader worker processes per Ray worker (0: load in the training process)
+
+    # settings saved by earlier versions under another name: read under the new one, refused on --set
+    renamed: ClassVar[Mapping[str, str]] = {"num_workers": "ray_workers"}
+
+    def __init_subclass__(cls, **defaults: Any) -> None:
+        """Domain defaults for the run settings: each keyword becomes the subclass's default for that field."""
+        super().__init_subclass__()
+        if not defaults:
+            return
+        hints = typing.get_type_hints(RunSettings)
+        unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(RunSettings)})
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {unknown} are not run settings")
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name, value in defaults.items():
+            annotations[name] = hints[name]
+            setattr(cls, name, value)
+        cls.__annotations__ = annotations
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, ("batch_size", "epochs", "grad_accum", "ray_workers", "cpus_per_worker"))
+        require_at_least(self, 0, ("warmup_steps", "weight_decay", "grad_clip", "patience", "max_steps_per_epoch",
+                                   "max_failures", "loader_workers"))
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.batch_size % (self.ray_workers * self.grad_accum):
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by ray_workers x grad_accum "
+                             f"({self.ray_workers} x {self.grad_accum}): it is the global batch")
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per forward pass on one worker."""
+        return self.batch_size // (self.ray_workers * self.grad_accum)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]

@@ -1,9 +1,11 @@
 """MLflow tracking and model I/O shared by every domain.
 
 A registered model is a folder of plain data, never pickles: ``weights.safetensors`` (the state dict),
-``config.json`` (domain, model name and the full config) and ``stats.json`` (scalers, columns, grid, ...).
-It is logged as run artifacts under ``model/`` and registered as a model version whose source is that
-folder; the alias ``production`` marks the version the services answer with.
+``config.json`` (domain, model name and the full config), and the domain's typed saved state
+(``state.json`` for metadata, ``state.safetensors`` for arrays; see :mod:`shared.saved`). Models saved
+before typed state have one ``stats.json`` instead, which still loads. The folder is logged as run artifacts
+under ``model/`` and registered as a model version whose source is that folder; the alias ``production``
+marks the version the services answer with.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from shared import registry
 from shared.config import from_dict, to_dict
+from shared.saved import SavedState
 
 PRODUCTION = "production"
 MODEL_DIR = "model"
@@ -47,13 +51,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def save_model_dir(path: Path, model: torch.nn.Module, domain: str, cfg: Any, info: dict[str, Any]) -> Path:
-    """Write weights, config and statistics of a model into ``path`` (created)."""
+def save_model_dir(path: Path, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> Path:
+    """Write weights, config and saved state of a model into ``path`` (created)."""
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, str(path / "weights.safetensors"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(weights, str(path / "weights.safetensors"))
     (path / "config.json").write_text(json.dumps({"domain": domain, "config": to_dict(cfg)}, indent=2))
-    (path / "stats.json").write_text(json.dumps(info, indent=2))
+    state.save(path)
     return path
 
 
@@ -61,7 +65,7 @@ def save_model_dir(path: Path, model: torch.nn.Module, domain: str, cfg: Any, in
 class LoadedModel:
     model: torch.nn.Module
     cfg: Any
-    info: dict[str, Any]
+    state: Any  # the domain's SavedState
     domain: str
     name: str | None = None  # registered model name
     version: str | None = None
@@ -87,22 +91,42 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a model from a folder written by :func:`save_model_dir` (no code is unpickled)."""
+    """Rebuild a model from a folder written by :func:`save_model_dir`, or by an earlier version (config with
+    renamed fields, ``stats.json``); no code is unpickled."""
     meta = json.loads((path / "config.json").read_text())
-    info = json.loads((path / "stats.json").read_text())
     domain = registry.get(meta["domain"])
     cfg: Any = from_dict(domain.config_cls, meta["config"])
-    model = domain.build_model(cfg, info)
+    state = domain.state_cls.load(path)
+    model = domain.build_model(cfg, state)
     load_weights(model, load_file(str(path / "weights.safetensors")))
     model.to(device).eval()
-    return LoadedModel(model=model, cfg=cfg, info=info, domain=meta["domain"])
+    return LoadedModel(model=model, cfg=cfg, state=state, domain=meta["domain"])
 
 
-def log_model(mlflow_client: MlflowClient, run_id: str, model: torch.nn.Module, domain: str, cfg: Any,
-              info: dict[str, Any]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model_dir(Path(tmp) / MODEL_DIR, model, domain, cfg, info)
-        mlflow_client.log_artifacts(run_id, str(Path(tmp) / MODEL_DIR), artifact_path=MODEL_DIR)
+class MlflowTracker:
+    """The trainer's :class:`pipelines.trainer.Tracker` for one MLflow run (rank 0 of a training job)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = client(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        self.client.log_figure(self.run_id, figure, path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_model(self, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model_dir(Path(tmp) / MODEL_DIR, model, domain, cfg, state)
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_DIR), artifact_path=MODEL_DIR)
 
 
 def production_version(mlflow_client: MlflowClient, name: str, alias: str = PRODUCTION) -> ModelVersion | None:
@@ -184,7 +208,8 @@ def resolve_version(mlflow_client: MlflowClient, name: str, ref: str) -> ModelVe
                          f"{exc.message}") from None
 
 
-def registered_weights(mlflow_client: MlflowClient, name: str, ref: str) -> tuple[ModelVersion, dict[str, Any], bytes]:
+def registered_weights(mlflow_client: MlflowClient, name: str,
+                       ref: str) -> tuple[ModelVersion, dict[str, Any], bytes]:
     """(version, its config.json, its safetensors weights as bytes) of a registered model, e.g. to start a
     training run from it."""
     version = resolve_version(mlflow_client, name, ref)

@@ -56,3 +56,46 @@ def test_domain_configs_name_the_field_below_its_minimum() -> None:
         WeatherConfig(history=0)
     with pytest.raises(ValueError, match="^patience=-1: must be >= 0$"):
         ForecastingConfig(patience=-1)
+
+
+def test_every_domain_config_extends_one_run_settings_base_with_its_own_defaults() -> None:
+    import dataclasses
+
+    from services.robot_policy.config import RobotPolicyConfig
+    from services.weather.config import WeatherConfig
+    from shared.config import RunSettings
+
+    run = [f.name for f in dataclasses.fields(RunSettings)]
+    for cls, batch, lr in ((ForecastingConfig, 32, 1e-4), (WeatherConfig, 8, 1e-3), (RobotPolicyConfig, 256, 3e-4)):
+        assert issubclass(cls, RunSettings)
+        assert [f.name for f in dataclasses.fields(cls)][: len(run)] == run  # declared once, in the base
+        assert (cls().batch_size, cls().lr) == (batch, lr)  # the domain's defaults
+    with pytest.raises(TypeError, match=r"\['learning_rate'\] are not run settings"):
+        @dataclasses.dataclass(frozen=True)
+        class Bad(RunSettings, learning_rate=1.0):
+            pass
+
+
+@pytest.mark.parametrize(("pairs", "message"), [
+    (["batch_size=0"], "batch_size=0: must be >= 1"),
+    (["grad_clip=-1"], "grad_clip=-1.0: must be >= 0"),
+    (["batch_size=30", "ray_workers=4"], "divisible by ray_workers x grad_accum"),
+    (["num_workers=4"], "'num_workers' is now called 'ray_workers'"),
+    (["warmup_steps=-3"], "warmup_steps=-3: must be >= 0"),
+])
+def test_run_settings_are_validated_once_for_every_domain(pairs: list[str], message: str) -> None:
+    from services.weather.config import WeatherConfig
+
+    for cfg in (ForecastingConfig(), WeatherConfig()):
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(cfg, pairs)
+
+
+def test_saved_configs_read_renamed_fields_and_refuse_unknown_ones() -> None:
+    saved = to_dict(ForecastingConfig(ray_workers=1))
+    saved["num_workers"] = saved.pop("ray_workers")  # as models saved before the rename have it
+    assert from_dict(ForecastingConfig, saved) == ForecastingConfig()
+    del saved["grad_clip"]  # a field added since: its default
+    assert from_dict(ForecastingConfig, saved).grad_clip == 0.0
+    with pytest.raises(ValueError, match=r"fields \['flux_capacitor'\].*newer version of Tessera"):
+        from_dict(ForecastingConfig, {**saved, "flux_capacitor": 1})

@@ -19,9 +19,30 @@ def test_unknown_domain_lists_the_known_ones() -> None:
         registry.get("astrology")
 
 
-def test_domain_declares_its_contract() -> None:
-    for domain in registry.domains():
-        assert domain.port in range(3001, 3006)
-        assert domain.endpoint.startswith("/")
-        assert domain.service.startswith(f"services.{domain.name}.service:")
-        assert domain.models, "a domain has at least one model"
+def test_each_domain_has_a_port_of_its_own() -> None:
+    ports = [d.port for d in registry.domains()]
+    assert len(set(ports)) == len(ports)
+
+
+def test_a_missing_dependency_names_the_extra_to_install() -> None:
+    from tests.fixtures.toy_domain.toy import ToyDomain
+
+    class Needy(ToyDomain):  # not registered: a class is enough
+        name = "needy"
+        requires = ("json", "no_such_module_for_tessera")
+
+    with pytest.raises(ImportError, match=r"needs no_such_module_for_tessera: pip install 'tessera\[needy\]'"):
+        Needy().check_dependencies()
+    ToyDomain().check_dependencies()
+
+
+def test_listing_domains_imports_none_of_their_heavy_parts() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from shared import registry; registry.names(); "
+            "heavy = [m for m in ('torch', 'xarray', 'gymnasium', 'pandas', 'bentoml') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.strip() == ""
