@@ -1,10 +1,14 @@
 """Evaluation job: ``python -m pipelines.evaluate <domain> [--version V] [--data PATH] [--set k=v ...]``.
 
 Loads a registered model (``@production`` unless ``--version``/``--alias`` say otherwise), runs the domain's
-evaluation pipeline on the connected Ray cluster (or a local one), logs the settings, metrics, plots and files
-to a new MLflow run in the domain's experiment, tags the model version with the run (and, for domains with
-an evaluation score, with that score and the settings it was measured with), and prints one JSON object (the
-metrics, with the model version) as its last line. ``tessera evaluate`` submits it as a Ray job.
+evaluation pipeline (on the connected Ray cluster where the domain uses Ray tasks), logs the settings,
+metrics, plots and files to a new MLflow run in the domain's experiment, tags the model version with the run
+(and, for domains with an evaluation score, with that score and the settings it was measured with), and
+prints one JSON object (the metrics, with the model version) as its last line. ``tessera evaluate`` submits
+it as a Ray job.
+
+The settings are the domain's typed evaluation config (``--set key=value``, or ``--key value``), parsed and
+validated like training settings.
 
 ``--promote`` (domains with an evaluation score, e.g. robot_policy's closed-loop coverage) moves
 ``@production`` to the evaluated version when it beats the production version's score measured with the same
@@ -14,13 +18,18 @@ settings; a production version not yet scored with them is evaluated in the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from typing import Any
 
 from shared import registry
-from shared.config import parse_overrides
+from shared.config import apply_overrides, parse_overrides, to_dict
+
+
+class UsageError(ValueError):
+    """An evaluation that cannot run as asked: exit code 2 with the reason."""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, registry.Domain]:
@@ -40,11 +49,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, regis
     parser.add_argument("--promote", action="store_true",
                         help="move @production to this version if it beats production's evaluation score "
                              "(measured with the same settings; production is evaluated first when it is not)")
-    for key, default in (domain.eval_settings if domain else {}).items():
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=f"eval_{key}", type=type(default) if default is not None else str,
-                            default=None, help=f"evaluation setting {key} (default {default})")
+    if domain is not None and domain.eval_config_cls is not None:
+        for f in dataclasses.fields(domain.eval_config_cls):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"eval_{f.name}", default=None,
+                                help=f"evaluation setting {f.name} (default {f.default!r})")
     args = parser.parse_args(argv)
     domain = registry.get(args.domain)
+    if domain.eval_config_cls is None:
+        parser.error(f"{domain.name} has no evaluation pipeline; its training job reports test metrics")
     if args.promote and domain.eval_score is None:
         parser.error(f"--promote: {domain.name} has no evaluation score to rank models on; its training job "
                      "promotes on the validation metric")
@@ -53,12 +65,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, regis
     return args, domain
 
 
-def score_signature(settings: dict[str, Any], data: str | None) -> str:
+def settings_for(domain: registry.Domain, args: argparse.Namespace) -> Any:
+    """The domain's evaluation config: its defaults, then ``--set``, then the dedicated flags (parsed to the
+    declared types and validated; an unknown key is an error listing the known ones)."""
+    assert domain.eval_config_cls is not None
+    overrides = parse_overrides(args.overrides)
+    for f in dataclasses.fields(domain.eval_config_cls):
+        flag = getattr(args, f"eval_{f.name}", None)
+        if flag is not None:
+            overrides[f.name] = flag
+    try:
+        return apply_overrides(domain.eval_config_cls(), overrides)
+    except ValueError as exc:
+        raise UsageError(f"{domain.name} evaluation: {exc}") from None
+
+
+def score_signature(settings: Any, data: str | None) -> str:
     """What an evaluation score depends on: scores are compared only between equal signatures."""
-    return json.dumps({"data": data or "", **settings}, sort_keys=True, default=str)
+    values = to_dict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+    return json.dumps({"data": data or "", **values}, sort_keys=True, default=str)
 
 
-def _score(domain: registry.Domain, loaded: Any, data: str | None, settings: dict[str, Any], signature: str,
+def _score(domain: registry.Domain, loaded: Any, data: str | None, settings: Any, signature: str,
            mlflow_client: Any) -> None:
     """Evaluate ``loaded`` (metrics only) and tag its version with the score: used for a production version
     that has no score for these settings yet."""
@@ -66,7 +94,7 @@ def _score(domain: registry.Domain, loaded: Any, data: str | None, settings: dic
 
     assert domain.eval_score is not None
     print(f"scoring {domain.name} v{loaded.version} (@production) with the same settings", flush=True)
-    result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.info, data, settings)
+    result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.state, data, settings)
     for fig in result.figures.values():
         plt.close(fig)
     _tag_score(domain, mlflow_client, str(loaded.version), float(result.metrics[domain.eval_score[0]]), signature)
@@ -76,22 +104,6 @@ def _tag_score(domain: registry.Domain, mlflow_client: Any, version: str, value:
     assert domain.eval_score is not None
     mlflow_client.set_model_version_tag(domain.name, version, f"score_{domain.eval_score[0]}", f"{value:.6f}")
     mlflow_client.set_model_version_tag(domain.name, version, "score_signature", signature)
-
-
-def settings_for(domain: registry.Domain, args: argparse.Namespace) -> dict[str, Any]:
-    """The domain's defaults, then ``--set``, then the dedicated flags; unknown keys are refused."""
-    settings: dict[str, Any] = dict(domain.eval_settings)
-    overrides = parse_overrides(args.overrides)
-    for key, value in overrides.items():
-        if key not in settings:
-            raise SystemExit(f"unknown evaluation setting {key!r} for {domain.name}; known: {', '.join(settings)}")
-        default = settings[key]
-        settings[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
-    for key in domain.eval_settings:
-        flag = getattr(args, f"eval_{key}", None)
-        if flag is not None:
-            settings[key] = flag
-    return settings
 
 
 def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -114,26 +126,28 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     import mlflow
 
-    from pipelines.train import _connect_ray
     from shared import tracking
 
     args, domain = parse_args(argv)
+    domain.check_dependencies()
     settings = settings_for(domain, args)
     uri = tracking.tracking_uri()
     loaded = tracking.load_registered(domain.name, args.alias, uri, version_number=args.version)
     if loaded is None:
-        raise SystemExit(f"no {domain.name} model holds @{args.alias}; train one with `tessera train {domain.name}`")
+        raise UsageError(f"no {domain.name} model holds @{args.alias}; train one with `tessera train {domain.name}`")
     print(f"evaluating {domain.name} v{loaded.version} ({getattr(loaded.cfg, 'model', '')}, run {loaded.run_id})",
           flush=True)
-    _connect_ray()
-    result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.info, args.data, settings)
+    try:
+        result = domain.evaluation(loaded.model.eval(), loaded.cfg, loaded.state, args.data, settings)
+    except ValueError as exc:  # data that does not fit the model, a period too short for the settings
+        raise UsageError(f"{domain.name} evaluation of v{loaded.version}: {exc}") from exc
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment or domain.name)
     with mlflow.start_run(run_name=f"evaluate-v{loaded.version}") as run:
         mlflow.set_tags({"domain": domain.name, "kind": "evaluation", "model_version": str(loaded.version),
                          "model_run_id": str(loaded.run_id)})
-        mlflow.log_params({f"eval.{k}": v for k, v in settings.items()} | {"data": args.data or ""})
+        mlflow.log_params({f"eval.{k}": v for k, v in to_dict(settings).items()} | {"data": args.data or ""})
         mlflow.log_metrics(_flat_metrics(result.metrics))
         mlflow.log_dict(result.metrics, "evaluation.json")
         for name, fig in result.figures.items():
@@ -171,7 +185,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = run(argv)
+    try:
+        result = run(argv)
+    except (UsageError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
 

@@ -1,8 +1,9 @@
 """Training job entry point: ``python -m pipelines.train <domain> [--model M] [--data PATH] [--set k=v ...]``.
 
-Runs on the connected Ray cluster (inside a Ray job, or a local Ray started on the spot), trains with the
-shared trainer, registers the model in MLflow under the domain's name, moves the alias ``production`` only
-when the new model beats the current one on validation, and prints one JSON object as its last line.
+Runs on the connected Ray cluster (inside a Ray job, or a local Ray started on the spot), or with ``--no-ray``
+in this process alone (debugging; the same trainer); registers the model in MLflow under the domain's name,
+moves the alias ``production`` only when the new model beats the current one on validation, and prints one
+JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from shared import registry
 from shared.config import parse_overrides, to_dict
 
 
+class UsageError(ValueError):
+    """A job that cannot start as asked (unknown model, bad --init-from): exit code 2 with the reason."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     parser.add_argument("domain", help=f"one of: {', '.join(registry.names())}")
@@ -27,53 +32,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="config overrides, e.g. --set epochs=1 d_model=128")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
     parser.add_argument("--no-register", action="store_true", help="train and log only")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="train in this process with the same trainer, without Ray (one worker; debugging)")
     parser.add_argument("--init-from", metavar="VERSION|ALIAS", default=None,
                         help="start from the weights of a registered version of this domain's model (e.g. 3 or "
                              "production) instead of a fresh initialisation: fine-tuning or training longer")
     return parser.parse_args(argv)
 
 
-def _connect_ray() -> None:
-    import ray
+def _train_here(domain: registry.Domain, cfg: Any, run_id: str, uri: str, init_weights: bytes | None) -> None:
+    """The plain trainer in this process (``--no-ray``), logging to the same MLflow run."""
+    from safetensors.torch import load as load_safetensors
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith("http"):  # a jobs/dashboard URL is for submission, not for ray.init
-        address = ""
-    ray.init(address=address or None, log_to_driver=True, configure_logging=False)
+    from pipelines.trainer import Trainer
+    from shared.tracking import MlflowTracker
+
+    if cfg.ray_workers != 1:
+        raise UsageError(f"--no-ray trains in one process; ray_workers={cfg.ray_workers} needs Ray")
+    trainer = Trainer(domain, cfg, tracker=MlflowTracker(uri, run_id),
+                      init_weights=load_safetensors(init_weights) if init_weights else None)
+    trainer.fit()
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     import mlflow
 
     from infra import stack
-    from pipelines.trainer import fit
     from shared import tracking
 
     args = parse_args(argv)
     domain = registry.get(args.domain)
     if args.model and args.model not in domain.models:
-        raise SystemExit(f"unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
-    cfg = domain.make_config(args.model, args.data, parse_overrides(args.overrides))
+        raise UsageError(f"unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
+    domain.check_dependencies()
+    try:
+        cfg = domain.make_config(args.model, args.data, parse_overrides(args.overrides))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     uri = tracking.tracking_uri()
     init_weights, init_tags = None, {}
     if args.init_from:
         try:
             start, meta, init_weights = tracking.registered_weights(tracking.client(uri), domain.name, args.init_from)
         except ValueError as exc:
-            raise SystemExit(f"--init-from {args.init_from}: {exc}") from None
+            raise UsageError(f"--init-from {args.init_from}: {exc}") from None
         trained_as = meta.get("config", {}).get("model")
         if trained_as != getattr(cfg, "model", trained_as):
-            raise SystemExit(f"--init-from {args.init_from}: {domain.name} v{start.version} is a {trained_as!r} model, "
-                             f"this run trains {cfg.model!r}")
+            raise UsageError(f"--init-from {args.init_from}: {domain.name} v{start.version} is a {trained_as!r} "
+                             f"model, this run trains {cfg.model!r}")
         init_tags = {"init_from_version": str(start.version), "init_from_run": start.run_id or ""}
         print(f"starting from the weights of {domain.name} v{start.version} (run {start.run_id})", flush=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment or domain.name)
-    storage = os.environ.get("TESSERA_STORAGE") or str(stack.home() / "ray_results")
-    Path(storage).mkdir(parents=True, exist_ok=True)
-    _connect_ray()
     model_name = getattr(cfg, "model", domain.models[0])
     data_name = Path(cfg.data).name if getattr(cfg, "data", None) else "synthetic"
     with mlflow.start_run(run_name=f"{model_name}-{data_name}") as run:
@@ -84,10 +94,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         params = to_dict(cfg)
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         print(f"MLflow run {run_id} at {uri}", flush=True)
-        fit(domain.name, cfg, run_id=run_id, tracking_uri=uri, storage_path=storage, init_weights=init_weights)
+        if args.no_ray:
+            _train_here(domain, cfg, run_id, uri, init_weights)
+        else:
+            from pipelines.ray_train import fit
+            from shared.cluster import connect_ray
+
+            storage = os.environ.get("TESSERA_STORAGE") or str(stack.home() / "ray_results")
+            Path(storage).mkdir(parents=True, exist_ok=True)
+            connect_ray()
+            fit(domain.name, cfg, run_id=run_id, tracking_uri=uri, storage_path=storage, init_weights=init_weights)
 
     client = tracking.client(uri)
-    metrics = client.get_run(run_id).data.metrics
+    finished = client.get_run(run_id)
+    metrics = finished.data.metrics
     if f"kept_val_{domain.val_metric}" not in metrics:
         raise RuntimeError(f"run {run_id} finished without final metrics; see the worker logs above")
 
@@ -95,9 +115,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                               "version": None, "promoted": False}
     result.update({k: v for k, v in metrics.items() if k.startswith(("test_", "best_val_", "kept_", "epochs_run"))})
     if not args.no_register:
-        info_path = client.download_artifacts(run_id, f"{tracking.MODEL_DIR}/stats.json")
-        info = json.loads(Path(info_path).read_text())
-        signature = domain.eval_signature(cfg, info)
+        signature = finished.data.tags["eval_signature"]
         # The validation score of the weights registered (the last epoch's when the run keeps the last).
         val = float(metrics[f"kept_val_{domain.val_metric}"])
         version = tracking.register(client, domain.name, run_id, tags={
@@ -112,7 +130,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = run(argv)
+    try:
+        result = run(argv)
+    except (UsageError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
 

@@ -1,30 +1,76 @@
-"""The one trainer every domain uses: Ray Train ``TorchTrainer`` with per-epoch checkpoints.
+"""The one trainer every domain uses, as a plain class: no Ray in here (``pipelines.ray_train`` adapts it).
 
-Domains supply data, a model and a loss (``shared.registry.Domain``); this module owns the loop: optimizer,
-learning-rate schedule, early stopping on the validation metric, the choice of the weights to keep (the best
-validation epoch's or the last's, ``cfg.keep``), checkpoints every epoch (a restarted worker
-resumes from the last one), progress lines, and MLflow logging from rank 0 (per-epoch metrics, final test
-metrics, plots and the model folder).
+Domains supply data, a model and a loss (``shared.registry.Domain``); :class:`Trainer` owns the loop: AdamW
+(no weight decay on norms and biases unless ``decay_1d``), linear warm-up then the per-epoch schedule,
+gradient accumulation and clipping, early stopping on the validation metric, the choice of the weights to keep
+(the best validation epoch's or the last's, ``cfg.keep``), a checkpoint of everything needed to resume, and
+the final stage on rank 0: calibration, test metrics, plots and the model folder through a :class:`Tracker`.
+
+Run it in a process of its own (``python -m pipelines.train DOMAIN --no-ray``, tests) or on every Ray Train
+worker, which passes its rank, world size and the Ray wrappers for the model and the training loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from shared import registry
-from shared.config import from_dict, to_dict
+from shared.registry import DataBundle, Domain
+from shared.saved import SavedState
+from shared.tracking import load_weights, unwrap
 
-FAIL_ONCE_ENV = "TESSERA_FAIL_ONCE_AT_EPOCH"  # fault injection for tests: "<epoch>:<marker file>"
+
+class Tracker(Protocol):
+    """Where rank 0 records a run (MLflow in production, memory in tests)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_figure(self, figure: Any, path: str) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_model(self, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> None: ...
+
+
+class MemoryTracker:
+    """A :class:`Tracker` that keeps everything in memory (tests, notebooks): metrics by name as (step, value)
+    lists, figure paths, tags, and the logged model saved as a model folder under ``folder`` when given."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.metrics: dict[str, list[tuple[int | None, float]]] = {}
+        self.figures: list[str] = []
+        self.tags: dict[str, str] = {}
+        self.folder = folder
+        self.model: tuple[str, Any, SavedState] | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((step, float(value)))
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.figures.append(path)
+        plt.close(figure)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_model(self, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> None:
+        self.model = (domain, cfg, state)
+        if self.folder is not None:
+            from shared.tracking import save_model_dir
+
+            save_model_dir(self.folder, model, domain, cfg, state)
 
 
 def learning_rate(base: float, schedule: str, epoch: int, epochs: int) -> float:
@@ -36,64 +82,73 @@ def learning_rate(base: float, schedule: str, epoch: int, epochs: int) -> float:
     return base
 
 
-def kept_epoch(state: dict[str, Any], keep: str, metric: str) -> tuple[dict[str, torch.Tensor] | None, int, float]:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices and kernels; none on parameters with fewer than two
+    dimensions (norm gains, biases, scalars) unless ``decay_1d`` (nanoGPT's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_1d or weight_decay == 0:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def shard(dataset: Any, rank: int, world: int) -> Any:
+    """Every ``world``-th sample from ``rank`` on (no padding, so metrics summed over ranks count each sample
+    once); the whole dataset when ``world == 1``."""
+    return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+
+
+@dataclass
+class TrainState:
+    """Everything about the run's progress that a resumed worker needs (saved in every checkpoint)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (warm-up counts them)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights (keep="best")
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # no deep copy of the weights
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> TrainState:
+        return cls(**saved)
+
+
+def kept_epoch(state: TrainState, keep: str, metric: str) -> tuple[dict[str, torch.Tensor] | None, int, float]:
     """The weights to register after training, their 1-based epoch and validation ``metric``.
 
     ``keep="best"``: the best validation epoch's weights (a copy held in ``state``); ``"last"``: ``None``, the
     model as it stands after the last epoch (for domains whose validation metric is only a proxy, such as
     open-loop action error for a closed-loop policy).
     """
-    history = state["history"]
-    if not history:
+    if not state.history:
         return None, 0, float("nan")
     if keep == "last":
-        return None, int(history[-1]["epoch"]), float(history[-1][f"val_{metric}"])
+        return None, int(state.history[-1]["epoch"]), float(state.history[-1][f"val_{metric}"])
     if keep != "best":
         raise ValueError(f"keep={keep!r}: expected 'best' or 'last'")
-    epoch = next((int(r["epoch"]) for r in history if r[f"val_{metric}"] == state["best_val"]), 0)
-    return state["best_model"], epoch, float(state["best_val"])
+    return state.best_model, state.best_epoch, float(state.best_val)
 
 
-def _log(rank: int, message: str) -> None:
+def _print(message: str) -> None:
     # Straight to the process's stdout: Ray Train patches print() and, once MLflow wraps sys.stdout, each
     # printed line would reach the job log twice.
-    if rank == 0:
-        stream = sys.__stdout__ or sys.stdout
-        stream.write(message + "\n")
-        stream.flush()
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
 
 
-def _maybe_fail(epoch: int) -> None:
-    """Kill this worker once at the start of ``epoch`` (tests of resume-after-failure)."""
-    spec = os.environ.get(FAIL_ONCE_ENV)
-    if not spec:
-        return
-    at, _, marker = spec.partition(":")
-    if epoch == int(at) and marker and not Path(marker).exists():
-        import ray.train
-
-        # Die like a crashed node would mid-epoch: after the last epoch's checkpoint was committed.
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                               timeout_s=60)
-        Path(marker).write_text("failed once\n")
-        _log(0, f"fault injection: worker exits during epoch {epoch + 1}")
-        os._exit(1)
+def _identity(module: torch.nn.Module, ddp: bool) -> torch.nn.Module:
+    return module
 
 
-def _average_gradients(model: torch.nn.Module, world: int) -> None:
-    """All-reduce (mean) of the gradients over the workers, for models DDP cannot wrap."""
-    import torch.distributed as dist
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+def _same_loader(loader: DataLoader) -> DataLoader:
+    return loader
 
 
 def _loss_figure(history: list[dict[str, float]], metric: str) -> Any:
@@ -113,176 +168,265 @@ def _loss_figure(history: list[dict[str, float]], metric: str) -> Any:
     return fig
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function; ``config`` holds the domain name, its config dict and the MLflow run."""
-    import ray.train
-    import ray.train.torch
-    from mlflow import MlflowClient
+class Trainer:
+    """Trains ``domain``'s model for ``cfg`` (a :class:`shared.config.RunSettings` subclass).
 
-    from shared.tracking import load_weights, log_model, unwrap
+    ``checkpoint`` (from :meth:`checkpoint`) resumes a run; ``init_weights`` replaces the fresh initialisation
+    (``--init-from``). ``prepare_model(module, ddp)`` and ``prepare_loader(loader)`` wrap the model and the
+    training loader for distributed training (Ray Train's ``prepare_model`` / ``prepare_data_loader``); the
+    default is one process. ``tracker`` is given on rank 0 only.
+    """
 
-    domain = registry.get(config["domain"])
-    cfg: Any = from_dict(domain.config_cls, config["cfg"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(getattr(cfg, "cpus_per_worker", 1))))
-    torch.manual_seed(int(getattr(cfg, "seed", 0)))
-    device = ray.train.torch.get_device()
-    mlflow = MlflowClient(tracking_uri=config["tracking_uri"]) if rank == 0 else None
-    run_id = config["run_id"]
-    metric = domain.val_metric
+    def __init__(self, domain: Domain, cfg: Any, *, device: torch.device | None = None, rank: int = 0,
+                 world: int = 1, tracker: Tracker | None = None, log: Callable[[str], None] | None = _print,
+                 checkpoint: Mapping[str, Any] | None = None, init_weights: Mapping[str, torch.Tensor] | None = None,
+                 prepare_model: Callable[[torch.nn.Module, bool], torch.nn.Module] = _identity,
+                 prepare_loader: Callable[[DataLoader], DataLoader] = _same_loader,
+                 data: DataBundle | None = None) -> None:
+        self.domain, self.cfg = domain, cfg
+        self.device = device or torch.device("cpu")
+        self.rank, self.world = rank, world
+        self.tracker = tracker if rank == 0 else None
+        self._log = log if rank == 0 else None
+        self.metric = domain.val_metric
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.manual_seed(int(cfg.seed))
 
-    data = domain.load_data(cfg)
-    model = domain.build_model(cfg, data.info)
-    # Fused AdamW: one kernel for all parameters (CPU and CUDA): the optimizer step of iTransformer on CPU
-    # goes from 3.8 to 1.6 ms.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0),
-                                  fused=device.type in ("cpu", "cuda"))
-    state: dict[str, Any] = {"epoch": 0, "best_val": float("inf"), "best_model": None, "bad_epochs": 0,
-                             "history": [], "stopped": False}
-    keep = str(getattr(cfg, "keep", "best"))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["trainer"]
-        _log(rank, f"resumed from checkpoint after epoch {state['epoch']} (best val_{metric} {state['best_val']:.4f})")
-    elif config.get("init_weights"):
-        from safetensors.torch import load as load_safetensors
+        self.data = data or domain.load_data(cfg)
+        model = domain.build_model(cfg, self.data.state)
+        # Fused AdamW: one kernel for all parameters (CPU and CUDA): the optimizer step of iTransformer on CPU
+        # goes from 3.8 to 1.6 ms.
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr,
+                                           fused=self.device.type in ("cpu", "cuda"))
+        self.state = TrainState()
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.state = TrainState.from_dict(checkpoint["trainer"])
+            if "rng" in checkpoint:  # the shuffling and dropout go on as if the run had not stopped
+                torch.set_rng_state(checkpoint["rng"])
+                if self.device.type == "cuda" and "cuda_rng" in checkpoint:
+                    torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
+            self.log(f"resumed from checkpoint after epoch {self.state.epoch} "
+                     f"(best val_{self.metric} {self.state.best_val:.4f})")
+        elif init_weights is not None:
+            load_weights(model, dict(init_weights))
+            self.log("started from the given weights")
+        self.ddp = domain.supports_ddp(cfg)
+        self.model = prepare_model(model, self.ddp)
+        pin = self.device.type == "cuda"
+        micro = cfg.micro_batch
+        workers = {"num_workers": cfg.loader_workers, "persistent_workers": cfg.loader_workers > 0}
+        self.train_loader = prepare_loader(DataLoader(self.data.train, batch_size=micro, shuffle=True,
+                                                      drop_last=len(self.data.train) > micro, pin_memory=pin,
+                                                      **workers))
+        self._eval_loader_args = {"batch_size": cfg.batch_size * 2, "pin_memory": pin, **workers}
+        self.val_loader = self._eval_loader(self.data.val, sharded=True)
+        precision = cfg.precision
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        batches = len(self.train_loader)
+        self.steps_per_epoch = math.ceil(batches / cfg.grad_accum)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"{domain.name}/{getattr(cfg, 'model', '')}: {n_params:,} parameters, {len(self.data.train)} train / "
+                 f"{len(self.data.val)} val / {len(self.data.test)} test samples, {world} worker(s) on "
+                 f"{self.device}{' with bf16 autocast' if self.use_bf16 else ''}; batch {cfg.batch_size} = "
+                 f"{world} worker(s) x {cfg.grad_accum} step(s) x {micro}")
 
-        load_weights(model, load_safetensors(config["init_weights"]))
-        _log(rank, "started from the given weights")
-    ddp = domain.supports_ddp(cfg)
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
-    pin = device.type == "cuda"
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,  # type: ignore[arg-type]
-                   drop_last=len(data.train) > cfg.batch_size, pin_memory=pin))
-    val_loader: DataLoader[Any] = DataLoader(data.val, batch_size=cfg.batch_size * 2, pin_memory=pin)  # type: ignore[arg-type]
-    test_loader: DataLoader[Any] = DataLoader(data.test, batch_size=cfg.batch_size * 2, pin_memory=pin)  # type: ignore[arg-type]
-    precision = getattr(cfg, "precision", "auto")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    steps = len(train_loader) if not cfg.max_steps_per_epoch else min(len(train_loader), cfg.max_steps_per_epoch)
-    _log(rank, f"{domain.name}/{getattr(cfg, 'model', '')}: {sum(p.numel() for p in model.parameters()):,} "
-               f"parameters, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples, "
-               f"{world} worker(s) on {device}{' with bf16 autocast' if use_bf16 else ''}")
+    # --- helpers ---------------------------------------------------------------------------------------------
 
-    def evaluate(loader: DataLoader) -> dict[str, float]:
-        bare = unwrap(model)
+    def log(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _eval_loader(self, dataset: Dataset[Any], sharded: bool) -> DataLoader:
+        return DataLoader(shard(dataset, self.rank, self.world) if sharded else dataset,  # type: ignore[arg-type]
+                          **self._eval_loader_args)
+
+    @property
+    def bare(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+    @property
+    def running(self) -> bool:
+        return self.state.epoch < self.cfg.epochs and not self.state.stopped
+
+    def evaluate(self, loader: DataLoader, *, reduce: bool = True) -> dict[str, float]:
+        """The domain's metrics over ``loader``; with ``reduce`` and several workers, each worker scores its own
+        shard and the additive sums are combined across workers."""
+        bare = self.bare
         bare.eval()
-        with torch.inference_mode(), autocast:
-            return domain.evaluate(bare, loader, device)
+        with torch.inference_mode(), self.autocast():
+            sums = self.domain.metric_sums(bare, loader, self.device)
+        if reduce and self.world > 1:
+            import torch.distributed as dist
 
-    while state["epoch"] < cfg.epochs and not state["stopped"]:
-        epoch = state["epoch"]
-        _maybe_fail(epoch)
-        lr = learning_rate(cfg.lr, cfg.lr_schedule, epoch, cfg.epochs)
-        for group in optimizer.param_groups:
+            gathered: list[dict[str, float] | None] = [None] * self.world
+            dist.all_gather_object(gathered, sums)
+            sums = {}
+            for part in gathered:
+                for key, value in (part or {}).items():
+                    sums[key] = sums.get(key, 0.0) + value
+        return self.domain.metrics_from(sums)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Model, optimizer, progress and random state: what :class:`Trainer` takes back as ``checkpoint`` to
+        resume exactly where this run is (torch.save / ``weights_only`` load safe)."""
+        saved = {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "trainer": self.state.to_dict(), "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            saved["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return saved
+
+    # --- one epoch -------------------------------------------------------------------------------------------
+
+    def _average_gradients(self) -> None:
+        """All-reduce (mean) of the gradients over the workers, for models DDP cannot wrap."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _groups(self) -> Iterator[list[Any]]:
+        """The epoch's micro-batches, ``grad_accum`` at a time (the last group may be shorter)."""
+        group: list[Any] = []
+        for batch in self.train_loader:
+            group.append(batch)
+            if len(group) == self.cfg.grad_accum:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if world > 1 and hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        started, total, seen = time.perf_counter(), 0.0, 0
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training data; returns the epoch's train loss, lr, time and throughput."""
+        cfg, epoch, steps = self.cfg, self.state.epoch, self.steps_per_epoch
+        lr = learning_rate(cfg.lr, cfg.lr_schedule, epoch, cfg.epochs)
+        self._set_lr(lr)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if self.world > 1 and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        self.model.train()
+        started, seen = time.perf_counter(), 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # read as a number only when logged
         report_every = max(1, steps // 5)
-        for step, batch in enumerate(train_loader):
+        for step, group in enumerate(self._groups()):
             if step >= steps:
                 break
-            with autocast:
-                loss = domain.training_loss(model, batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1 and not ddp:
-                _average_gradients(model, world)
-            optimizer.step()
-            total += float(loss.detach())
-            seen += cfg.batch_size * world
+            if cfg.warmup_steps and self.state.step < cfg.warmup_steps:
+                self._set_lr(lr * (self.state.step + 1) / cfg.warmup_steps)
+            elif cfg.warmup_steps and self.state.step == cfg.warmup_steps:
+                self._set_lr(lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(group):
+                last = i == len(group) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+                with sync:
+                    with self.autocast():
+                        loss = self.domain.training_loss(self.model, batch, self.device)
+                    (loss / len(group) if len(group) > 1 else loss).backward()
+                total += loss.detach().double() / len(group)
+            if self.world > 1 and not self.ddp:
+                self._average_gradients()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.state.step += 1
+            seen += cfg.batch_size
             if (step + 1) % report_every == 0 or step + 1 == steps:
                 rate = seen / (time.perf_counter() - started)
-                _log(rank, f"epoch {epoch + 1}/{cfg.epochs} [{'#' * ((step + 1) * 20 // steps):<20}] "
-                           f"{step + 1}/{steps} loss {total / (step + 1):.4f} {rate:.0f} samples/s")
+                self.log(f"epoch {epoch + 1}/{cfg.epochs} [{'#' * ((step + 1) * 20 // steps):<20}] "
+                         f"{step + 1}/{steps} loss {float(total) / (step + 1):.4f} {rate:.0f} samples/s")
         elapsed = time.perf_counter() - started
-        val = evaluate(val_loader)
-        record = {"epoch": epoch + 1, "train_loss": total / max(1, steps), "lr": lr, "epoch_seconds": elapsed,
-                  "samples_per_second": seen / elapsed, **{f"val_{k}": v for k, v in val.items()}}
-        state["history"].append(record)
-        if val[metric] < state["best_val"]:
-            state["best_val"] = val[metric]
-            if keep == "best":
-                state["best_model"] = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-            state["bad_epochs"] = 0
+        return {"epoch": epoch + 1, "train_loss": float(total) / max(1, steps), "lr": lr, "epoch_seconds": elapsed,
+                "samples_per_second": seen / elapsed}
+
+    def end_epoch(self, record: dict[str, float], val: Mapping[str, float]) -> dict[str, float]:
+        """Book an epoch's validation: history, the best epoch (and its weights), early stopping, logging."""
+        record = {**record, **{f"val_{k}": v for k, v in val.items()}}
+        state = self.state
+        state.history.append(record)
+        if val[self.metric] < state.best_val:
+            state.best_val, state.best_epoch = val[self.metric], int(record["epoch"])
+            if self.cfg.keep == "best":
+                state.best_model = {k: v.detach().cpu().clone() for k, v in self.bare.state_dict().items()}
+            state.bad_epochs = 0
         else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
-            state["stopped"] = True
-        _log(rank, f"epoch {epoch + 1}: train {record['train_loss']:.4f} "
-                   + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
-                   + f" lr {lr:.2e} {elapsed:.1f}s" + (" (early stop)" if state["stopped"] else ""))
-        if mlflow is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    mlflow.log_metric(run_id, key, float(value), step=epoch + 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "trainer": state}, Path(tmp) / "state.pt")
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in record.items()}, checkpoint=ckpt)
+            state.bad_epochs += 1
+        state.epoch = int(record["epoch"])
+        if self.cfg.patience and state.bad_epochs >= self.cfg.patience:
+            state.stopped = True
+        self.log(f"epoch {state.epoch}: train {record['train_loss']:.4f} "
+                 + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
+                 + f" lr {record['lr']:.2e} {record['epoch_seconds']:.1f}s" + (" (early stop)" if state.stopped else ""))
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=state.epoch)
+        return record
 
-    # Final: the kept weights, test metrics, plots and the model folder (rank 0 only).
-    weights, kept, kept_val = kept_epoch(state, keep, metric)
-    if weights is not None:
-        unwrap(model).load_state_dict(weights)
-    _log(rank, f"keeping the weights of epoch {kept} ({keep}; val_{metric} {kept_val:.4f})")
-    final: dict[str, Any] = {"epochs_run": state["epoch"], f"best_val_{metric}": state["best_val"],
-                             "kept_epoch": kept, f"kept_val_{metric}": kept_val}
-    if rank == 0 and mlflow is not None:
-        bare = unwrap(model).to(device).eval()
-        calibration = domain.calibrate(bare, val_loader, data.info, cfg, device)
-        if calibration:  # the validation score as served, next to the kept epoch's raw one
-            final.update(calibration)
-            final.update({f"calibrated_val_{k}": v for k, v in evaluate(val_loader).items()})
-            _log(rank, f"calibrated on validation: val_{metric} {kept_val:.4f} -> "
-                       f"{final[f'calibrated_val_{metric}']:.4f}")
-        test = evaluate(test_loader)
+    def run_epoch(self) -> dict[str, float]:
+        """Train one epoch, validate (sharded over the workers) and book it; returns the epoch's record."""
+        record = self.train_epoch()
+        return self.end_epoch(record, self.evaluate(self.val_loader))
+
+    # --- the end of the run ----------------------------------------------------------------------------------
+
+    def finalize(self) -> dict[str, Any]:
+        """Load the kept weights; on rank 0 calibrate on validation, score the test split, log the metrics,
+        plots and model folder. Returns the final figures (``kept_epoch``, ``test_...``, ...)."""
+        weights, kept, kept_val = kept_epoch(self.state, self.cfg.keep, self.metric)
+        if weights is not None:
+            self.bare.load_state_dict(weights)
+        self.log(f"keeping the weights of epoch {kept} ({self.cfg.keep}; val_{self.metric} {kept_val:.4f})")
+        final: dict[str, Any] = {"epochs_run": self.state.epoch, f"best_val_{self.metric}": self.state.best_val,
+                                 "kept_epoch": kept, f"kept_val_{self.metric}": kept_val}
+        if self.rank != 0:
+            return final
+        bare = self.bare.to(self.device).eval()
+        val_loader = self._eval_loader(self.data.val, sharded=False)
+        state = self.data.state
+        calibration = self.domain.calibrate(bare, val_loader, state, self.cfg, self.device)
+        if calibration is not None:  # the validation score as served, next to the kept epoch's raw one
+            state = calibration.state
+            final.update(calibration.metrics)
+            final.update({f"calibrated_val_{k}": v for k, v in self.evaluate(val_loader, reduce=False).items()})
+            self.log(f"calibrated on validation: val_{self.metric} {kept_val:.4f} -> "
+                     f"{final[f'calibrated_val_{self.metric}']:.4f}")
+        test = self.evaluate(self._eval_loader(self.data.test, sharded=False), reduce=False)
         final.update({f"test_{k}": v for k, v in test.items()})
-        for key, value in final.items():
-            mlflow.log_metric(run_id, key, float(value))
-        figures = {"loss.png": _loss_figure(state["history"], metric)} if state["history"] else {}
-        with torch.inference_mode():
-            figures.update(domain.figures(bare, data, cfg))
-        for name, fig in figures.items():
-            mlflow.log_figure(run_id, fig, f"plots/{name}")
-        log_model(mlflow, run_id, bare, domain.name, cfg, data.info)
-        _log(rank, "test: " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    ray.train.report(final, checkpoint=None)
+        self.final_state = state
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: float(v) for k, v in final.items()})
+            figures = {"loss.png": _loss_figure(self.state.history, self.metric)} if self.state.history else {}
+            with torch.inference_mode():
+                figures.update(self.domain.figures(bare, DataBundle(self.data.train, self.data.val, self.data.test,
+                                                                    state), self.cfg))
+            for name, fig in figures.items():
+                self.tracker.log_figure(fig, f"plots/{name}")
+            self.tracker.log_model(bare, self.domain.name, self.cfg, state)
+            self.tracker.set_tags({"eval_signature": self.domain.eval_signature(self.cfg, state)})
+        self.log("test: " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        return final
 
-
-def fit(domain_name: str, cfg: Any, *, run_id: str, tracking_uri: str, storage_path: str,
-        init_weights: bytes | None = None) -> None:
-    """Run the trainer on the connected Ray cluster; rank 0 logs every result to the MLflow run ``run_id``.
-    ``init_weights`` (safetensors bytes of a model of the same shape) replaces the fresh initialisation."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"domain": domain_name, "cfg": to_dict(cfg), "run_id": run_id,
-                           "tracking_uri": tracking_uri, "init_weights": init_weights},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(
-            name=f"{domain_name}-{run_id}",
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    print(f"trainer finished; last checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)
+    def fit(self) -> dict[str, Any]:
+        """Every remaining epoch, then :meth:`finalize` (the loop of a single process)."""
+        while self.running:
+            self.run_epoch()
+        return self.finalize()

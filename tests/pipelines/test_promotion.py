@@ -70,11 +70,19 @@ def test_evaluate_promote_needs_a_version_and_a_domain_with_an_evaluation_score(
     assert "--promote needs --version" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["forecasting", "--version", "2", "--promote"])
-    assert "forecasting has no evaluation score" in capsys.readouterr().err
+    assert "forecasting has no evaluation pipeline" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["weather", "--version", "2", "--promote"])  # an evaluation, but no score to rank on
+    assert "weather has no evaluation score" in capsys.readouterr().err
 
 
 def test_score_signature_depends_on_every_setting_and_the_data() -> None:
-    base = score_signature({"episodes": 50, "max_steps": 300}, None)
-    assert base == score_signature({"max_steps": 300, "episodes": 50}, None)
-    assert base != score_signature({"episodes": 10, "max_steps": 300}, None)
-    assert base != score_signature({"episodes": 50, "max_steps": 300}, "other.zarr")
+    from services.robot_policy.config import RobotPolicyEvalConfig
+
+    base = score_signature(RobotPolicyEvalConfig(), None)
+    assert base == score_signature(RobotPolicyEvalConfig(episodes=50), None)
+    assert base != score_signature(RobotPolicyEvalConfig(episodes=10), None)
+    assert base != score_signature(RobotPolicyEvalConfig(), "other.zarr")
+    # the same string as the settings dicts of before gave: scores tagged then stay comparable
+    assert base == ('{"candidates": 0, "data": "", "descent_steps": 0, "episodes": 50, "gif_episodes": 3, '
+                    '"max_steps": 300, "ood_samples": 512, "seed_start": 100000, "workers": 0}')
