@@ -22,3 +22,13 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def error_of(response: object) -> tuple[int, str]:
+    """(status, reason) of an endpoint's error answer (what ``shared.serving.answers_errors`` returns)."""
+    import json
+
+    from starlette.responses import JSONResponse
+
+    assert isinstance(response, JSONResponse), f"expected an error answer, got {response!r}"
+    return response.status_code, json.loads(bytes(response.body))["error"]

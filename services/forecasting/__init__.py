@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.config import apply_overrides
-from shared.registry import DataBundle, Domain, register
+from shared.registry import DataBundle, DemoJob, Domain, Prediction, register
 
 from .config import MODELS, ForecastingConfig
 
@@ -15,16 +15,26 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
+    from .data import ForecastingState
+
 
 @register
-class Forecasting(Domain):
+class ForecastingDomain(Domain):
     name = "forecasting"
     models = MODELS
     port = 3001
     endpoint = "/forecast"
     service = "services.forecasting.service:Forecasting"
     config_cls = ForecastingConfig
+    saved_state = "services.forecasting.data:ForecastingState"
     val_metric = "mse"
+    requires = ("pandas", "pyarrow")
+    data_suffixes = (".csv", ".parquet")
+    tiny = {"d_model": 16, "d_ff": 32, "e_layers": 1, "d_layers": 1, "n_heads": 2, "seq_len": 48, "label_len": 24,
+            "pred_len": 24, "synthetic_steps": 900, "synthetic_vars": 3, "batch_size": 8}
+    demo_jobs = (DemoJob("itransformer", ("epochs=3", "max_steps_per_epoch=120")),
+                 DemoJob("autoformer", ("epochs=2", "max_steps_per_epoch=60", "d_model=128", "d_ff=256")))
+    max_body_bytes = 8 * 1024 * 1024
 
     def make_config(self, model: str | None = None, data: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> ForecastingConfig:
@@ -44,10 +54,10 @@ class Forecasting(Domain):
                            time_features=cfg.time_features, fingerprint=fingerprint)
         splits = [WindowDataset(prepared.values[a:b], prepared.marks[a:b], cfg.seq_len, cfg.label_len, cfg.pred_len)
                   for a, b in prepared.borders]
-        return DataBundle(train=splits[0], val=splits[1], test=splits[2], info=prepared.info)
+        return DataBundle(train=splits[0], val=splits[1], test=splits[2], state=prepared.state)
 
-    def build_model(self, cfg: ForecastingConfig, info: Mapping[str, Any]) -> torch.nn.Module:
-        n_vars, n_marks = len(info["columns"]), len(info["marks"])
+    def build_model(self, cfg: ForecastingConfig, state: ForecastingState) -> torch.nn.Module:
+        n_vars, n_marks = len(state.columns), len(state.marks)
         if cfg.model == "autoformer":
             from .model_autoformer import Autoformer
 
@@ -56,15 +66,17 @@ class Forecasting(Domain):
 
         return ITransformer(cfg, n_vars, n_marks)
 
-    def eval_signature(self, cfg: ForecastingConfig, info: Mapping[str, Any]) -> str:
-        return f"{info['fingerprint']}:{info['split']}:L{cfg.seq_len}:H{cfg.pred_len}"
+    def eval_signature(self, cfg: ForecastingConfig, state: ForecastingState) -> str:
+        return f"{state.fingerprint}:{state.split}:L{cfg.seq_len}:H{cfg.pred_len}"
 
     @staticmethod
     def _forward(model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        from .inference import INFERER
+
         x, y, x_mark, y_mark = (t.to(device, non_blocking=True) for t in batch)
         if x_mark.shape[-1] == 0:
             x_mark = y_mark = None
-        return model(x, x_mark, y_mark), y
+        return INFERER(model, x, x_mark, y_mark), y
 
     def training_loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         import torch.nn.functional as F
@@ -72,16 +84,43 @@ class Forecasting(Domain):
         pred, y = self._forward(model, batch, device)
         return F.mse_loss(pred.float(), y)
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+    def metric_sums(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
         from .metrics import ErrorAccumulator
 
         acc = ErrorAccumulator()
         for batch in batches:
             pred, y = self._forward(model, batch, device)
             acc.update(pred, y)
-        return acc.compute()
+        return acc.sums()
+
+    def metrics_from(self, sums: Mapping[str, float]) -> dict[str, float]:
+        from .metrics import ErrorAccumulator
+
+        return ErrorAccumulator.compute(sums)
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
         from .plots import forecast_figure
 
         return {"forecast_vs_truth.png": forecast_figure(model, data, cfg)}
+
+    def describe(self, cfg: ForecastingConfig, state: ForecastingState) -> dict[str, Any]:
+        return {"columns": list(state.columns), "seq_len": cfg.seq_len, "label_len": cfg.label_len,
+                "pred_len": cfg.pred_len, "marks": list(state.marks), "step_seconds": state.step_seconds,
+                "dataset": state.dataset}
+
+    def example_request(self) -> dict[str, Any]:
+        from .client import example_request
+
+        return example_request()
+
+    def example_input(self, folder: Path, data: str | None = None) -> Path:
+        from .client import example_csv
+
+        return example_csv(folder, data)
+
+    def predict(self, url: str, path: Path, *, horizon: int | None = None, output: Path | None = None,
+                timeout: float = 120.0) -> Prediction:
+        from .client import predict_csv
+
+        return predict_csv(f"{url.rstrip('/')}{self.endpoint}", path, horizon=horizon, output=output,
+                           timeout=timeout)

@@ -8,6 +8,7 @@ target follows the previous split, and a standard scaler fitted on the training 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
+
+from shared.saved import SavedState, tensor
 
 TIME_COLUMNS = ("date", "time", "timestamp", "datetime", "ds")
 HOURS_PER_MONTH = 30 * 24
@@ -68,7 +72,7 @@ def mark_names(step: pd.Timedelta) -> list[str]:
     return ["day_of_month", "week_of_year", "month_of_year"]
 
 
-def calendar_features(times: pd.DatetimeIndex, names: list[str]) -> np.ndarray:
+def calendar_features(times: pd.DatetimeIndex, names: Sequence[str]) -> np.ndarray:
     """(T, F) features scaled to [-0.5, 0.5]."""
     columns = {
         "minute_of_hour": times.minute / 59.0,
@@ -126,6 +130,28 @@ def synthetic_frame(steps: int = 6000, n_vars: int = 7, seed: int = 0) -> pd.Dat
     return frame
 
 
+@dataclass(frozen=True)
+class ForecastingState(SavedState):
+    """What a forecasting model keeps from its training data: the series' layout and the scaler."""
+
+    dataset: str  # file stem, or "synthetic"
+    fingerprint: str | None  # content hash of the file (promotion compares models on the same data)
+    columns: tuple[str, ...]  # the variables, in model order
+    time_column: str | None
+    step_seconds: float | None  # the series' time step (None without a time column)
+    marks: tuple[str, ...]  # calendar features (empty: none)
+    split: str  # "ett" or "ratio"
+    borders: tuple[tuple[int, int], ...]  # train, val, test row ranges
+    rows: int
+    mean: Tensor  # (N,) float64, training rows only
+    std: Tensor  # (N,) float64
+
+    @classmethod
+    def from_legacy(cls, info: Mapping[str, Any]) -> ForecastingState:
+        arrays = {"mean": tensor(info["mean"], torch.float64), "std": tensor(info["std"], torch.float64)}
+        return cls.from_parts({k: v for k, v in info.items() if k not in arrays}, arrays)
+
+
 @dataclass
 class Prepared:
     """A series ready for windowing: standardized values, calendar features and the split borders."""
@@ -133,7 +159,7 @@ class Prepared:
     values: np.ndarray  # (T, N) standardized
     marks: np.ndarray  # (T, F)
     borders: list[tuple[int, int]]  # train, val, test row ranges (val/test start seq_len early)
-    info: dict[str, Any]
+    state: ForecastingState
 
 
 def split_borders(n_rows: int, seq_len: int, kind: str, step: pd.Timedelta | None) -> list[tuple[int, int]]:
@@ -184,20 +210,12 @@ def prepare(frame: pd.DataFrame, *, seq_len: int, pred_len: int, split: str = "a
     values = ((raw - mean) / std).astype(np.float32)
     names = mark_names(step) if (time_features and times is not None and step is not None) else []
     marks = calendar_features(times, names) if (times is not None and names) else np.zeros((len(raw), 0), np.float32)
-    info: dict[str, Any] = {
-        "dataset": name,
-        "fingerprint": fingerprint,
-        "columns": [str(c) for c in frame.columns],
-        "time_column": time_column,
-        "step_seconds": step.total_seconds() if step is not None else None,
-        "marks": names,
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-        "split": kind,
-        "borders": [list(b) for b in borders],
-        "rows": len(raw),
-    }
-    return Prepared(values=values, marks=marks, borders=borders, info=info)
+    state = ForecastingState(
+        dataset=name, fingerprint=fingerprint, columns=tuple(str(c) for c in frame.columns), time_column=time_column,
+        step_seconds=step.total_seconds() if step is not None else None, marks=tuple(names), split=kind,
+        borders=tuple((int(a), int(b)) for a, b in borders), rows=len(raw),
+        mean=torch.from_numpy(np.asarray(mean, np.float64)), std=torch.from_numpy(np.asarray(std, np.float64)))
+    return Prepared(values=values, marks=marks, borders=borders, state=state)
 
 
 def file_fingerprint(path: str | Path) -> str:

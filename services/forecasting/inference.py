@@ -16,19 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shared.inferers import SimpleInferer
 from shared.serving import RequestError
 from shared.tracking import LoadedModel
 
 from .data import calendar_features, future_times
 
-
-def describe(loaded: LoadedModel) -> dict[str, Any]:
-    cfg, info = loaded.cfg, loaded.info
-    return {
-        **loaded.describe(),
-        "columns": info["columns"], "seq_len": cfg.seq_len, "label_len": cfg.label_len, "pred_len": cfg.pred_len,
-        "marks": info["marks"], "step_seconds": info["step_seconds"], "dataset": info["dataset"],
-    }
+INFERER = SimpleInferer()  # one forward pass; the trainer's validation runs the model the same way
 
 
 def pack(meta: dict[str, Any], values: np.ndarray, times: pd.DatetimeIndex | None) -> np.ndarray:
@@ -47,20 +41,19 @@ def pack(meta: dict[str, Any], values: np.ndarray, times: pd.DatetimeIndex | Non
 @torch.inference_mode()
 def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
     """(B, L + H, N + F) packed inputs -> (B, H + 1, N): forecasts in original units + a version row."""
-    cfg, info = loaded.cfg, loaded.info
-    n, f = len(info["columns"]), len(info["marks"])
+    cfg, state = loaded.cfg, loaded.state
+    n, f = len(state.columns), len(state.marks)
     expected = (cfg.seq_len + cfg.pred_len, n + f)
     if batch.ndim != 3 or tuple(batch.shape[1:]) != expected:
         raise ValueError(f"runner input has shape {tuple(batch.shape)}; model v{loaded.version} expects "
                          f"(B, {expected[0]}, {expected[1]})")
-    mean = torch.tensor(info["mean"], dtype=torch.float32)
-    std = torch.tensor(info["std"], dtype=torch.float32)
+    mean, std = state.mean.float(), state.std.float()
     tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     x = (tensor[:, : cfg.seq_len, :n] - mean) / std  # (B, L, N)
     x_mark = tensor[:, : cfg.seq_len, n:] if f else None  # (B, L, F)
     y_mark = tensor[:, cfg.seq_len - cfg.label_len :, n:] if f else None  # (B, label_len + H, F)
     device = next(loaded.model.parameters()).device
-    pred = loaded.model(x.to(device), *(m.to(device) if m is not None else None for m in (x_mark, y_mark)))
+    pred = INFERER(loaded.model, x.to(device), *(m.to(device) if m is not None else None for m in (x_mark, y_mark)))
     out = pred.float().cpu() * std + mean  # (B, H, N)
     version_row = torch.full((out.shape[0], 1, n), float(loaded.version or 0))
     return torch.cat([out, version_row], dim=1).numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 
@@ -19,10 +21,15 @@ class ErrorAccumulator:
         self.abs += float(diff.abs().sum())
         self.count += diff.numel()
 
-    def compute(self) -> dict[str, float]:
-        if self.count == 0:
+    def sums(self) -> dict[str, float]:
+        """Additive totals (the trainer adds them up over workers)."""
+        return {"squared_error": self.sq, "absolute_error": self.abs, "count": float(self.count)}
+
+    @staticmethod
+    def compute(sums: Mapping[str, float]) -> dict[str, float]:
+        if not sums.get("count"):
             raise ValueError("no predictions were accumulated")
-        return {"mse": self.sq / self.count, "mae": self.abs / self.count}
+        return {"mse": sums["squared_error"] / sums["count"], "mae": sums["absolute_error"] / sums["count"]}
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> float:

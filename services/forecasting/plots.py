@@ -22,8 +22,9 @@ def forecast_figure(model: torch.nn.Module, data: DataBundle, cfg: Any, panels: 
     device = next(model.parameters()).device
     test = data.test
     picks = np.linspace(0, len(test) - 1, panels).astype(int)
-    columns = data.info["columns"]
-    mean, std = np.asarray(data.info["mean"]), np.asarray(data.info["std"])
+    state = data.state
+    columns = state.columns
+    mean, std = state.mean.numpy(), state.std.numpy()
     fig, axes = plt.subplots(panels, 1, figsize=(10, 2.6 * panels), squeeze=False)
     for ax, index in zip(axes[:, 0], picks, strict=True):
         x, y, x_mark, y_mark = (t.unsqueeze(0).to(device) for t in test[int(index)])
@@ -39,7 +40,7 @@ def forecast_figure(model: torch.nn.Module, data: DataBundle, cfg: Any, panels: 
         ax.plot(t_fut, truth, color="tab:blue", lw=1.2, label="truth")
         ax.plot(t_fut, fcst, color="tab:orange", lw=1.2, label="forecast")
         ax.axvline(0, color="0.7", lw=0.8, ls="--")
-        ax.set_title(f"{data.info['dataset']} · {columns[var]} · test window {int(index)}", fontsize=9)
+        ax.set_title(f"{state.dataset} · {columns[var]} · test window {int(index)}", fontsize=9)
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig

@@ -6,7 +6,6 @@ Two services: ``Forecasting`` (public: validates requests, formats answers) and 
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from typing import Any
 
@@ -17,27 +16,20 @@ from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.forecasting import inference
-from shared.serving import (
-    BodySizeLimit,
-    ModelHolder,
-    ModelRef,
-    ModelUnavailable,
-    RequestError,
-    error_response,
-)
+from services.forecasting.client import example_request
+from shared.serving import DomainService, ModelRef, ModelUnavailable, answers_errors, guard, setting
 
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
-MAX_BODY_BYTES = int(os.environ.get("TESSERA_MAX_BODY_BYTES", 8 * 1024 * 1024))
 # Adaptive batching: a request waits at most this long for a batch; BentoML sheds load (503) past it, so keep
 # it well above one batch's time on a small CPU box.
-MAX_LATENCY_MS = int(os.environ.get("TESSERA_MAX_LATENCY_MS", 5000))
+MAX_LATENCY_MS = setting("forecasting", "MAX_LATENCY_MS", 5000)
 
 
 class ForecastRequest(BaseModel):
     """Recent history, oldest row first, at least the model's lookback (seq_len) rows."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"example": example_request()})
     columns: list[str] = Field(min_length=1, max_length=MAX_COLUMNS, description="variable names, in the order of each row")
     values: list[list[float]] = Field(min_length=1, max_length=MAX_ROWS, description="rows = time steps, in column order")
     timestamps: list[datetime] | None = Field(default=None, max_length=MAX_ROWS, description="one per row (needed by models trained with calendar features)")
@@ -51,10 +43,12 @@ class ForecastResponse(BaseModel):
     model: ModelRef
 
 
-@bentoml.service(name="forecasting_runner", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
-class ForecastingRunner:
-    def __init__(self) -> None:
-        self.holder = ModelHolder("forecasting")
+@bentoml.service(name="forecasting_runner", workers=1, resources={"cpu": "2"},
+                 traffic={"timeout": 60, "max_concurrency": 256})
+class ForecastingRunner(DomainService):
+    """Holds ``models:/forecasting@production`` and runs it on adaptive batches of packed requests."""
+
+    domain = "forecasting"
 
     @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -66,14 +60,17 @@ class ForecastingRunner:
 
     @bentoml.api
     def model_info(self) -> dict[str, Any]:
+        """``/model``'s answer, or ``{"error": reason}`` (an error travels badly between services)."""
         try:
-            return inference.describe(self.holder.get())
+            return self.model_card()
         except ModelUnavailable as exc:
             return {"error": str(exc)}
 
 
 @bentoml.service(name="forecasting", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
 class Forecasting:
+    """The public service: validates requests, packs them for the runner, formats the answers."""
+
     runner = bentoml.depends(ForecastingRunner)
 
     def __init__(self) -> None:
@@ -88,14 +85,9 @@ class Forecasting:
         return self._meta
 
     @bentoml.api(route="/forecast")
+    @answers_errors
     async def forecast(self, request: ForecastRequest, /) -> ForecastResponse:
         """Forecast the next `horizon` steps of every column from the recent history."""
-        try:
-            return await self._forecast(request)
-        except RequestError as exc:
-            return error_response(exc)
-
-    async def _forecast(self, request: ForecastRequest) -> ForecastResponse:
         # Validate against the runner's model; if it was swapped for one of another shape meanwhile,
         # refresh and try once more.
         for attempt in (0, 1):
@@ -122,12 +114,10 @@ class Forecasting:
                                                architecture=meta.get("architecture")))
 
     @bentoml.api(route="/model")
+    @answers_errors
     async def model(self) -> dict[str, Any]:
         """The model this service answers with (name, version, run, columns, lookback, horizon)."""
-        try:
-            return await self._model_meta(refresh=True)
-        except RequestError as exc:
-            return error_response(exc)
+        return await self._model_meta(refresh=True)
 
 
-Forecasting.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+guard(Forecasting, "forecasting")

@@ -3,51 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.config import apply_overrides
-from shared.registry import DataBundle, Domain, EvaluationResult, register
+from shared.registry import DataBundle, DemoJob, Domain, EvaluationResult, register
 
-from .config import MODELS, RobotPolicyConfig
+from .config import MODELS, RobotPolicyConfig, RobotPolicyEvalConfig
 
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
-EVAL_SETTINGS: dict[str, Any] = {
-    "episodes": 50,  # seeded episodes
-    "seed_start": 100_000,  # episode i uses seed seed_start + i
-    "max_steps": 300,  # environment steps per episode
-    "descent_steps": 0,  # 0: the model's infer_steps
-    "candidates": 0,  # 0: the model's candidates
-    "gif_episodes": 3,  # episodes recorded into the rollout GIF
-    "ood_samples": 512,  # observation histories for the energy-as-uncertainty check
-    "workers": 0,  # parallel rollout tasks on Ray; 0: one per CPU of the cluster, 1: in this process
-}
+    from .data import RobotPolicyState
 
 
 @register
-class RobotPolicy(Domain):
+class RobotPolicyDomain(Domain):
     name = "robot_policy"
     models = MODELS
     port = 3005
     endpoint = "/act"
     service = "services.robot_policy.service:RobotPolicy"
     config_cls = RobotPolicyConfig
+    saved_state = "services.robot_policy.data:RobotPolicyState"
+    eval_config_cls = RobotPolicyEvalConfig
     val_metric = "action_mse"
-    eval_settings = EVAL_SETTINGS
     eval_score = ("mean_max_coverage", True)  # closed loop: open-loop action MSE does not rank policies
-
-    def make_config(self, model: str | None = None, data: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> RobotPolicyConfig:
-        overrides = dict(overrides or {})
-        model = model or overrides.pop("model", None) or MODELS[0]
-        cfg = RobotPolicyConfig(model=str(model), data=str(Path(data).resolve()) if data else None)
-        return apply_overrides(cfg, overrides)
+    requires = ("gymnasium", "gym_pusht", "zarr")
+    data_suffixes = (".zarr",)
+    tiny = {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2, "synthetic_episodes": 4, "train_steps": 2,
+            "infer_steps": 2, "candidates": 2, "diffusion_steps": 5, "batch_size": 8}
+    demo_jobs = (DemoJob("ebt", ("epochs=3", "max_steps_per_epoch=40", "synthetic_episodes=30", "d_model=64",
+                                 "d_ff=128", "n_layers=2", "batch_size=128")),)
+    max_body_bytes = 64 * 1024
 
     def load_data(self, cfg: RobotPolicyConfig) -> DataBundle:
         from .data import (
+            RobotPolicyState,
             WindowDataset,
             fit_normalizer,
             read_replay_buffer,
@@ -60,22 +51,22 @@ class RobotPolicy(Domain):
         bounds = demos.episode_bounds()
         ids = split_episodes(demos.n_episodes, cfg.val_fraction, cfg.seed)
         parts = [[bounds[i] for i in split] for split in ids]
-        stats = fit_normalizer(demos, parts[0])
-        info = {"normalizer": stats, "fingerprint": demos.fingerprint, "data": demos.name,
-                "episodes": {"train": ids[0], "val": ids[1], "test": ids[2]}}
+        state = RobotPolicyState(data=demos.name, fingerprint=demos.fingerprint,
+                                 episodes={"train": tuple(ids[0]), "val": tuple(ids[1]), "test": tuple(ids[2])},
+                                 **fit_normalizer(demos, parts[0]))
         datasets = [WindowDataset(demos, p, cfg.obs_horizon, cfg.action_horizon, cfg.action_exec) for p in parts]
-        return DataBundle(train=datasets[0], val=datasets[1], test=datasets[2], info=info)
+        return DataBundle(train=datasets[0], val=datasets[1], test=datasets[2], state=state)
 
-    def build_model(self, cfg: RobotPolicyConfig, info: Mapping[str, Any]) -> torch.nn.Module:
+    def build_model(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> torch.nn.Module:
         from .model import build
 
-        return build(cfg, dict(info["normalizer"]))
+        return build(cfg, state)
 
     def supports_ddp(self, cfg: RobotPolicyConfig) -> bool:
         return cfg.model != "ebt"  # EBT trains through its own gradient (double backward)
 
-    def eval_signature(self, cfg: RobotPolicyConfig, info: Mapping[str, Any]) -> str:
-        return (f"{info['fingerprint']}:val{sorted(info['episodes']['val'])}:To{cfg.obs_horizon}"
+    def eval_signature(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> str:
+        return (f"{state.fingerprint}:val{sorted(state.episodes['val'])}:To{cfg.obs_horizon}"
                 f":Ta{cfg.action_horizon}")
 
     def training_loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
@@ -83,18 +74,36 @@ class RobotPolicy(Domain):
 
         return policy_loss(model, batch, device)
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-        from .training import offline_metrics
+    def metric_sums(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+        from .training import metric_sums
 
-        return offline_metrics(model, batches, device)
+        return metric_sums(model, batches, device)
+
+    def metrics_from(self, sums: Mapping[str, float]) -> dict[str, float]:
+        from .training import metrics_from
+
+        return metrics_from(sums)
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
         from .plots import chunk_figure
 
         return {"chunks_vs_demonstrations.png": chunk_figure(model, data.test)}
 
-    def evaluation(self, model: torch.nn.Module, cfg: Any, info: Mapping[str, Any], data: str | None,
-                   settings: Mapping[str, Any]) -> EvaluationResult:
+    def evaluation(self, model: torch.nn.Module, cfg: RobotPolicyConfig, state: RobotPolicyState, data: str | None,
+                   settings: RobotPolicyEvalConfig) -> EvaluationResult:
         from .evaluation import evaluate_policy
 
-        return evaluate_policy(model, cfg, info, data, settings)
+        return evaluate_policy(model, cfg, state, data, settings)
+
+    def describe(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> dict[str, Any]:
+        from .config import STATE_LAYOUT, WORKSPACE
+
+        ebt = cfg.model == "ebt"
+        return {"obs_horizon": cfg.obs_horizon, "action_horizon": cfg.action_horizon, "action_exec": cfg.action_exec,
+                "infer_steps": cfg.infer_steps if ebt else None, "candidates": cfg.candidates if ebt else None,
+                "state_layout": list(STATE_LAYOUT), "workspace": list(WORKSPACE), "data": state.data}
+
+    def example_request(self) -> dict[str, Any]:
+        from .client import example_request
+
+        return example_request()

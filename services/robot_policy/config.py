@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from shared.config import require_at_least
+from shared.config import RunSettings, require_at_least
 
 MODELS = ("ebt", "diffusion")
 
 STATE_DIM = 5  # Push-T state: agent x, y, block x, y, block angle (pixels, radians)
+STATE_LAYOUT = ("agent_x", "agent_y", "block_x", "block_y", "block_angle")
 ACTION_DIM = 2  # target agent position (pixels)
 WORKSPACE = (0.0, 512.0)  # the simulator's window; the walls are at 5 and 506
 
 
+# Run settings: no early stopping (behaviour cloning keeps improving in closed loop), and the last epoch's
+# weights: open-loop validation action MSE does not track closed-loop coverage (44 epochs on Push-T: the
+# best-MSE epoch scored 0.61 mean max coverage, the last 0.80).
 @dataclass(frozen=True)
-class RobotPolicyConfig:
+class RobotPolicyConfig(RunSettings, batch_size=256, lr=3e-4, lr_schedule="cosine", weight_decay=1e-4, decay_1d=True,
+                        epochs=60, patience=0, keep="last", seed=0, precision="fp32"):
     model: str = "ebt"  # one of MODELS
     data: str | None = None  # Push-T replay buffer (zarr); None: demonstrations of the scripted expert
     synthetic_episodes: int = 60  # scripted-expert demonstrations when data is None
@@ -49,31 +53,13 @@ class RobotPolicyConfig:
     # diffusion baseline: DDPM epsilon-prediction with the same transformer
     diffusion_steps: int = 100
 
-    batch_size: int = 256
-    lr: float = 3e-4
-    lr_schedule: Literal["halve", "constant", "cosine"] = "cosine"
-    weight_decay: float = 1e-4
-    epochs: int = 60
-    patience: int = 0  # 0: no early stopping (behaviour cloning keeps improving in closed loop)
-    # The last epoch's weights: open-loop validation action MSE does not track closed-loop coverage (44 epochs
-    # on Push-T: the best-MSE epoch scored 0.61 mean max coverage, the last 0.80).
-    keep: Literal["best", "last"] = "last"
-    max_steps_per_epoch: int = 0
-    seed: int = 0
-
-    num_workers: int = 1
-    cpus_per_worker: int = 2
-    use_gpu: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    max_failures: int = 2
-
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.model not in MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
         require_at_least(self, 1, ("synthetic_episodes", "obs_horizon", "action_horizon", "action_exec",
                                    "action_patch", "d_model", "n_heads", "n_layers", "d_ff", "train_steps",
-                                   "infer_steps", "candidates", "diffusion_steps", "batch_size", "epochs",
-                                   "num_workers", "cpus_per_worker"))
+                                   "infer_steps", "candidates", "diffusion_steps"))
         if self.action_horizon % self.action_patch:
             raise ValueError(f"action_patch={self.action_patch} must divide action_horizon={self.action_horizon}")
         if self.action_exec > self.action_horizon:
@@ -83,14 +69,29 @@ class RobotPolicyConfig:
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
         require_at_least(self, 0, ("langevin_noise", "init_noise", "energy_margin", "energy_weight",
-                                   "early_stop_tol", "weight_decay", "patience", "max_steps_per_epoch",
-                                   "max_failures"))
+                                   "early_stop_tol"))
         if not 0.0 <= self.warm_start_prob <= 1.0:
             raise ValueError(f"warm_start_prob={self.warm_start_prob} must be in [0, 1]")
-        if not (self.step_size > 0 and self.lr > 0):
-            raise ValueError("step_size and lr must be > 0")
+        if not self.step_size > 0:
+            raise ValueError(f"step_size={self.step_size} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
-    def replace(self, **changes: Any) -> RobotPolicyConfig:
-        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RobotPolicyEvalConfig:
+    """Settings of the closed-loop evaluation (``python -m pipelines.evaluate robot_policy --set key=value``)."""
+
+    episodes: int = 50  # seeded episodes
+    seed_start: int = 100_000  # episode i uses seed seed_start + i
+    max_steps: int = 300  # environment steps per episode
+    descent_steps: int = 0  # 0: the model's infer_steps
+    candidates: int = 0  # 0: the model's candidates
+    gif_episodes: int = 3  # episodes recorded into the rollout GIF
+    ood_samples: int = 512  # observation histories for the energy-as-uncertainty check
+    workers: int = 0  # parallel rollout tasks on Ray; 0: one per CPU of the cluster, 1: in this process
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, ("episodes", "max_steps", "ood_samples"))
+        require_at_least(self, 0, ("seed_start", "descent_steps", "candidates", "gif_episodes", "workers"))

@@ -9,6 +9,7 @@ one episode; near the edges the first observation / last action is repeated, as 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from shared.saved import SavedState, tensor
 
 from .config import ACTION_DIM, STATE_DIM
 
@@ -157,23 +160,45 @@ def observation_features(states: np.ndarray | Tensor) -> np.ndarray | Tensor:
 OBS_FEATURES = STATE_DIM + 1
 
 
-def fit_normalizer(demos: Demonstrations, episodes: list[tuple[int, int]]) -> dict[str, list[float]]:
-    """Min-max statistics (to [-1, 1]) of positions and actions over the training episodes only."""
+@dataclass(frozen=True)
+class RobotPolicyState(SavedState):
+    """What a policy keeps from its demonstrations: where they came from, the episode split and the min-max
+    statistics of observation features and actions (training episodes only)."""
+
+    data: str  # replay buffer name, or "scripted-expert"
+    fingerprint: str
+    episodes: dict[str, tuple[int, ...]]  # train / val / test episode ids
+    obs_min: Tensor  # (OBS_FEATURES,) float32
+    obs_max: Tensor
+    action_min: Tensor  # (ACTION_DIM,) float32
+    action_max: Tensor
+
+    @classmethod
+    def from_legacy(cls, info: Mapping[str, Any]) -> RobotPolicyState:
+        stats = info["normalizer"]
+        arrays = {k: tensor(stats[k]) for k in ("obs_min", "obs_max", "action_min", "action_max")}
+        return cls.from_parts({k: info[k] for k in ("data", "fingerprint", "episodes")}, arrays)
+
+
+def fit_normalizer(demos: Demonstrations, episodes: list[tuple[int, int]]) -> dict[str, Tensor]:
+    """Min-max statistics (to [-1, 1]) of positions and actions over the training episodes only; the block
+    angle's sin and cos keep [-1, 1]."""
     index = np.concatenate([np.arange(a, b) for a, b in episodes])
     positions = demos.states[index, :4]
     actions = demos.actions[index]
-    return {"obs_min": positions.min(0).tolist() + [-1.0, -1.0], "obs_max": positions.max(0).tolist() + [1.0, 1.0],
-            "action_min": actions.min(0).tolist(), "action_max": actions.max(0).tolist()}
+    return {"obs_min": tensor(positions.min(0).tolist() + [-1.0, -1.0]),
+            "obs_max": tensor(positions.max(0).tolist() + [1.0, 1.0]),
+            "action_min": tensor(actions.min(0)), "action_max": tensor(actions.max(0))}
 
 
 class Normalizer:
-    """Maps observations (as features) and actions to [-1, 1] and back, from saved statistics."""
+    """Maps observations (as features) and actions to [-1, 1] and back, from the saved statistics."""
 
-    def __init__(self, stats: dict[str, Any]) -> None:
-        self.obs_min = torch.tensor(stats["obs_min"], dtype=torch.float32)
-        self.obs_span = (torch.tensor(stats["obs_max"], dtype=torch.float32) - self.obs_min).clamp_min(1e-6)
-        self.act_min = torch.tensor(stats["action_min"], dtype=torch.float32)
-        self.act_span = (torch.tensor(stats["action_max"], dtype=torch.float32) - self.act_min).clamp_min(1e-6)
+    def __init__(self, state: RobotPolicyState) -> None:
+        self.obs_min = state.obs_min.float()
+        self.obs_span = (state.obs_max.float() - self.obs_min).clamp_min(1e-6)
+        self.act_min = state.action_min.float()
+        self.act_span = (state.action_max.float() - self.act_min).clamp_min(1e-6)
 
     def obs(self, states: Tensor) -> Tensor:
         """(..., 5) raw states -> (..., 6) normalized features."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import time
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,8 @@ from torch import nn
 
 from shared.registry import EvaluationResult
 
-from .config import RobotPolicyConfig
+from .config import RobotPolicyConfig, RobotPolicyEvalConfig
+from .data import RobotPolicyState
 from .model import EBTPolicy, PolicyBase
 
 GIF_SIZE = 192
@@ -78,30 +78,30 @@ def _rollouts(policy: PolicyBase, seeds: list[int], record: set[int], **kw: Any)
         torch.set_num_threads(threads)
 
 
-def _remote_rollouts(cfg_dict: dict[str, Any], info: dict[str, Any], state: dict[str, torch.Tensor],
+def _remote_rollouts(cfg_dict: dict[str, Any], saved: RobotPolicyState, weights: dict[str, torch.Tensor],
                      seeds: list[int], record: set[int], kw: dict[str, Any]) -> list[dict[str, Any]]:
     from shared.config import from_dict
 
     from .model import build
 
-    policy = build(from_dict(RobotPolicyConfig, cfg_dict), dict(info["normalizer"]))
-    policy.load_state_dict(state)
+    policy = build(from_dict(RobotPolicyConfig, cfg_dict), saved)
+    policy.load_state_dict(weights)
     return _rollouts(policy.eval(), seeds, record, **kw)
 
 
-def run_episodes(policy: PolicyBase, info: Mapping[str, Any], seeds: list[int], record: set[int], workers: int,
+def run_episodes(policy: PolicyBase, saved: RobotPolicyState, seeds: list[int], record: set[int], workers: int,
                  **kw: Any) -> list[dict[str, Any]]:
     """Episodes split over ``workers`` Ray tasks (1 CPU each); ``workers == 1`` runs them in this process."""
     if workers <= 1 or len(seeds) <= 1:
         return _rollouts(policy, seeds, record, **kw)
-    import ray
-
+    from shared.cluster import connect_ray
     from shared.config import to_dict
 
+    ray = connect_ray()
     task = ray.remote(num_cpus=1)(_remote_rollouts)
-    state = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
+    weights = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
     shards = [seeds[i::workers] for i in range(workers)]
-    futures = [task.remote(to_dict(policy.cfg), dict(info), state, shard, record, kw) for shard in shards if shard]
+    futures = [task.remote(to_dict(policy.cfg), saved, weights, shard, record, kw) for shard in shards if shard]
     results = [r for shard in ray.get(futures) for r in shard]
     return sorted(results, key=lambda r: r["seed"])
 
@@ -152,26 +152,27 @@ def _gif(frames: list[list[np.ndarray]]) -> bytes:
     return buffer.getvalue()
 
 
-def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, info: Mapping[str, Any], data: str | None,
-                    settings: Mapping[str, Any]) -> EvaluationResult:
+def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, saved: RobotPolicyState, data: str | None,
+                    settings: RobotPolicyEvalConfig) -> EvaluationResult:
     from .plots import energy_descent_figure, ood_figure
 
     policy = model
     assert isinstance(policy, PolicyBase)
-    episodes = int(settings["episodes"])
-    seeds = [int(settings["seed_start"]) + i for i in range(episodes)]
-    record = set(seeds[:int(settings["gif_episodes"])])
-    steps = int(settings["descent_steps"]) or None
-    candidates = int(settings["candidates"]) or None
-    workers = int(settings["workers"])
+    episodes = settings.episodes
+    seeds = [settings.seed_start + i for i in range(episodes)]
+    record = set(seeds[:settings.gif_episodes])
+    steps = settings.descent_steps or None
+    candidates = settings.candidates or None
+    workers = settings.workers
     if workers == 0:
-        import ray
+        from shared.cluster import connect_ray
 
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+        ray = connect_ray()
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = min(workers, episodes)
     print(f"robot_policy: {episodes} episodes (seeds {seeds[0]}..{seeds[-1]}) on {workers} worker(s)", flush=True)
     started = time.perf_counter()
-    results = run_episodes(policy, info, seeds, record, workers, max_steps=int(settings["max_steps"]),
+    results = run_episodes(policy, saved, seeds, record, workers, max_steps=settings.max_steps,
                            steps=steps, candidates=candidates)
     elapsed = time.perf_counter() - started
     latencies = np.concatenate([r["latency_ms"] for r in results])
@@ -207,7 +208,7 @@ def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, info: Mapping[str,
 
         split = registry.get("robot_policy").load_data(cfg.replace(data=data or cfg.data))
         windows: ConcatDataset[Any] = ConcatDataset([split.test, split.val])  # type: ignore[list-item]
-        pick = np.random.default_rng(0).choice(len(windows), min(len(windows), int(settings["ood_samples"])),
+        pick = np.random.default_rng(0).choice(len(windows), min(len(windows), settings.ood_samples),
                                                replace=False)
         obs = torch.stack([windows[int(i)][0] for i in pick])
         ood = energy_uncertainty(policy, obs)

@@ -19,26 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.attention import twice_differentiable
+from shared.inferers import EnergyDescentInferer, autograd_enabled
 from shared.layers import Encoder, EncoderLayer, make_norm
 
 from .config import ACTION_DIM, RobotPolicyConfig
-from .data import OBS_FEATURES, Normalizer
-
-
-@contextlib.contextmanager
-def autograd_enabled() -> Iterator[None]:
-    """Gradients on, also when called under ``torch.inference_mode`` / ``no_grad`` (serving, evaluation)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
+from .data import OBS_FEATURES, Normalizer, RobotPolicyState
 
 
 class StateEncoder(nn.Module):
@@ -93,14 +85,14 @@ class Plan:
 
 
 class PolicyBase(nn.Module):
-    """What both policies share: the normalization statistics (from ``stats.json``), inputs in raw units."""
+    """What both policies share: the normalization statistics (from the saved state), inputs in raw units."""
 
     kind = "base"
 
-    def __init__(self, cfg: RobotPolicyConfig, stats: dict[str, Any]) -> None:
+    def __init__(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> None:
         super().__init__()
         self.cfg = cfg
-        self.normalizer = Normalizer(stats)
+        self.normalizer = Normalizer(state)
 
     def plan(self, obs: Tensor, previous: Tensor | None = None, *, steps: int | None = None,
              candidates: int | None = None, early_stop_tol: float | None = None,
@@ -120,8 +112,8 @@ def shift_chunk(chunk: Tensor, by: int) -> Tensor:
 class EBTPolicy(PolicyBase):
     kind = "ebt"
 
-    def __init__(self, cfg: RobotPolicyConfig, stats: dict[str, Any]) -> None:
-        super().__init__(cfg, stats)
+    def __init__(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> None:
+        super().__init__(cfg, state)
         self.trunk = PolicyTransformer(cfg)
         self.head = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, 1))
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.step_size)))
@@ -174,26 +166,12 @@ class EBTPolicy(PolicyBase):
                 init = init.view(batch, n_cand, *init.shape[1:]).clone()
                 init[:, 0] = warm
                 init = init.view(batch * n_cand, *init.shape[2:])
-            actions = init.detach().requires_grad_(True)
-            energy = self.energy(obs_n, actions)
-            trace, taken = [], 0
-            for _ in range(steps):
-                (grad,) = torch.autograd.grad(energy.sum(), actions)
-                actions = (actions - self.alpha.detach() * grad).detach().requires_grad_(True)
-                new_energy = self.energy(obs_n, actions)
-                taken += 1
-                fell = (energy - new_energy).detach()
-                energy = new_energy
-                trace.append(float(energy.detach().mean()))
-                if tol > 0 and float(fell.max()) < tol:
-                    break
-            energy = energy.detach().view(batch, n_cand)
-            best = energy.argmin(dim=1)  # self-verification: the lowest final energy
-            chunks = actions.detach().view(batch, n_cand, *actions.shape[1:])[torch.arange(batch), best]
-            raw = self.normalizer.unaction(chunks.clamp(-1.0, 1.0))
-        # passes per chunk: one forward for E(a_0), then per step one backward and one forward
-        return Plan(actions=raw, energy=energy[torch.arange(batch), best], steps=taken, energy_trace=trace,
-                    passes=1 + 2 * taken)
+            alpha = self.alpha.detach()
+        descent = EnergyDescentInferer(steps, n_cand, tol)(lambda actions: self.energy(obs_n, actions), init,
+                                                           step_size=alpha)
+        raw = self.normalizer.unaction(descent.best.clamp(-1.0, 1.0))
+        return Plan(actions=raw, energy=descent.energy, steps=descent.steps, energy_trace=descent.trace,
+                    passes=descent.passes)
 
 
 def cosine_betas(steps: int, max_beta: float = 0.999) -> Tensor:
@@ -212,8 +190,8 @@ class DiffusionPolicy(PolicyBase):
     betas: Tensor
     alpha_bars: Tensor
 
-    def __init__(self, cfg: RobotPolicyConfig, stats: dict[str, Any]) -> None:
-        super().__init__(cfg, stats)
+    def __init__(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> None:
+        super().__init__(cfg, state)
         self.trunk = PolicyTransformer(cfg, extra_tokens=1)
         self.time_mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
         self.head = nn.Linear(cfg.d_model, ACTION_DIM * cfg.action_patch)
@@ -265,5 +243,5 @@ class DiffusionPolicy(PolicyBase):
         return Plan(actions=self.normalizer.unaction(x), energy=nan, steps=n, energy_trace=[], passes=n)
 
 
-def build(cfg: RobotPolicyConfig, stats: dict[str, Any]) -> PolicyBase:
-    return EBTPolicy(cfg, stats) if cfg.model == "ebt" else DiffusionPolicy(cfg, stats)
+def build(cfg: RobotPolicyConfig, state: RobotPolicyState) -> PolicyBase:
+    return EBTPolicy(cfg, state) if cfg.model == "ebt" else DiffusionPolicy(cfg, state)

@@ -8,19 +8,17 @@ signal: higher means less familiar) and the descent steps used.
 from __future__ import annotations
 
 import math
-import os
 import time
-from typing import Any
 
 import bentoml
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.robot_policy.client import example_request
 from services.robot_policy.config import ACTION_DIM, STATE_DIM, WORKSPACE
-from shared.serving import BodySizeLimit, ModelHolder, ModelRef, RequestError, error_response
+from shared.serving import DomainService, ModelRef, RequestError, answers_errors, guard
 
-MAX_BODY_BYTES = int(os.environ.get("TESSERA_MAX_BODY_BYTES", 64 * 1024))
 MAX_DESCENT_STEPS = 16
 MAX_CANDIDATES = 64
 
@@ -28,7 +26,7 @@ MAX_CANDIDATES = 64
 class ActRequest(BaseModel):
     """Observation history in the Push-T state layout, oldest first (as many rows as the model's obs_horizon)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"example": example_request()})
     observations: list[list[float]] = Field(
         min_length=1, max_length=64,
         description="rows of [agent_x, agent_y, block_x, block_y, block_angle] (pixels in [0, 512], radians)")
@@ -71,21 +69,14 @@ def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str, angl
     return values.astype(np.float32)
 
 
-@bentoml.service(name="robot_policy", workers=1, traffic={"timeout": 30, "max_concurrency": 64})
-class RobotPolicy:
-    def __init__(self) -> None:
-        torch.set_num_threads(int(os.environ.get("TESSERA_TORCH_THREADS", "1")))
-        self.holder = ModelHolder("robot_policy")
+@bentoml.service(name="robot_policy", workers=1, resources={"cpu": "1"}, traffic={"timeout": 30, "max_concurrency": 64})
+class RobotPolicy(DomainService):
+    domain = "robot_policy"
 
     @bentoml.api(route="/act")
+    @answers_errors
     def act(self, request: ActRequest, /) -> ActResponse:
         """Plan the next action chunk from the observation history."""
-        try:
-            return self._act(request)
-        except RequestError as exc:
-            return error_response(exc)
-
-    def _act(self, request: ActRequest) -> ActResponse:
         loaded = self.holder.get()
         cfg = loaded.cfg
         obs = check_rows(request.observations, cfg.obs_horizon, STATE_DIM, "observations", angle_column=4)
@@ -106,19 +97,5 @@ class RobotPolicy:
                            energy=energy if math.isfinite(energy) else None, descent_steps=plan.steps,
                            passes=plan.passes, latency_ms=latency, model=ModelRef(**loaded.describe()))
 
-    @bentoml.api(route="/model")
-    def model(self) -> dict[str, Any]:
-        """The served model: version, run, architecture, history length, chunk size, executed actions."""
-        try:
-            loaded = self.holder.get()
-        except RequestError as exc:
-            return error_response(exc)
-        cfg = loaded.cfg
-        return {**loaded.describe(), "obs_horizon": cfg.obs_horizon, "action_horizon": cfg.action_horizon,
-                "action_exec": cfg.action_exec, "infer_steps": cfg.infer_steps if cfg.model == "ebt" else None,
-                "candidates": cfg.candidates if cfg.model == "ebt" else None,
-                "state_layout": ["agent_x", "agent_y", "block_x", "block_y", "block_angle"],
-                "workspace": list(WORKSPACE), "data": loaded.info.get("data")}
 
-
-RobotPolicy.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+guard(RobotPolicy, "robot_policy")

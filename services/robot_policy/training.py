@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -50,11 +50,10 @@ def policy_loss(model: nn.Module, batch: Any, device: torch.device) -> Tensor:
     return policy.loss(obs, target)
 
 
-def offline_metrics(model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-    """Planned chunk vs the demonstrated one on held-out windows (normalized units, from noise, seeded).
-
-    ``action_mse`` over the whole chunk, ``action_mse_exec`` over the executed part; for EBT also the mean
-    final energy and descent steps taken."""
+def metric_sums(model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+    """Planned chunk vs the demonstrated one on held-out windows (normalized units, from noise, seeded): the
+    summed squared errors over the whole chunk and its executed part, the window and batch counts, and for EBT
+    the summed final energies and descent steps (additive, so workers' shares add up)."""
     policy = unwrap(model)
     assert isinstance(policy, PolicyBase)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -71,7 +70,20 @@ def offline_metrics(model: nn.Module, batches: Iterable[Any], device: torch.devi
         steps += plan.steps
         count += obs.shape[0]
         batches_seen += 1
-    metrics = {"action_mse": total / max(1, count), "action_mse_exec": total_exec / max(1, count)}
+    sums = {"squared_error": total, "squared_error_exec": total_exec, "count": float(count),
+            "batches": float(batches_seen)}
     if isinstance(policy, EBTPolicy):
-        metrics.update(final_energy=energy / max(1, count), descent_steps=steps / max(1, batches_seen))
+        sums.update(final_energy=energy, descent_steps=steps)
+    return sums
+
+
+def metrics_from(sums: Mapping[str, float]) -> dict[str, float]:
+    """``action_mse`` over the whole chunk, ``action_mse_exec`` over the executed part; for EBT also the mean
+    final energy and the descent steps taken per chunk."""
+    count, batches = int(sums.get("count", 0)), int(sums.get("batches", 0))
+    metrics = {"action_mse": sums["squared_error"] / max(1, count),
+               "action_mse_exec": sums["squared_error_exec"] / max(1, count)}
+    if "final_energy" in sums:
+        metrics.update(final_energy=sums["final_energy"] / max(1, count),
+                       descent_steps=sums["descent_steps"] / max(1, batches))
     return metrics

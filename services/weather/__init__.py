@@ -6,90 +6,121 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.config import apply_overrides
-from shared.registry import DataBundle, Domain, EvaluationResult, register
+from shared.registry import Calibration, DataBundle, DemoJob, Domain, EvaluationResult, Prediction, register
 
-from .config import MODELS, WeatherConfig
+from .config import MODELS, WeatherConfig, WeatherEvalConfig
 
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
-EVAL_SETTINGS: dict[str, Any] = {
-    "lead_steps": 4,  # rollout length in model steps (4 x 6 h = 24 h by default)
-    "init_every_hours": 6,  # initial times in the test period are taken this often
-    "split": "test",  # period evaluated: test or val
-    "map_lead": 1,  # lead (in steps) of the truth / forecast / error maps
-}
+    from .data import WeatherState
 
 
 @register
-class Weather(Domain):
+class WeatherDomain(Domain):
     name = "weather"
     models = MODELS
     port = 3002
     endpoint = "/forecast"
     service = "services.weather.service:Weather"
     config_cls = WeatherConfig
+    saved_state = "services.weather.data:WeatherState"
+    eval_config_cls = WeatherEvalConfig
     val_metric = "wrmse"
-    eval_settings = EVAL_SETTINGS
-
-    def make_config(self, model: str | None = None, data: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> WeatherConfig:
-        overrides = dict(overrides or {})
-        model = model or overrides.pop("model", None) or MODELS[0]
-        cfg = WeatherConfig(model=str(model), data=str(Path(data).resolve()) if data else None)
-        return apply_overrides(cfg, overrides)
+    requires = ("xarray", "netCDF4", "scipy", "cfgrib")
+    data_suffixes = (".grib", ".grb", ".grib2", ".nc")
+    # the default synthetic grid (as the demo's model), so that the example request fits both
+    tiny = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
+            "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 6, "batch_size": 4}
+    demo_jobs = (DemoJob("wxformer", ("epochs=2", "max_steps_per_epoch=30", "synthetic_days=20")),)
+    max_body_bytes = 32 * 1024 * 1024
 
     def load_data(self, cfg: WeatherConfig) -> DataBundle:
         from .data import prepare
 
         prepared = prepare(cfg)
         return DataBundle(train=prepared.datasets[0], val=prepared.datasets[1], test=prepared.datasets[2],
-                          info=prepared.info)
+                          state=prepared.state)
 
-    def build_model(self, cfg: WeatherConfig, info: Mapping[str, Any]) -> torch.nn.Module:
+    def build_model(self, cfg: WeatherConfig, state: WeatherState) -> torch.nn.Module:
         from .model import build
 
-        return build(cfg, info)
+        return build(cfg, state)
 
-    def eval_signature(self, cfg: WeatherConfig, info: Mapping[str, Any]) -> str:
-        return (f"{info['fingerprint']}:{','.join(info['channels'])}:dt{cfg.step_hours}h:K{cfg.train_rollout}"
-                f":val{info['periods']['val']}")
+    def eval_signature(self, cfg: WeatherConfig, state: WeatherState) -> str:
+        return (f"{state.fingerprint}:{','.join(state.channels)}:dt{cfg.step_hours}h:K{cfg.train_rollout}"
+                f":val{list(state.periods['val'])}")
 
     def training_loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         from .training import rollout_loss
 
         return rollout_loss(model, batch, device)
 
-    def evaluate(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-        from .training import offline_metrics
+    def metric_sums(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+        from .training import metric_sums
 
-        return offline_metrics(model, batches, device)
+        return metric_sums(model, batches, device)
 
-    def calibrate(self, model: torch.nn.Module, val_batches: Any, info: dict[str, Any], cfg: WeatherConfig,
-                  device: torch.device) -> dict[str, float]:
+    def metrics_from(self, sums: Mapping[str, float]) -> dict[str, float]:
+        from .training import metrics_from
+
+        return metrics_from(sums)
+
+    def calibrate(self, model: torch.nn.Module, val_batches: Any, state: WeatherState, cfg: WeatherConfig,
+                  device: torch.device) -> Calibration | None:
         """Damping and climatology-relaxation factors per rollout step and channel, fitted on validation."""
         if not (cfg.damping or cfg.relaxation) or len(val_batches) == 0:
-            return {}
+            return None
+        import dataclasses
+
         from .training import fit_calibration
 
         damping, relaxation = fit_calibration(model, val_batches, device, cfg.train_rollout,
                                               damping=cfg.damping, relaxation=cfg.relaxation)
-        info["damping"] = damping.cpu().tolist()
-        out = {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(damping)}
+        fitted = {"damping": damping.cpu()}
+        metrics = {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(damping)}
         if len(getattr(model, "relaxation", ())):
-            info["relaxation"] = relaxation.cpu().tolist()
-            out.update({f"relaxation_step{k + 1}": float(row.mean()) for k, row in enumerate(relaxation)})
-        return out
+            fitted["relaxation"] = relaxation.cpu()
+            metrics.update({f"relaxation_step{k + 1}": float(row.mean()) for k, row in enumerate(relaxation)})
+        return Calibration(state=dataclasses.replace(state, **fitted), metrics=metrics)
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
         from .plots import sample_figure
 
-        return {"forecast_vs_truth.png": sample_figure(model, data.test, data.info)}
+        return {"forecast_vs_truth.png": sample_figure(model, data.test, data.state)}
 
-    def evaluation(self, model: torch.nn.Module, cfg: Any, info: Mapping[str, Any], data: str | None,
-                   settings: Mapping[str, Any]) -> EvaluationResult:
+    def evaluation(self, model: torch.nn.Module, cfg: Any, state: WeatherState, data: str | None,
+                   settings: WeatherEvalConfig) -> EvaluationResult:
         from .evaluation import evaluate_forecasts
 
-        return evaluate_forecasts(model, cfg, info, data, settings)
+        return evaluate_forecasts(model, cfg, state, data, settings)
+
+    def describe(self, cfg: WeatherConfig, state: WeatherState) -> dict[str, Any]:
+        grid = state.grid
+        axes = ({"latitude": grid.lat[:, 0].tolist(), "longitude": grid.lon[0].tolist(), "regular": True}
+                if grid.regular else {"latitude": grid.lat.tolist(), "longitude": grid.lon.tolist(), "regular": False})
+        return {"channels": list(state.channels), "units": dict(zip(state.channels, state.units, strict=True)),
+                "variables": [{"variable": v, "level": lv} for v, lv in state.sources],
+                "step_hours": state.step_hours, "history": cfg.history, "grid": axes, "data": state.data,
+                "periods": {k: list(v) for k, v in state.periods.items()}}
+
+    # the JSON form: the netCDF upload of `endpoint` has no JSON body
+    example_route = "/forecast_json"
+
+    def example_request(self) -> dict[str, Any]:
+        from .client import example_request
+
+        return example_request()
+
+    def example_input(self, folder: Path, data: str | None = None) -> Path:
+        from .client import example_netcdf
+
+        return example_netcdf(folder, data)
+
+    def predict(self, url: str, path: Path, *, horizon: int | None = None, output: Path | None = None,
+                timeout: float = 600.0) -> Prediction:
+        from .client import predict_netcdf
+
+        return predict_netcdf(f"{url.rstrip('/')}{self.endpoint}", path, steps=horizon or 4,
+                              output=output or Path("forecast.nc"), timeout=timeout)

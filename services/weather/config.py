@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from shared.config import require_at_least
+from shared.config import RunSettings, require_at_least
 
 MODELS = ("wxformer",)
 # Forcings computed from time and position (exact at any lead), in the order the model reads them.
@@ -14,7 +13,8 @@ FORCINGS = ("cos_zenith", "sin_local_hour", "cos_local_hour", "sin_day_of_year",
 
 
 @dataclass(frozen=True)
-class WeatherConfig:
+class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", weight_decay=1e-4, decay_1d=True,
+                    epochs=20, seed=0, precision="fp32"):
     model: str = "wxformer"  # one of MODELS
     data: str | None = None  # netCDF / zarr / GRIB path; None: the built-in synthetic advection-diffusion run
     variables: tuple[str, ...] = ()  # prognostic variables; () = every (time, [level,] lat, lon) variable
@@ -61,23 +61,9 @@ class WeatherConfig:
     climatology_harmonics: int = 2
 
     train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
-    batch_size: int = 8
-    lr: float = 1e-3
-    lr_schedule: Literal["halve", "constant", "cosine"] = "cosine"
-    weight_decay: float = 1e-4
-    epochs: int = 20
-    patience: int = 0
-    keep: Literal["best", "last"] = "best"  # weights registered: the best validation epoch's, or the last's
-    max_steps_per_epoch: int = 0
-    seed: int = 0
-
-    num_workers: int = 1
-    cpus_per_worker: int = 2
-    use_gpu: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    max_failures: int = 2
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.model not in MODELS:
             raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
         stages = len(self.dims)
@@ -85,8 +71,7 @@ class WeatherConfig:
             if len(getattr(self, name)) != stages:
                 raise ValueError(f"{name}={getattr(self, name)!r}: needs one entry per stage ({stages}, as dims)")
         require_at_least(self, 1, ("step_hours", "sample_every_hours", "synthetic_days", "local_window",
-                                   "dim_head", "history", "train_rollout", "batch_size", "epochs",
-                                   "num_workers", "cpus_per_worker"))
+                                   "dim_head", "history", "train_rollout"))
         if min(self.dims) < 1 or min(self.depths) < 1 or min(self.strides) < 1 or min(self.global_windows) < 1:
             raise ValueError("dims, depths, strides and global_windows must be >= 1")
         for stage, (dim, kernels, stride) in enumerate(zip(self.dims, self.kernels, self.strides, strict=True)):
@@ -107,12 +92,22 @@ class WeatherConfig:
             raise ValueError(f"synthetic_grid={self.synthetic_grid!r}: expected (lat, lon) of at least 8 points each")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
-        require_at_least(self, 0, ("weight_decay", "patience", "max_steps_per_epoch", "max_failures",
-                                   "member", "climatology_harmonics"))
-        if not self.lr > 0 or not self.mlp_ratio > 0:
-            raise ValueError("lr and mlp_ratio must be > 0")
+        require_at_least(self, 0, ("member", "climatology_harmonics"))
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
-    def replace(self, **changes: Any) -> WeatherConfig:
-        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class WeatherEvalConfig:
+    """Settings of the evaluation pipeline (``python -m pipelines.evaluate weather --set key=value``)."""
+
+    lead_steps: int = 4  # rollout length in model steps (4 x 6 h = 24 h by default)
+    init_every_hours: int = 6  # initial times in the evaluated period are taken this often
+    split: Literal["test", "val"] = "test"  # period evaluated
+    map_lead: int = 1  # lead (in steps) of the truth / forecast / error maps
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, ("lead_steps", "init_every_hours", "map_lead"))

@@ -5,34 +5,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from shared.registry import EvaluationResult
 
-from .data import (
-    Fields,
-    daily_harmonics,
-    fields_for,
-    fit_climatology,
-    split_bounds,
-    starts,
-    time_offset,
-    utc_hours,
-)
+from .config import WeatherEvalConfig
+from .data import WeatherState, fields_for, split_bounds, starts, time_offset
+from .forcings import daily_harmonics, fit_climatology, utc_hours
 from .inference import StateError, check_grid, forecast, lead_times
 from .metrics import acc, climatology_at, hourly_climatology, weighted_rmse
+from .readers import Fields
 
 
-def _check_compatible(info: Mapping[str, Any], fields: Fields) -> None:
-    if fields.channels != list(info["channels"]):
-        raise SystemExit(f"the evaluation data has channels {fields.channels}; the model forecasts {info['channels']}")
+def _check_compatible(state: WeatherState, fields: Fields) -> None:
+    if fields.channels != list(state.channels):
+        raise ValueError(f"the evaluation data has channels {fields.channels}; the model forecasts "
+                         f"{list(state.channels)}")
     try:
-        check_grid(fields.grid.lat, fields.grid.lon, dict(info))
+        check_grid(fields.grid.lat, fields.grid.lon, state)
     except StateError as exc:
-        raise SystemExit(f"the evaluation data does not fit the model: {exc}") from None
+        raise ValueError(f"the evaluation data does not fit the model: {exc}") from None
 
 
 def diurnal_persistence(values: np.ndarray, inits: np.ndarray, lead_hours: list[int],
@@ -77,31 +71,28 @@ def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tu
     return base + r[None, :, :, None, None] * (clim - base)
 
 
-def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str | None,
-                       settings: Mapping[str, Any]) -> EvaluationResult:
+def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | None,
+                       settings: WeatherEvalConfig) -> EvaluationResult:
+    """Rollouts of ``settings.lead_steps`` steps from initial times every ``init_every_hours`` over the test (or
+    validation) period, scored with the baselines. A ValueError says why data does not fit the model."""
     from .plots import maps_figure, scores_figure
 
-    lead_steps = int(settings["lead_steps"])
-    if lead_steps < 1:
-        raise SystemExit(f"lead_steps={lead_steps}: must be >= 1")
-    split = str(settings["split"])
-    if split not in ("val", "test"):
-        raise SystemExit(f"split={split!r}: expected 'val' or 'test'")
+    lead_steps, split = settings.lead_steps, settings.split
     fields = fields_for(cfg, data)
-    _check_compatible(info, fields)
+    _check_compatible(state, fields)
     periods = split_bounds(len(fields.times), cfg.val_fraction, cfg.test_fraction)
     bounds = periods[1 if split == "val" else 2]
     o = time_offset(fields, cfg.step_hours)
-    every = max(1, int(round(int(settings["init_every_hours"]) / fields.step_hours)))
+    every = max(1, int(round(settings.init_every_hours / fields.step_hours)))
     inits = starts(bounds, o, cfg.history, lead_steps, every)
     if len(inits) == 0:
-        raise SystemExit(f"the {split} period ({bounds[1] - bounds[0]} time steps) is shorter than {lead_steps} "
+        raise ValueError(f"the {split} period ({bounds[1] - bounds[0]} time steps) is shorter than {lead_steps} "
                          f"steps of {cfg.step_hours} h; lower lead_steps")
     values, times = fields.values, fields.times
     history = np.stack([values[t - (cfg.history - 1) * o: t + 1: o] for t in inits])  # (N, h, C, H, W)
     truth = np.stack([values[t + o: t + lead_steps * o + 1: o] for t in inits])  # (N, L, C, H, W)
     started = time.perf_counter()
-    predicted = forecast(model, dict(info), history, times[inits], lead_steps)
+    predicted = forecast(model, state, history, times[inits], lead_steps)
     seconds = time.perf_counter() - started
     persistence = np.repeat(values[inits][:, None], lead_steps, axis=1)
     a, b = periods[0]
@@ -138,7 +129,7 @@ def evaluate_forecasts(model: Any, cfg: Any, info: Mapping[str, Any], data: str 
         "initial_times": len(inits), "data": fields.name,
         "rollout_seconds_per_step": seconds / (len(inits) * lead_steps),
     }
-    lead = min(max(1, int(settings["map_lead"])), lead_steps) - 1
+    lead = min(settings.map_lead, lead_steps) - 1
     figures = {
         "rmse_vs_lead.png": scores_figure(lead_hours, rmse, fields.channels, fields.units, "RMSE"),
         "acc_vs_lead.png": scores_figure(lead_hours, scores, fields.channels, None, "ACC"),

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Grid, forcings, utc_hours
+from .data import WeatherState
+from .forcings import forcings, utc_hours
+from .grid import Grid
 from .training import rollout
 
 
@@ -18,12 +20,12 @@ def lead_times(init_times: np.ndarray, steps: int, step_hours: int) -> np.ndarra
 
 
 @torch.inference_mode()
-def forecast(model: Any, info: dict[str, Any], history: np.ndarray, init_times: np.ndarray, steps: int,
+def forecast(model: Any, state: WeatherState, history: np.ndarray, init_times: np.ndarray, steps: int,
              batch_size: int = 16) -> np.ndarray:
     """Roll ``model`` out ``steps`` steps from ``history`` (N, h, C, H, W), physical units, the last state valid
     at ``init_times`` (N,). Returns (N, steps, C, H, W) float32 in physical units."""
-    grid = Grid.from_info(info["grid"])
-    times = lead_times(init_times, steps, int(info["step_hours"]))  # (N, steps + 1)
+    grid = state.grid
+    times = lead_times(init_times, steps, int(state.step_hours))  # (N, steps + 1)
     device = model.mean.device
     out = []
     for start in range(0, len(history), batch_size):
@@ -63,9 +65,9 @@ def to_model_units(values: np.ndarray, given: str | None, expected: str, channel
     raise StateError(f"{channel}: units {given!r} do not match the model's {expected!r}")
 
 
-def check_grid(lat: np.ndarray, lon: np.ndarray, info: dict[str, Any]) -> None:
+def check_grid(lat: np.ndarray, lon: np.ndarray, state: WeatherState) -> None:
     """The (H, W) latitude/longitude of the input must be the model's grid (to 1e-3 degrees)."""
-    grid = Grid.from_info(info["grid"])
+    grid = state.grid
     if lat.shape != grid.lat.shape:
         raise StateError(f"grid is {lat.shape[0]} x {lat.shape[1]} (lat x lon); the model's is "
                          f"{grid.lat.shape[0]} x {grid.lat.shape[1]} ({describe_grid(grid)})")
@@ -77,17 +79,18 @@ def describe_grid(grid: Grid) -> str:
     return (f"latitude {grid.lat[0, 0]:g} .. {grid.lat[-1, 0]:g}, longitude {grid.lon[0, 0]:g} .. {grid.lon[0, -1]:g}")
 
 
-def state_from_dataset(ds: Any, info: dict[str, Any], history: int) -> tuple[np.ndarray, np.datetime64, list[str]]:
+def state_from_dataset(ds: Any, state: WeatherState, history: int) -> tuple[np.ndarray, np.datetime64, list[str]]:
     """The last ``history`` states of ``ds`` (xarray, ERA5 layout) as (h, C, H, W) in the model's units, the
     valid time of the last one, and notes (units assumed, times dropped)."""
-    from .data import MEMBER_DIMS, spatial, standardize
+    from .grid import spatial
+    from .readers import MEMBER_DIMS, standardize
 
     ds = standardize(ds)
     try:
         ydim, xdim, lat, lon, _ = spatial(ds)
     except ValueError as exc:
         raise StateError(str(exc)) from None
-    check_grid(lat, lon, info)
+    check_grid(lat, lon, state)
     if "time" not in ds.dims:
         if "time" in ds.coords and ds["time"].ndim == 0:
             ds = ds.expand_dims("time")
@@ -100,12 +103,12 @@ def state_from_dataset(ds: Any, info: dict[str, Any], history: int) -> tuple[np.
         raise StateError(f"the model needs {history} consecutive states; the input has {ds.sizes['time']}")
     ds = ds.isel(time=slice(ds.sizes["time"] - history, None))
     times = ds["time"].values.astype("datetime64[ns]")
-    if history > 1 and not (np.diff(times) == np.timedelta64(int(info["step_hours"]), "h")).all():
-        raise StateError(f"the {history} input states must be {info['step_hours']} h apart")
+    if history > 1 and not (np.diff(times) == np.timedelta64(int(state.step_hours), "h")).all():
+        raise StateError(f"the {history} input states must be {state.step_hours} h apart")
     notes, layers = [], []
-    for channel, (var, level), unit in zip(info["channels"], info["sources"], info["units"], strict=True):
+    for channel, (var, level), unit in zip(state.channels, state.sources, state.units, strict=True):
         if var not in ds.data_vars:
-            raise StateError(f"variable {var!r} is missing; the model needs {sorted({s[0] for s in info['sources']})}")
+            raise StateError(f"variable {var!r} is missing; the model needs {sorted({s[0] for s in state.sources})}")
         da = ds[var]
         if level is not None:
             if "level" not in da.dims:
@@ -127,14 +130,14 @@ def state_from_dataset(ds: Any, info: dict[str, Any], history: int) -> tuple[np.
     return np.stack(layers, axis=1).astype(np.float32), times[-1], notes
 
 
-def rollout_dataset(predicted: np.ndarray, init_time: np.datetime64, info: dict[str, Any],
+def rollout_dataset(predicted: np.ndarray, init_time: np.datetime64, state: WeatherState,
                     attrs: dict[str, Any]) -> Any:
     """(steps, C, H, W) -> an xarray Dataset in the ERA5 layout of the training data (levels regrouped)."""
     import xarray as xr
 
-    grid = Grid.from_info(info["grid"])
+    grid = state.grid
     steps = predicted.shape[0]
-    times = lead_times(np.array([init_time]), steps, int(info["step_hours"]))[0, 1:]
+    times = lead_times(np.array([init_time]), steps, int(state.step_hours))[0, 1:]
     if grid.regular:
         coords: dict[str, Any] = {"latitude": ("latitude", grid.lat[:, 0], {"units": "degrees_north"}),
                                   "longitude": ("longitude", grid.lon[0], {"units": "degrees_east"})}
@@ -146,11 +149,11 @@ def rollout_dataset(predicted: np.ndarray, init_time: np.datetime64, info: dict[
     coords["time"] = ("time", times)
     data_vars: dict[str, Any] = {}
     by_var: dict[str, list[tuple[float | None, int]]] = {}
-    for i, (var, level) in enumerate(info["sources"]):
+    for i, (var, level) in enumerate(state.sources):
         by_var.setdefault(var, []).append((level, i))
     first_levels: list[float] | None = None
     for var, items in by_var.items():
-        unit = info["units"][items[0][1]]
+        unit = state.units[items[0][1]]
         if items[0][0] is None:
             data_vars[var] = (("time", *space), predicted[:, items[0][1]], {"units": unit})
             continue

@@ -17,8 +17,6 @@ the atmospheric state at t (plus static fields and forcings) to t + dt, rolled o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +26,9 @@ from torch import Tensor, nn
 from shared.attention import attention
 from shared.layers import FeedForward
 
-from .config import FORCINGS, WeatherConfig
-from .data import Grid, coordinate_statics, daily_harmonics
+from .config import WeatherConfig
+from .data import WeatherState
+from .forcings import coordinate_statics, daily_harmonics
 
 
 def earth_pad(x: Tensor, top: int, bottom: int, left: int, right: int, pole_row: bool) -> Tensor:
@@ -194,37 +193,37 @@ class WXFormer(nn.Module):
     climatology: Tensor
     relaxation: Tensor
 
-    def __init__(self, cfg: WeatherConfig, info: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: WeatherConfig, state: WeatherState) -> None:
         super().__init__()
         self.cfg = cfg
-        grid = Grid.from_info(info["grid"])
-        self.n_channels = len(info["channels"])
-        self.forcings = tuple(info.get("forcings", FORCINGS))  # models saved before the choice had them all
+        grid = state.grid
+        self.n_channels = len(state.channels)
+        self.forcings = state.forcings
         self.n_forcings = len(self.forcings)
         h, w = grid.shape
         statics = [coordinate_statics(grid)]
-        for name in info.get("static_names", []):
-            values = np.asarray(info["statics"][name], np.float32)
+        for name in state.static_names:
+            values = state.statics[name].numpy().astype(np.float32)
             statics.append(((values - values.mean()) / (values.std() + 1e-6))[None])
         self.register_buffer("statics", torch.from_numpy(np.concatenate(statics)), persistent=False)  # (S, H, W)
         self.register_buffer("lat_weights", torch.from_numpy(grid.weights()), persistent=False)  # (H, W)
-        self.register_buffer("mean", torch.tensor(info["mean"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(info["std"], dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("mean", state.mean.float().view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", state.std.float().view(-1, 1, 1), persistent=False)
 
-        self.base_lag = 24 // cfg.step_hours if cfg.residual_base == "day" else 1  # read by training.rollout
+        self.base_lag = 24 // cfg.step_hours if cfg.residual_base == "day" else 1  # read by advance
         # (K, C, 1, 1) factors on the predicted change of rollout step k (the last one beyond K), fitted on
-        # validation after training (training.fit_calibration) and saved in info; none: the change as predicted.
+        # validation after training (training.fit_calibration) and saved in the state; none: the change as predicted.
         self.register_buffer("damping", torch.ones(0, self.n_channels, 1, 1), persistent=False)
-        if info.get("damping"):
-            self.set_damping(torch.tensor(info["damping"], dtype=torch.float32))
+        if state.damping is not None:
+            self.set_damping(state.damping.float())
         # (J, C, H, W) the training period's mean daily cycle (data.fit_climatology; models saved before it
         # have none), and (K, C, 1, 1) factors relaxing step k toward it, fitted with the damping.
         self.step_hours = cfg.step_hours
-        clim = torch.tensor(info["climatology"], dtype=torch.float32) if info.get("climatology") else torch.zeros(0)
+        clim = state.climatology.float() if state.climatology is not None else torch.zeros(0)
         self.register_buffer("climatology", clim, persistent=False)
         self.register_buffer("relaxation", torch.zeros(0, self.n_channels, 1, 1), persistent=False)
-        if info.get("relaxation"):
-            self.set_relaxation(torch.tensor(info["relaxation"], dtype=torch.float32))
+        if state.relaxation is not None and state.relaxation.numel():
+            self.set_relaxation(state.relaxation.float())
         self.earth = cfg.padding == "earth" or (cfg.padding == "auto" and grid.is_global)
         self.pole_row = bool(self.earth and abs(abs(float(grid.lat[0, 0])) - 90.0) < 1e-6)
         factor = math.prod(cfg.strides)
@@ -284,6 +283,23 @@ class WXFormer(nn.Module):
             x = x + torch.einsum("oi,bihw->bohw", MIX_GAIN * self.history_mix.to(x.dtype), history.flatten(1, 2))
         return x
 
+    def advance(self, history: Tensor, change: Tensor, step: int, hours: Tensor | None = None) -> Tensor:
+        """The state after rollout step ``step`` (0-based) from the history (B, h, C, H, W) and the network's
+        ``change`` (B, C, H, W): the base state (the last one, or with ``base_lag`` n > 1 the state n steps
+        before the target) plus the change, scaled by the damping factor and, when the model is calibrated
+        toward the climatology, plus the relaxation factor times (climatology at the valid time - base).
+        ``hours`` (B,) is the UTC hour of the last history state, needed by relaxation only."""
+        base = history[:, -self.base_lag]
+        scale = self.step_scale(step)
+        nxt = base + (change if scale is None else scale.to(change.dtype) * change)
+        relax = self.step_relaxation(step)
+        if relax is not None:
+            if hours is None:
+                raise ValueError("this model relaxes toward the climatology: give the hour of its initial states")
+            climate = self.climate(hours + (step + 1) * self.step_hours).to(nxt.dtype)
+            nxt = nxt + relax.to(nxt.dtype) * (climate - base)
+        return nxt
+
     def _step_factors(self, factors: Tensor, what: str) -> Tensor:
         """(K, C) factors checked and shaped (K, C, 1, 1) on the model's device; an empty tensor means none."""
         if factors.numel() and (factors.ndim != 2 or factors.shape[1] != self.n_channels):
@@ -325,5 +341,5 @@ class WXFormer(nn.Module):
         return x * self.std + self.mean
 
 
-def build(cfg: WeatherConfig, info: Mapping[str, Any]) -> WXFormer:
-    return WXFormer(cfg, info)
+def build(cfg: WeatherConfig, state: WeatherState) -> WXFormer:
+    return WXFormer(cfg, state)

@@ -10,7 +10,8 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .data import Grid
+    from .data import WeatherState
+    from .grid import Grid
 
 
 def _plt() -> Any:
@@ -65,9 +66,8 @@ def scores_figure(lead_hours: list[int], scores: dict[str, np.ndarray], channels
 
 
 @torch.inference_mode()
-def sample_figure(model: Any, dataset: Any, info: dict[str, Any]) -> Figure:
+def sample_figure(model: Any, dataset: Any, state: WeatherState) -> Figure:
     """Truth / forecast / error maps one step ahead for the first test window (physical units)."""
-    from .data import Grid
     from .training import rollout
 
     history, forcing, target, hour = dataset[0]
@@ -75,5 +75,5 @@ def sample_figure(model: Any, dataset: Any, info: dict[str, Any]) -> Figure:
     nxt = rollout(model, history[None].to(device), forcing[None].to(device), 1, hour[None].to(device))[0]
     pred = model.denormalize(nxt)[0].float().cpu().numpy()
     truth = model.denormalize(target[0].to(model.mean.device)).float().cpu().numpy()
-    return maps_figure(truth, pred, Grid.from_info(info["grid"]), info["channels"], info["units"],
-                       f"first test window, +{info['step_hours']} h")
+    return maps_figure(truth, pred, state.grid, list(state.channels), list(state.units),
+                       f"first test window, +{state.step_hours} h")

@@ -7,12 +7,11 @@
 - ``POST /model``: the served model's grid, channels, units and time step.
 
 Inputs are checked against the model's grid, variables, levels, units and values (a 422 saying what is
-wrong); uploads above ``TESSERA_WEATHER_MAX_BYTES`` (32 MiB) get a 413.
+wrong); uploads above ``TESSERA_WEATHER_MAX_BODY_BYTES`` (32 MiB) get a 413.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,13 +19,14 @@ from typing import Any, Literal
 
 import bentoml
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.weather.inference import StateError, forecast, rollout_dataset, to_model_units
-from shared.serving import BodySizeLimit, ModelHolder, ModelRef, RequestError, error_response
+from services.weather.client import example_request
+from services.weather.data import WeatherState
+from services.weather.inference import StateError, forecast, lead_times, rollout_dataset, to_model_units
+from shared.serving import DomainService, ModelRef, RequestError, answers_errors, guard
+from shared.tracking import LoadedModel
 
-MAX_BODY_BYTES = int(os.environ.get("TESSERA_WEATHER_MAX_BYTES", 32 * 1024 * 1024))
 MAX_STEPS = 120  # 30 days of 6-hourly steps
 MAX_JSON_POINTS = 20_000  # grid points per field in the JSON form; larger grids go through netCDF
 
@@ -34,7 +34,7 @@ MAX_JSON_POINTS = 20_000  # grid points per field in the JSON form; larger grids
 class ForecastJSON(BaseModel):
     """An initial state on the model's grid (see ``/model``), one (lat x lon) array per channel."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"example": example_request()})
     time: datetime = Field(description="valid time of the state (ISO 8601; UTC when no zone is given)")
     fields: dict[str, list[list[float]]] = Field(
         min_length=1, description="channel (e.g. t2m, t_850) -> rows of values, latitude by longitude, grid order")
@@ -61,88 +61,67 @@ def _utc(value: datetime) -> np.datetime64:
     return np.datetime64(value, "ns")
 
 
-@bentoml.service(name="weather", workers=1, traffic={"timeout": 300, "max_concurrency": 8})
-class Weather:
-    def __init__(self) -> None:
-        torch.set_num_threads(int(os.environ.get("TESSERA_TORCH_THREADS", "2")))
-        self.holder = ModelHolder("weather")
+@bentoml.service(name="weather", workers=1, resources={"cpu": "2"}, traffic={"timeout": 300, "max_concurrency": 8})
+class Weather(DomainService):
+    domain = "weather"
 
     @bentoml.api(route="/forecast")
+    @answers_errors
     def forecast(self, file: Path, steps: int = Field(default=4, ge=1, le=MAX_STEPS),
                  format: Literal["netcdf", "json"] = "netcdf") -> Any:
         """Roll out from an uploaded netCDF (or GRIB) initial state; the last ``history`` times are used."""
+        loaded = self.holder.get()
+        ds = _open_upload(Path(file))
         try:
-            loaded = self.holder.get()
-            ds = _open_upload(Path(file))
-            try:
-                states, init_time, notes = _state(ds, loaded.info, loaded.cfg.history)
-            finally:
-                ds.close()
-            predicted, latency = self._run(loaded, states, init_time, steps)
-            if format == "json":
-                return self._summary(loaded, predicted, init_time, notes, latency, values=False)
-            attrs = {"title": "Tessera weather forecast", "model": f"{loaded.name} v{loaded.version}",
-                     "model_run_id": str(loaded.run_id), "architecture": str(loaded.cfg.model),
-                     "notes": "; ".join(notes)}
-            out = rollout_dataset(predicted, init_time, loaded.info, attrs)
-            content = bytes(out.to_netcdf())  # netCDF-4 (HDF5), built in memory
-            from starlette.responses import Response
+            states, init_time, notes = _state(ds, loaded.state, loaded.cfg.history)
+        finally:
+            ds.close()
+        predicted, latency = _run(loaded, states, init_time, steps)
+        if format == "json":
+            return _summary(loaded, predicted, init_time, notes, latency, values=False)
+        attrs = {"title": "Tessera weather forecast", "model": f"{loaded.name} v{loaded.version}",
+                 "model_run_id": str(loaded.run_id), "architecture": str(loaded.cfg.model), "notes": "; ".join(notes)}
+        out = rollout_dataset(predicted, init_time, loaded.state, attrs)
+        content = bytes(out.to_netcdf())  # netCDF-4 (HDF5), built in memory
+        from starlette.responses import Response
 
-            return Response(content, media_type="application/x-netcdf",
-                            headers={"Content-Disposition": 'attachment; filename="forecast.nc"',
-                                     "X-Model-Version": str(loaded.version)})
-        except RequestError as exc:
-            return error_response(exc)
+        return Response(content, media_type="application/x-netcdf",
+                        headers={"Content-Disposition": 'attachment; filename="forecast.nc"',
+                                 "X-Model-Version": str(loaded.version)})
 
     @bentoml.api(route="/forecast_json")
+    @answers_errors
     def forecast_json(self, request: ForecastJSON, /) -> ForecastSummary:
         """Roll out from an initial state given as JSON (grids up to 20,000 points)."""
-        try:
-            loaded = self.holder.get()
-            states, notes = _state_from_json(request, loaded.info, loaded.cfg.history)
-            init_time = _utc(request.time)
-            predicted, latency = self._run(loaded, states, init_time, request.steps)
-            return self._summary(loaded, predicted, init_time, notes, latency, values=request.include_values)
-        except RequestError as exc:
-            return error_response(exc)
+        loaded = self.holder.get()
+        states, notes = _state_from_json(request, loaded.state, loaded.cfg.history)
+        init_time = _utc(request.time)
+        predicted, latency = _run(loaded, states, init_time, request.steps)
+        return _summary(loaded, predicted, init_time, notes, latency, values=request.include_values)
 
-    @bentoml.api(route="/model")
-    def model(self) -> dict[str, Any]:
-        """The served model: channels, units, grid, time step and the input history it needs."""
-        try:
-            loaded = self.holder.get()
-        except RequestError as exc:
-            return error_response(exc)
-        info = loaded.info
-        return {**loaded.describe(), "channels": info["channels"], "units": dict(zip(info["channels"], info["units"], strict=True)),
-                "variables": [{"variable": v, "level": lv} for v, lv in info["sources"]],
-                "step_hours": info["step_hours"], "history": loaded.cfg.history, "grid": info["grid"],
-                "data": info.get("data"), "periods": info.get("periods")}
 
-    def _run(self, loaded: Any, states: np.ndarray, init_time: np.datetime64, steps: int) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
-        predicted = forecast(loaded.model, loaded.info, states[None], np.array([init_time]), steps)[0]
-        return predicted, (time.perf_counter() - started) * 1000
+def _run(loaded: LoadedModel, states: np.ndarray, init_time: np.datetime64, steps: int) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    predicted = forecast(loaded.model, loaded.state, states[None], np.array([init_time]), steps)[0]
+    return predicted, (time.perf_counter() - started) * 1000
 
-    def _summary(self, loaded: Any, predicted: np.ndarray, init_time: np.datetime64, notes: list[str],
-                 latency: float, values: bool) -> ForecastSummary:
-        from services.weather.data import Grid
-        from services.weather.inference import lead_times
 
-        info = loaded.info
-        steps = predicted.shape[0]
-        weights = Grid.from_info(info["grid"]).weights()
-        times = lead_times(np.array([init_time]), steps, int(info["step_hours"]))[0, 1:]
-        summary = {c: {"mean": [round(float((predicted[k, i] * weights).mean()), 4) for k in range(steps)],
-                       "min": [round(float(predicted[k, i].min()), 4) for k in range(steps)],
-                       "max": [round(float(predicted[k, i].max()), 4) for k in range(steps)]}
-                   for i, c in enumerate(info["channels"])}
-        return ForecastSummary(
-            times=[str(np.datetime_as_string(t, unit="m")) for t in times],
-            lead_hours=[int(info["step_hours"]) * (k + 1) for k in range(steps)],
-            channels=info["channels"], units=dict(zip(info["channels"], info["units"], strict=True)),
-            summary=summary, notes=notes, latency_ms=latency, model=ModelRef(**loaded.describe()),
-            values={c: np.round(predicted[:, i], 4).tolist() for i, c in enumerate(info["channels"])} if values else None)
+def _summary(loaded: LoadedModel, predicted: np.ndarray, init_time: np.datetime64, notes: list[str], latency: float,
+             values: bool) -> ForecastSummary:
+    state: WeatherState = loaded.state
+    steps = predicted.shape[0]
+    weights = state.grid.weights()
+    times = lead_times(np.array([init_time]), steps, int(state.step_hours))[0, 1:]
+    summary = {c: {"mean": [round(float((predicted[k, i] * weights).mean()), 4) for k in range(steps)],
+                   "min": [round(float(predicted[k, i].min()), 4) for k in range(steps)],
+                   "max": [round(float(predicted[k, i].max()), 4) for k in range(steps)]}
+               for i, c in enumerate(state.channels)}
+    return ForecastSummary(
+        times=[str(np.datetime_as_string(t, unit="m")) for t in times],
+        lead_hours=[int(state.step_hours) * (k + 1) for k in range(steps)],
+        channels=list(state.channels), units=dict(zip(state.channels, state.units, strict=True)),
+        summary=summary, notes=notes, latency_ms=latency, model=ModelRef(**loaded.describe()),
+        values={c: np.round(predicted[:, i], 4).tolist() for i, c in enumerate(state.channels)} if values else None)
 
 
 def _open_upload(path: Path) -> Any:
@@ -160,35 +139,32 @@ def _open_upload(path: Path) -> Any:
         raise RequestError(f"could not read the upload as netCDF or GRIB: {type(exc).__name__}: {exc}") from None
 
 
-def _state(ds: Any, info: dict[str, Any], history: int) -> tuple[np.ndarray, np.datetime64, list[str]]:
+def _state(ds: Any, state: WeatherState, history: int) -> tuple[np.ndarray, np.datetime64, list[str]]:
     from services.weather.inference import state_from_dataset
 
     try:
-        return state_from_dataset(ds, info, history)
+        return state_from_dataset(ds, state, history)
     except StateError as exc:
         raise RequestError(str(exc)) from None
 
 
-def _state_from_json(request: ForecastJSON, info: dict[str, Any], history: int) -> tuple[np.ndarray, list[str]]:
-    from services.weather.data import Grid
-
+def _state_from_json(request: ForecastJSON, state: WeatherState, history: int) -> tuple[np.ndarray, list[str]]:
     if history != 1:
         raise RequestError(f"the served model needs {history} consecutive states; use POST /forecast with a netCDF "
                            f"file holding them")
-    channels = list(info["channels"])
+    channels = list(state.channels)
     unknown = sorted(set(request.fields) - set(channels))
     missing = [c for c in channels if c not in request.fields]
     if unknown or missing:
         raise RequestError(f"fields must be exactly the model's channels {channels}"
                            + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
-    grid = Grid.from_info(info["grid"])
-    h, w = grid.shape
+    h, w = state.grid.shape
     if h * w > MAX_JSON_POINTS:
         raise RequestError(f"the model's grid has {h * w} points; the JSON form takes up to {MAX_JSON_POINTS}; "
                            f"upload netCDF to POST /forecast")
     notes, layers = [], []
     units = request.units or {}
-    for channel, unit in zip(channels, info["units"], strict=True):
+    for channel, unit in zip(channels, state.units, strict=True):
         rows = request.fields[channel]
         if len(rows) != h or any(len(r) != w for r in rows):
             bad = next((i for i, r in enumerate(rows) if len(r) != w), None)
@@ -207,4 +183,4 @@ def _state_from_json(request: ForecastJSON, info: dict[str, Any], history: int) 
     return states, notes
 
 
-Weather.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+guard(Weather, "weather")

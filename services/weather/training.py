@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from shared.inferers import RolloutInferer
 from shared.tracking import unwrap
 
 
@@ -17,31 +18,17 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
 
 
 def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int, hours: Tensor | None = None) -> list[Tensor]:
-    """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W).
-    The network gives the change from its base state: the last one, or with ``base_lag`` n > 1 the state n
-    steps before the target (a day earlier with ``residual_base="day"``). A calibrated model (``fit_calibration``)
-    scales that change by its damping factor and adds its relaxation factor times the climatology at the valid
-    time minus the base state, which needs ``hours`` (B,): the hour of the day (UTC) of the last history state.
-    ``model`` may be wrapped (DDP)."""
+    """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W),
+    through the shared :class:`~shared.inferers.RolloutInferer`: each step the network gives the change of the
+    state, :meth:`WXFormer.advance` turns it into the next state (base state, calibration factors and, for a
+    model relaxed toward the climatology, ``hours`` (B,): the UTC hour of the last history state).
+    ``model`` may be wrapped (DDP): the network is called through the wrapper."""
     bare: Any = unwrap(model)
-    lag = int(getattr(bare, "base_lag", 1))
-    step_scale = getattr(bare, "step_scale", None)
-    step_relaxation = getattr(bare, "step_relaxation", None)
-    states = []
-    for k in range(steps):
-        change = model(history, forcing[:, k], forcing[:, k + 1])  # (B, C, H, W)
-        base = history[:, -lag]
-        scale = step_scale(k) if step_scale is not None else None
-        nxt = base + (change if scale is None else scale.to(change.dtype) * change)
-        relax = step_relaxation(k) if step_relaxation is not None else None
-        if relax is not None:
-            if hours is None:
-                raise ValueError("this model relaxes toward the climatology: give the hour of its initial states")
-            climate = bare.climate(hours + (k + 1) * bare.step_hours).to(nxt.dtype)
-            nxt = nxt + relax.to(nxt.dtype) * (climate - base)
-        states.append(nxt)
-        history = torch.cat([history[:, 1:], nxt[:, None]], dim=1)
-    return states
+
+    def step(states: Tensor, k: int) -> Tensor:
+        return bare.advance(states, model(states, forcing[:, k], forcing[:, k + 1]), k, hours)  # (B, C, H, W)
+
+    return RolloutInferer(steps)(step, history)  # type: ignore[no-any-return]
 
 
 def unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -62,9 +49,10 @@ def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Te
     return total / target.shape[1]
 
 
-def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-    """Latitude-weighted RMSE in normalized units over the validation windows: overall (``wrmse``, the
-    promotion metric), per rollout step, and persistence (the initial state kept) at every step."""
+def metric_sums(model: Any, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+    """Sums over the validation windows of the latitude-weighted squared error (normalized units) per rollout
+    step, of the model (``stepK``) and of persistence (the initial state kept, ``persistence_stepK``), and the
+    window count: additive, so workers' shares add up."""
     sums: dict[str, float] = {}
     count = 0
     for batch in batches:
@@ -78,6 +66,13 @@ def offline_metrics(model: Any, batches: Iterable[Any], device: torch.device) ->
             persistence = ((history[:, -1] - target[:, k]) ** 2 * w).mean(dim=(1, 2, 3))
             sums[f"persistence_step{k + 1}"] = sums.get(f"persistence_step{k + 1}", 0.0) + float(persistence.sum())
         count += n
+    return {**sums, "count": float(count)}
+
+
+def metrics_from(sums: Mapping[str, float]) -> dict[str, float]:
+    """Latitude-weighted RMSE from :func:`metric_sums`: overall (``wrmse``, the promotion metric), per rollout
+    step, and persistence's at every step."""
+    count = int(sums.get("count", 0))
     steps = sorted(k for k in sums if k.startswith("step"))
     out = {f"wrmse_{k}": (sums[k] / max(1, count)) ** 0.5 for k in steps}
     out["wrmse"] = (sum(sums[k] for k in steps) / max(1, count * len(steps))) ** 0.5

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from services.forecasting.data import (
     WindowDataset,
@@ -48,7 +49,8 @@ def test_ratio_split_and_scaler_use_training_rows_only() -> None:
     train = prepared.values[:700]
     np.testing.assert_allclose(train.mean(axis=0), 0, atol=1e-5)
     np.testing.assert_allclose(train.std(axis=0), 1, atol=1e-4)
-    assert prepared.info["marks"] == ["hour_of_day", "day_of_week", "day_of_month", "day_of_year"]
+    assert prepared.state.marks == ("hour_of_day", "day_of_week", "day_of_month", "day_of_year")
+    assert prepared.state.mean.dtype == torch.float64 and prepared.state.mean.shape == (3,)
 
 
 def test_windows_line_up_history_target_and_marks() -> None:
@@ -94,7 +96,7 @@ def test_parquet_and_csv_read_the_same(tmp_path: Path) -> None:
 def test_real_etth1_split_sizes() -> None:
     path = shared_data("forecasting", "ETTh1.csv")
     prepared = prepare(read_table(path), seq_len=96, pred_len=96, name="ETTh1")
-    assert prepared.info["split"] == "ett" and prepared.info["columns"][-1] == "OT"
+    assert prepared.state.split == "ett" and prepared.state.columns[-1] == "OT"
     sizes = [b - a - 96 - 96 + 1 for a, b in prepared.borders]
     assert sizes == [8449, 2785, 2785]  # the window counts of the reference implementations
 

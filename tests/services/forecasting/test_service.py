@@ -23,9 +23,14 @@ def loaded() -> LoadedModel:
                                                   "label_len": 24, "pred_len": 24, "synthetic_vars": 3})
     data = domain.load_data(cfg)
     torch.manual_seed(0)
-    model = domain.build_model(cfg, data.info).eval()
-    return LoadedModel(model=model, cfg=cfg, info=data.info, domain="forecasting", name="forecasting",
+    model = domain.build_model(cfg, data.state).eval()
+    return LoadedModel(model=model, cfg=cfg, state=data.state, domain="forecasting", name="forecasting",
                        version="7", run_id="r1")
+
+
+def _meta(loaded: LoadedModel) -> dict:
+    """What the runner's /model answers (the public service validates requests against it)."""
+    return {**loaded.describe(), **registry.get("forecasting").describe(loaded.cfg, loaded.state)}
 
 
 def _check(request: ForecastRequest, meta: dict) -> tuple:
@@ -41,13 +46,13 @@ def _request(rows: int = 60, **changes: object) -> ForecastRequest:
 
 
 def test_runner_output_matches_the_model_in_original_units(loaded: LoadedModel) -> None:
-    meta = inference.describe(loaded)
+    meta = _meta(loaded)
     packed, times, steps = _check(_request(), meta)
     out = inference.run(loaded, packed[None])
     assert out.shape == (1, 24 + 1, 3) and steps == 24
     assert (out[0, -1] == 7).all()  # the version row
     # the same forecast computed directly from standardized tensors
-    mean, std = np.asarray(loaded.info["mean"]), np.asarray(loaded.info["std"])
+    mean, std = loaded.state.mean.numpy(), loaded.state.std.numpy()
     x = torch.tensor((packed[:48, :3] - mean) / std, dtype=torch.float32)[None]
     x_mark = torch.tensor(packed[:48, 3:])[None]
     y_mark = torch.tensor(packed[48 - 24 :, 3:])[None]
@@ -57,7 +62,7 @@ def test_runner_output_matches_the_model_in_original_units(loaded: LoadedModel) 
 
 
 def test_columns_in_another_order_are_reordered(loaded: LoadedModel) -> None:
-    meta = inference.describe(loaded)
+    meta = _meta(loaded)
     a, _, _ = _check(_request(), meta)
     swapped = _request(columns=["v2", "v0", "v1"], values=[[1.0, float(i), 2.0 * i] for i in range(60)])
     b, _, _ = _check(swapped, meta)
@@ -77,13 +82,13 @@ def test_columns_in_another_order_are_reordered(loaded: LoadedModel) -> None:
 )
 def test_semantic_errors_are_422_with_the_reason(loaded: LoadedModel, changes: dict, message: str) -> None:
     with pytest.raises(RequestError, match=message) as info:
-        _check(_request(**changes), inference.describe(loaded))
+        _check(_request(**changes), _meta(loaded))
     assert info.value.status == 422
 
 
 def test_too_short_history(loaded: LoadedModel) -> None:
     with pytest.raises(RequestError, match="history has 20 rows; this model needs at least 48"):
-        _check(_request(rows=20), inference.describe(loaded))
+        _check(_request(rows=20), _meta(loaded))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 from services.robot_policy.data import (
     Demonstrations,
     Normalizer,
+    RobotPolicyState,
     WindowDataset,
     expert_action,
     fit_normalizer,
@@ -57,7 +58,7 @@ def test_episode_split_is_disjoint_seeded_and_covers_everything() -> None:
 def test_normalizer_maps_training_range_to_unit_box_and_back() -> None:
     demos = _toy([6, 6])
     stats = fit_normalizer(demos, [(0, 6)])  # train on episode 1 only
-    norm = Normalizer(stats)
+    norm = Normalizer(RobotPolicyState(data="toy", fingerprint="toy", episodes={}, **stats))
     actions = torch.from_numpy(demos.actions[:6])
     scaled = norm.action(actions)
     assert scaled.min() == pytest.approx(-1) and scaled.max() == pytest.approx(1)

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluate import _flat_metrics, settings_for
-from services.robot_policy.config import RobotPolicyConfig
+from pipelines.evaluate import UsageError, _flat_metrics, settings_for
+from services.robot_policy.config import RobotPolicyConfig, RobotPolicyEvalConfig
 from services.robot_policy.evaluation import auroc, evaluate_policy, perturb, rollout
 from services.robot_policy.model import build
 from shared import registry
-
-STATS = {"obs_min": [0.0] * 4 + [-1.0, -1.0], "obs_max": [512.0] * 4 + [1.0, 1.0],
-         "action_min": [0.0, 0.0], "action_max": [512.0, 512.0]}
+from tests.services.robot_policy.test_model import STATE
 
 
 def test_auroc_matches_pairwise_counting() -> None:
@@ -35,7 +33,7 @@ def test_perturbation_moves_positions_only_and_stays_in_the_workspace() -> None:
 
 def test_rollout_is_seeded_and_records_frames() -> None:
     torch.manual_seed(0)
-    policy = build(RobotPolicyConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2), STATS).eval()
+    policy = build(RobotPolicyConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2), STATE).eval()
     first = rollout(policy, 100000, max_steps=20, record=True)
     again = rollout(policy, 100000, max_steps=20)
     assert first["steps"] == 20 and len(first["latency_ms"]) == 3  # chunks of 8 actions: 8 + 8 + 4 steps
@@ -49,10 +47,9 @@ def test_evaluation_reports_the_issue_metrics() -> None:
     domain = registry.get("robot_policy")
     cfg = RobotPolicyConfig(d_model=16, d_ff=32, n_layers=1, n_heads=2, synthetic_episodes=3)
     data = domain.load_data(cfg)
-    policy = domain.build_model(cfg, data.info).eval()
-    settings = {**domain.eval_settings, "episodes": 2, "max_steps": 16, "gif_episodes": 1, "ood_samples": 16,
-                "workers": 1}
-    result = evaluate_policy(policy, cfg, data.info, None, settings)
+    policy = domain.build_model(cfg, data.state).eval()
+    settings = RobotPolicyEvalConfig(episodes=2, max_steps=16, gif_episodes=1, ood_samples=16, workers=1)
+    result = evaluate_policy(policy, cfg, data.state, None, settings)
     for key in ("success_rate", "mean_max_coverage", "descent_steps", "latency_ms_per_chunk", "energy_ood_auroc"):
         assert key in result.metrics
     assert result.metrics["episodes"] == 2 and len(result.metrics["per_episode_max_coverage"]) == 2
@@ -65,8 +62,22 @@ def test_evaluation_reports_the_issue_metrics() -> None:
 
 def test_evaluation_settings_from_flags_and_set_and_unknown_keys_refused() -> None:
     domain = registry.get("robot_policy")
-    args = argparse.Namespace(overrides=["max_steps=50", "candidates=2"], eval_episodes=7)
+    args = argparse.Namespace(overrides=["max_steps=50", "candidates=2"], eval_episodes="7")
     settings = settings_for(domain, args)
-    assert settings["episodes"] == 7 and settings["max_steps"] == 50 and settings["candidates"] == 2
-    with pytest.raises(SystemExit, match="unknown evaluation setting"):
+    assert (settings.episodes, settings.max_steps, settings.candidates) == (7, 50, 2)
+    with pytest.raises(UsageError, match="unknown setting 'episode'"):
         settings_for(domain, argparse.Namespace(overrides=["episode=3"]))
+    with pytest.raises(UsageError, match="episodes=0: must be >= 1"):
+        settings_for(domain, argparse.Namespace(overrides=["episodes=0"]))
+    with pytest.raises(UsageError, match="expected an integer"):
+        settings_for(domain, argparse.Namespace(overrides=["workers=many"]))
+
+
+def test_settings_are_parsed_to_their_declared_types_and_checked() -> None:
+    """Evaluation settings go through the training settings' parser (no ``type(default)(value)`` casts, which
+    made "false" True): a choice outside its Literal is refused with the choices."""
+    domain = registry.get("weather")
+    settings = settings_for(domain, argparse.Namespace(overrides=["split=val", "lead_steps=2"]))
+    assert settings.split == "val" and settings.lead_steps == 2
+    with pytest.raises(UsageError, match="split='train': expected one of"):
+        settings_for(domain, argparse.Namespace(overrides=["split=train"]))

@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from services.robot_policy.config import RobotPolicyConfig
+from services.robot_policy.data import RobotPolicyState
 from services.robot_policy.model import DiffusionPolicy, EBTPolicy, cosine_betas, shift_chunk
 from services.robot_policy.training import ebt_loss
+from shared.saved import tensor
 
-STATS = {"obs_min": [0.0] * 4 + [-1.0, -1.0], "obs_max": [512.0] * 4 + [1.0, 1.0],
-         "action_min": [0.0, 0.0], "action_max": [512.0, 512.0]}
+# the whole workspace as the normalization range
+STATE = RobotPolicyState(data="test", fingerprint="test", episodes={"train": (0,), "val": (1,), "test": (2,)},
+                         obs_min=tensor([0.0] * 4 + [-1.0, -1.0]), obs_max=tensor([512.0] * 4 + [1.0, 1.0]),
+                         action_min=tensor([0.0, 0.0]), action_max=tensor([512.0, 512.0]))
 
 
 def _cfg(**kw: object) -> RobotPolicyConfig:
@@ -28,7 +32,7 @@ def _obs(batch: int = 3) -> torch.Tensor:
 
 def test_a_descent_step_with_a_small_step_size_lowers_the_energy() -> None:
     torch.manual_seed(0)
-    policy = EBTPolicy(_cfg(step_size=1e-3), STATS)
+    policy = EBTPolicy(_cfg(step_size=1e-3), STATE)
     obs = policy.normalizer.obs(_obs())
     init = torch.randn(3, 16, 2)
     _, energies = policy(obs, init, steps=3, create_graph=False)
@@ -39,7 +43,7 @@ def test_training_backpropagates_through_the_unrolled_descent() -> None:
     """The loss on refined actions reaches the energy network through dE/da (a second-order gradient)."""
     torch.manual_seed(0)
     cfg = _cfg(train_steps=2, energy_weight=0.0, warm_start_prob=0.0, langevin_noise=0.0)
-    policy = EBTPolicy(cfg, STATS)
+    policy = EBTPolicy(cfg, STATE)
     obs = policy.normalizer.obs(_obs())
     target = torch.rand(3, 16, 2) * 2 - 1
     loss = ebt_loss(policy, obs, target, target)
@@ -53,7 +57,7 @@ def test_training_backpropagates_through_the_unrolled_descent() -> None:
 def test_training_lowers_the_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     cfg = _cfg(train_steps=2, langevin_noise=0.0)
-    policy = EBTPolicy(cfg, STATS)
+    policy = EBTPolicy(cfg, STATE)
     obs = policy.normalizer.obs(_obs(8))
     target = torch.rand(8, 16, 2) * 2 - 1
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
@@ -69,7 +73,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch() -> None:
 
 def test_plan_keeps_the_lowest_energy_candidate_and_reports_steps() -> None:
     torch.manual_seed(0)
-    policy = EBTPolicy(_cfg(step_size=1e-2), STATS).eval()
+    policy = EBTPolicy(_cfg(step_size=1e-2), STATE).eval()
     obs = _obs(2)
     plan = policy.plan(obs, steps=3, candidates=5, early_stop_tol=0.0, generator=torch.Generator().manual_seed(0))
     assert plan.actions.shape == (2, 16, 2) and plan.steps == 3 and plan.passes == 7
@@ -83,13 +87,13 @@ def test_plan_keeps_the_lowest_energy_candidate_and_reports_steps() -> None:
 
 
 def test_plan_stops_early_when_the_energy_stops_falling() -> None:
-    policy = EBTPolicy(_cfg(step_size=1e-6), STATS).eval()  # tiny steps: the energy barely moves
+    policy = EBTPolicy(_cfg(step_size=1e-6), STATE).eval()  # tiny steps: the energy barely moves
     plan = policy.plan(_obs(1), steps=4, early_stop_tol=1.0)
     assert plan.steps == 1 and plan.passes == 3
 
 
 def test_warm_start_is_the_previous_chunk_shifted() -> None:
-    policy = EBTPolicy(_cfg(), STATS).eval()
+    policy = EBTPolicy(_cfg(), STATE).eval()
     previous = torch.rand(1, 16, 2) * 400 + 50
     plan = policy.plan(_obs(1), previous, steps=0, candidates=1)
     expected = shift_chunk(previous, 8)
@@ -98,7 +102,7 @@ def test_warm_start_is_the_previous_chunk_shifted() -> None:
 
 
 def test_plan_works_under_inference_mode_as_in_serving() -> None:
-    policy = EBTPolicy(_cfg(), STATS).eval()
+    policy = EBTPolicy(_cfg(), STATE).eval()
     with torch.inference_mode():
         plan = policy.plan(_obs(2), steps=2, early_stop_tol=0.0)
     assert plan.steps == 2 and torch.isfinite(plan.energy).all()
@@ -106,7 +110,7 @@ def test_plan_works_under_inference_mode_as_in_serving() -> None:
 
 def test_diffusion_baseline_trains_and_samples_in_the_action_range() -> None:
     torch.manual_seed(0)
-    policy = DiffusionPolicy(_cfg(), STATS)
+    policy = DiffusionPolicy(_cfg(), STATE)
     obs = policy.normalizer.obs(_obs(4))
     target = torch.rand(4, 16, 2) * 2 - 1
     loss = policy.loss(obs, target)

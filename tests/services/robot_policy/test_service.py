@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from services.robot_policy.config import RobotPolicyConfig
 from services.robot_policy.model import build
 from services.robot_policy.service import ActRequest, RobotPolicy, check_rows
-from shared.serving import ModelUnavailable, RequestError
+from shared.serving import ModelUnavailable
 from shared.tracking import LoadedModel
+from tests.conftest import error_of
+from tests.services.robot_policy.test_model import STATE
 
-STATS = {"obs_min": [0.0] * 4 + [-1.0, -1.0], "obs_max": [512.0] * 4 + [1.0, 1.0],
-         "action_min": [0.0, 0.0], "action_max": [512.0, 512.0]}
 HISTORY = [[200.0, 300.0, 250.0, 260.0, 0.5], [205.0, 298.0, 250.0, 260.0, 7.0]]
 
 
@@ -33,7 +33,7 @@ class _Holder:
 def _service(model: str = "ebt") -> Any:
     torch.manual_seed(0)
     cfg = RobotPolicyConfig(model=model, d_model=16, d_ff=32, n_layers=1, n_heads=2, diffusion_steps=5)
-    loaded = LoadedModel(model=build(cfg, STATS).eval(), cfg=cfg, info={"normalizer": STATS}, domain="robot_policy",
+    loaded = LoadedModel(model=build(cfg, STATE).eval(), cfg=cfg, state=STATE, domain="robot_policy",
                          name="robot_policy", version="3", run_id="r")
     service = object.__new__(RobotPolicy.inner)
     service.holder = _Holder(loaded)
@@ -41,7 +41,7 @@ def _service(model: str = "ebt") -> Any:
 
 
 def test_act_answers_a_chunk_in_the_workspace_with_energy_and_steps() -> None:
-    answer = _service()._act(ActRequest(observations=HISTORY, seed=1))
+    answer = _service().act(ActRequest(observations=HISTORY, seed=1))
     assert len(answer.actions) == 16 and answer.execute == 8
     assert all(0 <= v <= 512 for row in answer.actions for v in row)
     assert answer.energy is not None and math.isfinite(answer.energy)
@@ -51,10 +51,10 @@ def test_act_answers_a_chunk_in_the_workspace_with_energy_and_steps() -> None:
 
 def test_a_diffusion_model_answers_without_energy_and_refuses_descent_settings() -> None:
     service = _service("diffusion")
-    answer = service._act(ActRequest(observations=HISTORY))
+    answer = service.act(ActRequest(observations=HISTORY))
     assert answer.energy is None and answer.descent_steps == 5
-    with pytest.raises(RequestError, match="energy-based"):
-        service._act(ActRequest(observations=HISTORY, descent_steps=2))
+    status, reason = error_of(service.act(ActRequest(observations=HISTORY, descent_steps=2)))
+    assert status == 422 and "energy-based" in reason
 
 
 @pytest.mark.parametrize(
@@ -68,9 +68,8 @@ def test_a_diffusion_model_answers_without_energy_and_refuses_descent_settings()
     ],
 )
 def test_wrong_sizes_and_positions_are_refused_with_the_reason(changes: dict, reason: str) -> None:
-    with pytest.raises(RequestError, match=reason.replace("[", r"\[").replace("]", r"\]")) as info:
-        _service()._act(ActRequest(**{"observations": HISTORY, **changes}))
-    assert info.value.status == 422
+    status, message = error_of(_service().act(ActRequest(**{"observations": HISTORY, **changes})))
+    assert status == 422 and reason in message
 
 
 def test_schema_refuses_non_finite_values_extra_fields_and_bad_settings() -> None:
@@ -84,9 +83,9 @@ def test_schema_refuses_non_finite_values_extra_fields_and_bad_settings() -> Non
 def test_no_model_yet_is_a_503_saying_how_to_train() -> None:
     service = _service()
     service.holder = _Holder(None)
-    with pytest.raises(RequestError, match="tessera train robot_policy") as info:
-        service._act(ActRequest(observations=HISTORY))
-    assert info.value.status == 503
+    status, reason = error_of(service.act(ActRequest(observations=HISTORY)))
+    assert status == 503 and "tessera train robot_policy" in reason
+    assert error_of(service.model())[0] == 503  # /model too, through the same skeleton
 
 
 def test_angles_are_wrapped_and_rows_checked() -> None:

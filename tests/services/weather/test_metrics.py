@@ -55,8 +55,8 @@ def test_diurnal_persistence_replays_the_same_hour_of_the_day_before() -> None:
 def test_relaxed_diurnal_persistence_finds_how_far_anomalies_decay_toward_the_daily_cycle() -> None:
     """Ten days of a pure daily cycle (the training period), then anomalies that keep 60 % of themselves from
     one day to the next at every hour: the relaxation fitted at +24 h is 0.4, and the baseline is exact."""
-    from services.weather.data import daily_harmonics
     from services.weather.evaluation import diurnal_persistence, relaxed_diurnal_persistence
+    from services.weather.forcings import daily_harmonics
 
     n = 24 * 20
     times = np.datetime64("2019-03-01T00") + np.arange(n).astype("timedelta64[h]")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from services.weather.config import WeatherConfig
-from services.weather.data import Grid, prepare
+from services.weather.data import WeatherState, prepare
+from services.weather.grid import Grid
 from services.weather.model import WindowAttention, WXFormer, earth_pad
 from services.weather.training import rollout_loss
 
@@ -17,10 +18,17 @@ TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "stride
         "global_windows": (2, 2), "dim_head": 8}
 
 
-def _info(lat: np.ndarray, lon: np.ndarray, channels: int = 2) -> dict[str, Any]:
+def _state(lat: np.ndarray, lon: np.ndarray, channels: int = 2) -> WeatherState:
     lon2, lat2 = np.meshgrid(lon, lat)
-    return {"grid": Grid(lat2, lon2).to_info(), "channels": [f"c{i}" for i in range(channels)],
-            "mean": [0.0] * channels, "std": [1.0] * channels, "static_names": [], "statics": {}}
+    latitude, longitude = Grid(lat2, lon2).axes()
+    names = tuple(f"c{i}" for i in range(channels))
+    return WeatherState(data="test", fingerprint="test", channels=names, sources=tuple((n, None) for n in names),
+                        units=("K",) * channels, step_hours=6, data_step_hours=1.0,
+                        forcings=("cos_zenith", "sin_local_hour", "cos_local_hour", "sin_day_of_year",
+                                  "cos_day_of_year"),
+                        periods={}, regular_grid=True, static_names=(), latitude=latitude, longitude=longitude,
+                        mean=torch.zeros(channels, dtype=torch.float64), std=torch.ones(channels, dtype=torch.float64),
+                        statics={})
 
 
 def test_earth_pad_wraps_longitude_and_crosses_the_poles() -> None:
@@ -67,7 +75,7 @@ def test_window_attention_masks_padding_when_the_map_is_not_a_multiple() -> None
 ])
 def test_forward_keeps_the_grid_and_pads_by_kind(lat: np.ndarray, lon: np.ndarray, earth: bool) -> None:
     cfg = WeatherConfig(**TINY)  # type: ignore[arg-type]
-    model = WXFormer(cfg, _info(lat, lon))
+    model = WXFormer(cfg, _state(lat, lon))
     assert model.earth is earth and model.pole_row is earth
     h, w = len(lat), len(lon)
     out = model(torch.randn(2, 1, 2, h, w), torch.randn(2, 5, h, w), torch.randn(2, 5, h, w))
@@ -75,7 +83,7 @@ def test_forward_keeps_the_grid_and_pads_by_kind(lat: np.ndarray, lon: np.ndarra
 
 
 def test_every_conv_and_linear_is_spectrally_normalized() -> None:
-    model = WXFormer(WeatherConfig(**TINY), _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
+    model = WXFormer(WeatherConfig(**TINY), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     assert layers and all(hasattr(m, "parametrizations") for m in layers)
     model.train()
@@ -83,7 +91,7 @@ def test_every_conv_and_linear_is_spectrally_normalized() -> None:
         model.head.weight  # noqa: B018
     sigma = torch.linalg.matrix_norm(model.head.weight.flatten(1), ord=2)
     assert sigma.item() < 1.05
-    plain = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
+    plain = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
     assert not any(hasattr(m, "parametrizations") for m in plain.modules())
 
 
@@ -91,7 +99,7 @@ def test_multi_step_training_lowers_the_loss_on_synthetic_weather() -> None:
     torch.manual_seed(0)
     cfg = WeatherConfig(**TINY, synthetic_days=6, synthetic_grid=(16, 32), train_rollout=2, lr=2e-3)  # type: ignore[arg-type]
     prepared = prepare(cfg)
-    model = WXFormer(cfg, prepared.info)
+    model = WXFormer(cfg, prepared.state)
     batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=8, shuffle=True)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = []
@@ -110,8 +118,8 @@ def test_history_skip_adds_a_linear_blend_of_the_inputs_outside_spectral_norm() 
     from services.weather.model import MIX_GAIN
 
     torch.manual_seed(0)
-    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8))
-    model = WXFormer(WeatherConfig(**TINY, history=3, history_skip=True), info).eval()  # type: ignore[arg-type]
+    state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8))
+    model = WXFormer(WeatherConfig(**TINY, history=3, history_skip=True), state).eval()  # type: ignore[arg-type]
     assert model.history_mix is not None and model.history_mix.shape == (2, 6)
     assert torch.count_nonzero(model.history_mix) == 0  # starts as the plain network
     history, now, nxt = torch.randn(1, 3, 2, 8, 8), torch.randn(1, 5, 8, 8), torch.randn(1, 5, 8, 8)
@@ -126,21 +134,21 @@ def test_history_skip_adds_a_linear_blend_of_the_inputs_outside_spectral_norm() 
     model.train()
     model(history, now, nxt).sum().backward()
     assert model.history_mix.grad is not None and torch.count_nonzero(model.history_mix.grad) > 0
-    assert WXFormer(WeatherConfig(**TINY), info).history_mix is None  # type: ignore[arg-type]
+    assert WXFormer(WeatherConfig(**TINY), state).history_mix is None  # type: ignore[arg-type]
 
 
 def test_validation_metrics_score_persistence_at_every_step() -> None:
-    from services.weather.training import offline_metrics
+    from services.weather.training import metric_sums, metrics_from
 
-    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
-    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
+    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), state).eval()  # type: ignore[arg-type]
     for p in model.head.parameters():  # the network then predicts no change: it is persistence itself
         torch.nn.init.zeros_(p)
     history = torch.randn(4, 1, 1, 8, 8)
     target = history[:, -1:] + torch.arange(1, 4, dtype=torch.float32).view(1, 3, 1, 1, 1)  # off by 1, 2, 3
     forcing = torch.zeros(4, 4, 5, 8, 8)
     with torch.no_grad():
-        out = offline_metrics(model, [(history, forcing, target)], torch.device("cpu"))
+        out = metrics_from(metric_sums(model, [(history, forcing, target)], torch.device("cpu")))
     for k in (1, 2, 3):
         assert out[f"wrmse_persistence_step{k}"] == pytest.approx(k, rel=1e-5)
         assert out[f"wrmse_step{k}"] == pytest.approx(k, rel=1e-5)
@@ -150,9 +158,9 @@ def test_validation_metrics_score_persistence_at_every_step() -> None:
 def test_day_residual_base_replays_yesterday_and_anchors_a_day_ahead_on_the_start() -> None:
     from services.weather.training import rollout
 
-    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
+    state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
     cfg = WeatherConfig(**TINY, spectral_norm=False, history=4, residual_base="day")  # type: ignore[arg-type]
-    model = WXFormer(cfg, info).eval()
+    model = WXFormer(cfg, state).eval()
     assert model.base_lag == 4  # 24 h of 6 h steps
     for p in model.head.parameters():  # no change: the rollout is the base state itself
         torch.nn.init.zeros_(p)
@@ -162,7 +170,7 @@ def test_day_residual_base_replays_yesterday_and_anchors_a_day_ahead_on_the_star
     # +6 h is t - 18 h, ..., +24 h is t itself, +30 h again yesterday's +6 h
     for k, expected in enumerate([history[:, 0], history[:, 1], history[:, 2], history[:, 3], history[:, 0]]):
         assert torch.equal(states[k], expected)
-    assert WXFormer(WeatherConfig(**TINY), info).base_lag == 1  # type: ignore[arg-type]
+    assert WXFormer(WeatherConfig(**TINY), state).base_lag == 1  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="residual_base='day' needs"):
         WeatherConfig(history=2, residual_base="day")
     with pytest.raises(ValueError, match="residual_base='day' needs"):
@@ -188,8 +196,8 @@ def _oracle_windows(steps: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float, expected: float) -> None:
     from services.weather.training import fit_calibration, rollout
 
-    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
-    model = _ScaledOracle(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
+    model = _ScaledOracle(WeatherConfig(**TINY, spectral_norm=False), state).eval()  # type: ignore[arg-type]
     model.gain = gain
     history, forcing, target = _oracle_windows()
     with torch.no_grad():
@@ -208,8 +216,8 @@ def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float
         assert torch.allclose(damped, forcing[:, 1:, :1], atol=1e-5)
     else:
         assert torch.allclose(damped[:, :3], raw)
-    rebuilt = WXFormer(WeatherConfig(**TINY, spectral_norm=False), {**info, "damping": factors.tolist()})  # type: ignore[arg-type]
-    assert torch.equal(rebuilt.damping.flatten(), factors.flatten())  # saved in info, restored at load
+    rebuilt = WXFormer(WeatherConfig(**TINY, spectral_norm=False), dataclasses.replace(state, damping=factors))  # type: ignore[arg-type]
+    assert torch.equal(rebuilt.damping.flatten(), factors.flatten())  # saved in the state, restored at load
 
 
 class _ChangeOracle(WXFormer):
@@ -228,8 +236,8 @@ def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly(
 
     g = torch.Generator().manual_seed(0)
     clim = torch.randn(3, 1, 8, 8, generator=g)  # mean, cos and sin of the daily cycle
-    info = {**_info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1), "climatology": clim.tolist()}
-    model = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    saved = dataclasses.replace(_state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1), climatology=clim)
+    model = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False), saved).eval()  # type: ignore[arg-type]
     n, steps = 8, 3
     hours = torch.randint(0, 24, (n,), generator=g).float()
     forcing = torch.randn(n, steps + 3, 5, 8, 8, generator=g)
@@ -252,11 +260,11 @@ def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly(
     # damping off: the change is kept whole, the relaxation fitted on what it leaves
     damping, relaxation = fit_calibration(model, windows, torch.device("cpu"), 1, damping=False)
     assert torch.equal(damping, torch.ones(1, 1)) and 0.0 <= float(relaxation[0, 0]) <= 1.0
-    # saved in info, restored at load
+    # saved in the state, restored at load
     rebuilt = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False),  # type: ignore[arg-type]
-                            {**info, "damping": damping.tolist(), "relaxation": relaxation.tolist()})
+                            dataclasses.replace(saved, damping=damping, relaxation=relaxation))
     assert torch.equal(rebuilt.relaxation.flatten(), relaxation.flatten())
-    without = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), 1))  # type: ignore[arg-type]
+    without = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), 1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no climatology"):
         without.set_relaxation(torch.ones(1, 1))
 
@@ -282,8 +290,8 @@ def test_bounded_least_squares_matches_a_grid_search() -> None:
 def test_damping_keeps_a_network_that_predicts_no_change() -> None:
     from services.weather.training import fit_calibration
 
-    info = _info(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=2)
-    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), info).eval()  # type: ignore[arg-type]
+    state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=2)
+    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), state).eval()  # type: ignore[arg-type]
     for p in model.head.parameters():
         torch.nn.init.zeros_(p)
     history = torch.randn(2, 1, 2, 8, 8)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.weather.config import WeatherConfig
-from services.weather.data import prepare, synthetic_dataset
+from services.weather.config import WeatherConfig, WeatherEvalConfig
+from services.weather.data import WeatherState, prepare
 from services.weather.evaluation import evaluate_forecasts
 from services.weather.inference import (
     StateError,
@@ -21,6 +21,7 @@ from services.weather.inference import (
 )
 from services.weather.model import WXFormer
 from services.weather.service import ForecastJSON, _state_from_json
+from services.weather.synthetic import synthetic_dataset
 from shared.serving import RequestError
 
 TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
@@ -28,11 +29,11 @@ TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "stride
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[WXFormer, dict[str, Any], WeatherConfig]:
+def trained() -> tuple[WXFormer, WeatherState, WeatherConfig]:
     torch.manual_seed(0)
     cfg = WeatherConfig(**TINY)  # type: ignore[arg-type]
     prepared = prepare(cfg)
-    return WXFormer(cfg, prepared.info).eval(), prepared.info, cfg
+    return WXFormer(cfg, prepared.state).eval(), prepared.state, cfg
 
 
 @pytest.fixture()
@@ -41,20 +42,20 @@ def state() -> Any:
 
 
 def test_state_from_the_training_layout(trained: Any, state: Any) -> None:
-    _, info, _ = trained
-    values, init_time, notes = state_from_dataset(state, info, history=1)
+    _, saved, _ = trained
+    values, init_time, notes = state_from_dataset(state, saved, history=1)
     assert values.shape == (1, 3, 16, 32) and notes == []
     assert init_time == np.datetime64("2000-01-01T05:00", "ns")
     np.testing.assert_allclose(values[0, 2], state["t2m"].values[0])
 
 
 def test_celsius_is_converted_and_missing_units_are_assumed(trained: Any, state: Any) -> None:
-    _, info, _ = trained
+    _, saved, _ = trained
     celsius = state.copy(deep=True)
     celsius["t2m"] = celsius["t2m"] - 273.15
     celsius["t2m"].attrs["units"] = "degC"
     del celsius["t"].attrs["units"]
-    values, _, notes = state_from_dataset(celsius, info, history=1)
+    values, _, notes = state_from_dataset(celsius, saved, history=1)
     np.testing.assert_allclose(values[0, 2], state["t2m"].values[0], atol=1e-3)
     assert any("t_850: no units given, assumed K" in n for n in notes)
     with pytest.raises(StateError, match="units 'm s\\*\\*-1' do not match the model's 'K'"):
@@ -71,46 +72,45 @@ def test_celsius_is_converted_and_missing_units_are_assumed(trained: Any, state:
     (lambda ds: ds.where(ds.latitude < 80), "NaN"),
 ])
 def test_bad_states_are_refused_with_the_reason(trained: Any, state: Any, change: Any, reason: str) -> None:
-    _, info, _ = trained
+    _, saved, _ = trained
     with pytest.raises(StateError, match=reason):
-        state_from_dataset(change(state), info, history=1)
+        state_from_dataset(change(state), saved, history=1)
 
 
 def test_json_form_checks_channels_shape_and_units(trained: Any, state: Any) -> None:
-    _, info, _ = trained
+    _, saved, _ = trained
     fields = {"t_850": state["t"].values[0, 0].tolist(), "t_500": state["t"].values[0, 1].tolist(),
               "t2m": state["t2m"].values[0].tolist()}
-    states, notes = _state_from_json(ForecastJSON(time="2000-01-01T05:00Z", fields=fields), info, 1)
+    states, notes = _state_from_json(ForecastJSON(time="2000-01-01T05:00Z", fields=fields), saved, 1)
     assert states.shape == (1, 3, 16, 32) and len(notes) == 3
     with pytest.raises(RequestError, match="missing \\['t2m'\\]"):
-        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields={k: fields[k] for k in ("t_850", "t_500")}), info, 1)
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields={k: fields[k] for k in ("t_850", "t_500")}), saved, 1)
     short = {**fields, "t2m": fields["t2m"][:-1]}
     with pytest.raises(RequestError, match="expected 16 rows"):
-        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=short), info, 1)
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=short), saved, 1)
     with pytest.raises(RequestError, match="units 'Pa'"):
-        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields, units={"t2m": "Pa"}), info, 1)
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields, units={"t2m": "Pa"}), saved, 1)
     with pytest.raises(RequestError, match="needs 2 consecutive states"):
-        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields), info, 2)
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields), saved, 2)
 
 
 def test_rollout_back_to_the_data_layout(trained: Any, state: Any) -> None:
-    model, info, _ = trained
-    values, init_time, _ = state_from_dataset(state, info, history=1)
-    predicted = forecast(model, info, values[None], np.array([init_time]), steps=3)[0]
+    model, saved, _ = trained
+    values, init_time, _ = state_from_dataset(state, saved, history=1)
+    predicted = forecast(model, saved, values[None], np.array([init_time]), steps=3)[0]
     assert predicted.shape == (3, 3, 16, 32) and np.isfinite(predicted).all()
-    out = rollout_dataset(predicted, init_time, info, {"model": "weather v1"})
+    out = rollout_dataset(predicted, init_time, saved, {"model": "weather v1"})
     assert out["t"].dims == ("time", "level", "latitude", "longitude") and out["t"].attrs["units"] == "K"
     assert out["level"].values.tolist() == [850.0, 500.0]
     assert str(out.time.values[0])[:16] == "2000-01-01T11:00" and out.attrs["model"] == "weather v1"
     np.testing.assert_allclose(out["t2m"].values, predicted[:, 2])
-    again, _, _ = state_from_dataset(out.isel(time=slice(-1, None)), info, history=1)  # a forecast is a valid state
+    again, _, _ = state_from_dataset(out.isel(time=slice(-1, None)), saved, history=1)  # a forecast is a valid state
     np.testing.assert_allclose(again[0], predicted[-1], rtol=1e-6)
 
 
 def test_evaluation_reports_model_and_baselines_per_lead(trained: Any) -> None:
-    model, info, cfg = trained
-    result = evaluate_forecasts(model, cfg, info, None, {"lead_steps": 2, "init_every_hours": 6, "split": "test",
-                                                          "map_lead": 1})
+    model, saved, cfg = trained
+    result = evaluate_forecasts(model, cfg, saved, None, WeatherEvalConfig(lead_steps=2))
     m = result.metrics
     assert m["lead_hours"] == [6, 12]
     for score in ("rmse", "acc"):

@@ -1,0 +1,91 @@
+"""The weather readers: netCDF, zarr and GRIB files (ERA5 and CREDIT layouts, curvilinear grids) into Fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.weather.readers import load_fields, read_fields
+from services.weather.synthetic import synthetic_dataset, write_synthetic
+from tests.conftest import shared_data
+
+WEATHER = "weather"
+
+
+@pytest.fixture(scope="module")
+def world() -> object:
+    return synthetic_dataset(days=3, grid=(16, 32), seed=1)
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_written_synthetic_data_reads_back_the_same(tmp_path: Path, world: object, suffix: str) -> None:
+    path = write_synthetic(tmp_path / f"world{suffix}", days=2, grid=(16, 32), seed=1)
+    fields = load_fields(path, levels=(500.0,), variables=("t", "t2m"))
+    expected = read_fields(world, levels=(500.0,), variables=("t", "t2m"))  # type: ignore[arg-type]
+    assert fields.channels == ["t_500", "t2m"] and fields.sources == [("t", 500.0), ("t2m", None)]
+    np.testing.assert_allclose(fields.values, expected.values[:48], rtol=1e-6)
+
+
+def test_reader_errors_name_the_problem(world: object) -> None:
+    with pytest.raises(ValueError, match="variables \\['q'\\] not found"):
+        read_fields(world, variables=("q",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="levels \\[700.0\\] not in"):
+        read_fields(world, levels=(700.0,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no 'time' dimension"):
+        read_fields(world.isel(time=0))  # type: ignore[attr-defined]
+    gappy = world.isel(time=[0, 1, 3])  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="not regular"):
+        read_fields(gappy)
+    holes = world.copy(deep=True)  # type: ignore[attr-defined]
+    holes["t2m"][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        read_fields(holes)
+    with pytest.raises(FileNotFoundError):
+        load_fields("/nonexistent/era5.grib")
+
+
+@pytest.mark.data
+def test_era5_uk_grib_reads_hourly_2m_temperature_without_writing_an_index() -> None:
+    path = shared_data(WEATHER, "era5-2mt-2019-03-uk.grib")
+    before = set(path.parent.iterdir())
+    fields = load_fields(path)
+    assert fields.channels == ["t2m"] and fields.units == ["K"]
+    assert fields.values.shape == (744, 1, 33, 49) and fields.step_hours == 1.0
+    assert not fields.grid.is_global and fields.grid.lat[0, 0] == 58.0 and fields.grid.lon[0, 0] == -10.0
+    assert 260 < fields.values.mean() < 290
+    assert set(path.parent.iterdir()) == before
+
+
+@pytest.mark.data
+def test_era5_levels_members_grib_selects_a_member_and_levels() -> None:
+    path = shared_data(WEATHER, "era5-levels-members.grib")
+    fields = load_fields(path, variables=("t",), levels=(500.0,), member=3)
+    assert fields.channels == ["t_500"] and fields.values.shape == (4, 1, 61, 120)
+    assert fields.grid.is_global and fields.step_hours == 12.0
+    other = load_fields(path, variables=("t",), levels=(500.0,), member=0)
+    assert not np.allclose(fields.values, other.values)
+    with pytest.raises(ValueError, match="10 ensemble members"):
+        load_fields(path, member=10)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("name", "channels"), [("credit_era5.3d.198001.nc", 5), ("credit_era5.2d.198001.nc", 6)])
+def test_credit_files_on_a_curvilinear_grid(name: str, channels: int) -> None:
+    path = shared_data(WEATHER, name)
+    fields = load_fields(path, levels=(500.0, 850.0) if "3d" in name else ())
+    assert fields.values.shape[1] == channels * (2 if "3d" in name else 1)
+    assert fields.values.shape[0] == 25 and fields.values.shape[2:] == (4, 5)
+    assert not fields.grid.regular and 35 < fields.grid.lat.mean() < 36.5
+    assert fields.grid.lon.min() < -100
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("name", "reason"), [("eraint_uvz.nc", "no 'time' dimension"),
+                                              ("daily_surface_cancities_1990-1993.nc", "no latitude/longitude grid")])
+
+
+def test_files_that_are_not_forecastable_grids_are_refused_clearly(name: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        load_fields(shared_data(WEATHER, name))
