@@ -1,22 +1,33 @@
-"""Serving pieces every domain's BentoML service uses.
+"""The serving skeleton every domain's BentoML service is built on.
 
-- :class:`ModelHolder` keeps ``models:/<domain>@production`` loaded and swaps in a newly promoted version
-  without a restart (a background thread polls the alias); until a model exists it raises
-  :class:`ModelUnavailable`, which the services turn into a 503 that says how to train one.
-- :class:`BodySizeLimit` is an ASGI middleware answering 413 for bodies above a limit before they are read.
+- :class:`DomainService`: the base of a domain's service class. It holds the served model (a
+  :class:`ModelHolder` on ``models:/<domain>@production``, hot-swapped when the alias moves), answers
+  ``POST /model`` for every domain the same way, sets torch's threads from the service's ``resources=`` and
+  stops the model poller on shutdown.
+- :func:`answers_errors`: the one error handler of every endpoint: a :class:`RequestError` becomes
+  ``{"error": reason}`` with its status (a 4xx, or a 503 while there is no model).
+- :class:`RequestGuard` and :func:`guard`: an ASGI middleware in front of a service that refuses what
+  would otherwise fail inside BentoML before a service's code runs: bodies above the domain's limit (413), a
+  content type the endpoint does not take (415), malformed multipart bodies and file fields that are not
+  uploads (400).
+- :func:`setting`: service settings from ``TESSERA_<DOMAIN>_<NAME>`` environment variables.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, ClassVar, TypeVar
 
+import bentoml
 from pydantic import BaseModel
 
+from shared import registry
 from shared.tracking import PRODUCTION, LoadedModel, client, load_registered, production_version
 
 log = logging.getLogger("tessera.serving")
@@ -57,6 +68,37 @@ def error_response(exc: RequestError) -> Any:
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def answers_errors(func: F) -> F:
+    """Decorate a service endpoint (sync or async): a :class:`RequestError` it raises becomes the error answer."""
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except RequestError as exc:
+                return error_response(exc)
+
+        return run_async  # type: ignore[return-value]
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RequestError as exc:
+            return error_response(exc)
+
+    return run  # type: ignore[return-value]
+
+
+def setting(domain: str, name: str, default: int) -> int:
+    """``TESSERA_<DOMAIN>_<NAME>`` (e.g. ``TESSERA_WEATHER_MAX_BODY_BYTES``) as an integer, else ``default``."""
+    raw = os.environ.get(f"TESSERA_{domain.upper()}_{name.upper()}")
+    return int(raw) if raw else default
 
 
 def serving_alias() -> str:
@@ -139,12 +181,80 @@ class ModelHolder:
         self._stop.set()
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for request bodies above ``max_bytes`` (declared or streamed)."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+class DomainService:
+    """Base of a domain's ``@bentoml.service`` class: the served model, ``/model``, threads and shutdown.
+
+    A subclass sets ``domain`` and adds its endpoints; each reads ``self.holder.get()`` (a 503 with how to train
+    a model until one is registered) and raises :class:`RequestError` for bad input.
+    """
+
+    domain: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.holder = ModelHolder(self.domain)
+
+    @bentoml.on_startup
+    def use_declared_cpus(self) -> None:
+        """torch's intra-op threads = the service's ``resources={"cpu": ...}``."""
+        import torch
+
+        torch.set_num_threads(declared_cpus(self))
+
+    def model_card(self) -> dict[str, Any]:
+        """What ``/model`` answers (raises :class:`ModelUnavailable` while there is no model)."""
+        loaded = self.holder.get()
+        return {**loaded.describe(), **registry.get(self.domain).describe(loaded.cfg, loaded.state)}
+
+    @bentoml.api(route="/model")
+    @answers_errors
+    def model(self) -> dict[str, Any]:
+        """The served model: name, version, run and architecture, and the inputs it expects."""
+        return self.model_card()
+
+    @bentoml.on_shutdown
+    def stop_polling(self) -> None:
+        self.holder.close()
+
+
+def declared_cpus(instance: Any, default: int = 1) -> int:
+    """The ``cpu`` of the ``resources=`` a service instance was declared with (``default`` when none)."""
+    service = getattr(instance, "bento_service", None)
+    resources = (getattr(service, "config", None) or {}).get("resources") or {}
+    try:
+        return max(1, int(float(resources.get("cpu", default))))
+    except (TypeError, ValueError):
+        return default
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """ASGI middleware: refuse, with the reason, requests that would fail before a service's code runs.
+
+    ``routes`` maps each endpoint's path to its media type and, for multipart endpoints, its file fields.
+    Bodies above ``max_bytes`` (declared or streamed) get a 413; a content type other than the endpoint's (none
+    counts as JSON) a 415; a multipart body without a boundary, one that does not parse, a part without a
+    name, or a file field that is not an uploaded file (BentoML would fetch a string there as a URL) a 400.
+    Other paths (health, docs, metrics) pass untouched.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: Mapping[str, tuple[str, tuple[str, ...]]]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = dict(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,8 +263,47 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._too_large(send)
             return
+        route = self.routes.get(str(scope.get("path", "")).rstrip("/") or "/")
+        if route is None or scope.get("method") != "POST":
+            await self._limited(scope, receive, send)
+            return
+        media, file_fields = route
+        raw_type = headers.get(b"content-type", b"").decode("latin-1")
+        given = raw_type.split(";")[0].strip().lower() or JSON
+        if given != media:
+            await _refuse(send, 415, f"this endpoint takes {media}, not {given}")
+            return
+        if media != MULTIPART:
+            await self._limited(scope, receive, send)
+            return
+        try:
+            body = await self._read(receive)
+        except _TooLarge:
+            await self._too_large(send)
+            return
+        problem = await _multipart_problem(raw_type, body, file_fields)
+        if problem:
+            await _refuse(send, 400, problem)
+            return
+        await self.app(scope, _replay(body), send)
+
+    async def _read(self, receive: Receive) -> bytes:
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            more = bool(message.get("more_body", False))
+        return b"".join(chunks)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen = 0
         rejected = False
 
@@ -172,15 +321,67 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
             if rejected:
-                await self._reject(send)
+                await self._too_large(send)
 
-    async def _reject(self, send: Send) -> None:
-        body = (f'{{"error": "request body larger than {self.max_bytes} bytes; send less history or '
-                f'split the request"}}').encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, send: Send) -> None:
+        await _refuse(send, 413, f"request body larger than {self.max_bytes} bytes; send less history or split "
+                                 f"the request")
 
 
-class _TooLarge(Exception):
-    pass
+async def _multipart_problem(content_type: str, body: bytes, file_fields: tuple[str, ...]) -> str | None:
+    """Why ``body`` is not a multipart form BentoML can read (None when it is)."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartParser
+
+    if "boundary=" not in content_type:
+        return "multipart/form-data needs a boundary parameter in its Content-Type"
+
+    async def stream() -> Any:
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers({"content-type": content_type}), stream()).parse()
+    except Exception as exc:  # the parser's errors (MultiPartException, KeyError on a part without headers, ...)
+        return f"malformed multipart body: {type(exc).__name__}: {exc}"
+    try:
+        for name in file_fields:
+            values = form.getlist(name)
+            if any(not isinstance(v, UploadFile) for v in values):
+                return f"field {name!r} must be an uploaded file (a part with a filename)"
+    finally:
+        await form.close()
+    return None
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _refuse(send: Send, status: int, reason: str) -> None:
+    import json
+
+    body = json.dumps({"error": reason}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guard(service: Any, domain: str) -> None:
+    """Put :class:`RequestGuard` in front of the BentoML ``service`` of ``domain``: every endpoint's media type
+    and file fields from its own signature, and the body limit ``TESSERA_<DOMAIN>_MAX_BODY_BYTES`` (the
+    domain's ``max_body_bytes`` by default)."""
+    routes = {}
+    for api in service.apis.values():
+        spec = api.input_spec
+        routes[api.route.rstrip("/") or "/"] = (spec.mime_type(), tuple(getattr(spec, "multipart_fields", ())))
+    limit = setting(domain, "MAX_BODY_BYTES", registry.get(domain).max_body_bytes)
+    service.add_asgi_middleware(RequestGuard, max_bytes=limit, routes=routes)

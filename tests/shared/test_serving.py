@@ -5,8 +5,9 @@ from typing import Any
 
 import pytest
 
-from shared.serving import BodySizeLimit, ModelHolder, ModelUnavailable
+from shared.serving import ModelHolder, ModelUnavailable, RequestError, RequestGuard, answers_errors, setting
 from shared.tracking import LoadedModel
+from tests.conftest import error_of
 
 
 class FakeRegistry:
@@ -24,7 +25,7 @@ class FakeRegistry:
 
     def load(self, name: str) -> LoadedModel:
         self.loads += 1
-        return LoadedModel(model=None, cfg=None, info={}, domain=name, name=name, version=self.version)  # type: ignore[arg-type]
+        return LoadedModel(model=None, cfg=None, state=None, domain=name, name=name, version=self.version)  # type: ignore[arg-type]
 
 
 def test_holder_says_how_to_train_until_a_model_exists_then_hot_swaps() -> None:
@@ -45,35 +46,107 @@ def test_holder_says_how_to_train_until_a_model_exists_then_hot_swaps() -> None:
         holder.close()
 
 
-def _run_asgi(app: Any, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+def test_one_error_handler_for_sync_and_async_endpoints() -> None:
+    @answers_errors
+    def sync(x: int) -> int:
+        if x < 0:
+            raise RequestError(f"x={x} must be >= 0")
+        return x
+
+    @answers_errors
+    async def run_async(x: int) -> int:
+        if x < 0:
+            raise ModelUnavailable("no model yet")
+        return x
+
+    assert sync(2) == 2 and sync.__name__ == "sync"
+    assert error_of(sync(-1)) == (422, "x=-1 must be >= 0")
+    assert asyncio.run(run_async(3)) == 3
+    assert error_of(asyncio.run(run_async(-1))) == (503, "no model yet")
+    with pytest.raises(ZeroDivisionError):  # only refusals become answers; a bug stays a bug
+        answers_errors(lambda: 1 // 0)()
+
+
+def test_settings_come_from_one_variable_per_domain_and_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert setting("weather", "MAX_BODY_BYTES", 7) == 7
+    monkeypatch.setenv("TESSERA_WEATHER_MAX_BODY_BYTES", "123")
+    assert setting("weather", "max_body_bytes", 7) == 123 and setting("forecasting", "MAX_BODY_BYTES", 7) == 7
+
+
+def _run_asgi(app: Any, body: bytes, headers: list[tuple[bytes, bytes]], path: str = "/act",
+              method: str = "POST") -> tuple[int, bytes]:
     sent: list[dict[str, Any]] = []
     chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)] or [b""]
 
     async def receive() -> dict[str, Any]:
-        chunk = chunks.pop(0)
+        chunk = chunks.pop(0) if chunks else b""
         return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(app({"type": "http", "headers": headers}, receive, send))
+    scope = {"type": "http", "headers": headers, "path": path, "method": method}
+    asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
 
 async def _echo_app(scope: Any, receive: Any, send: Any) -> None:
-    more = True
+    body, more = b"", True
     while more:
         message = await receive()
+        body += message.get("body", b"")
         more = message.get("more_body", False)
     await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
+    await send({"type": "http.response.body", "body": b"ok:" + body[:20]})
+
+
+ROUTES = {"/act": ("application/json", ()), "/forecast": ("multipart/form-data", ("file",))}
+JSON = [(b"content-type", b"application/json")]
+
+
+def _guard(max_bytes: int = 5000) -> RequestGuard:
+    return RequestGuard(_echo_app, max_bytes=max_bytes, routes=ROUTES)
 
 
 def test_body_limit_by_declared_length_and_by_streamed_bytes() -> None:
-    app = BodySizeLimit(_echo_app, max_bytes=5000)
-    assert _run_asgi(app, b"x" * 4000, [(b"content-length", b"4000")]) == (200, b"ok")
-    status, body = _run_asgi(app, b"x" * 6000, [(b"content-length", b"6000")])
+    app = _guard()
+    assert _run_asgi(app, b"x" * 4000, [(b"content-length", b"4000"), *JSON])[0] == 200
+    status, body = _run_asgi(app, b"x" * 6000, [(b"content-length", b"6000"), *JSON])
     assert status == 413 and b"larger than 5000 bytes" in body
-    status, _ = _run_asgi(app, b"x" * 6000, [])  # chunked: no content-length
+    assert _run_asgi(app, b"x" * 6000, JSON)[0] == 413  # chunked: no content-length
+    assert _run_asgi(app, b"x" * 6000, [], path="/livez", method="GET")[0] == 413  # every path has the limit
+
+
+def test_a_content_type_the_endpoint_does_not_take_is_a_415() -> None:
+    app = _guard()
+    assert _run_asgi(app, b"{}", [])[0] == 200  # no content type: JSON, as BentoML reads it
+    assert _run_asgi(app, b"{}", [(b"content-type", b"application/json; charset=utf-8")])[0] == 200
+    for given in (b"multipart/form-data", b"application/x-www-form-urlencoded", b"application/vnd.bentoml+pickle",
+                  b"text/plain"):
+        status, body = _run_asgi(app, b"{}", [(b"content-type", given)])
+        assert status == 415 and b"takes application/json" in body, given
+    assert _run_asgi(app, b"{}", JSON, path="/forecast")[0] == 415
+    assert _run_asgi(app, b"", [], path="/docs.json", method="GET")[0] == 200  # not an endpoint: untouched
+
+
+def _multipart(parts: list[bytes], boundary: bytes = b"xyz") -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+
+
+def test_malformed_multipart_bodies_are_a_400_before_bentoml_reads_them() -> None:
+    app = _guard()
+    form = [(b"content-type", b"multipart/form-data; boundary=xyz")]
+    upload = b'Content-Disposition: form-data; name="file"; filename="s.nc"\r\n\r\nCDF\x01'
+    steps = b'Content-Disposition: form-data; name="steps"\r\n\r\n4'
+    body = _multipart([upload, steps])
+    assert _run_asgi(app, body, form, path="/forecast") == (200, b"ok:" + body[:20])  # replayed whole to BentoML
+    status, body = _run_asgi(app, b"{}", [(b"content-type", b"multipart/form-data")], path="/forecast")
+    assert status == 400 and b"boundary" in body
+    status, body = _run_asgi(app, _multipart([b"\r\nno headers at all"]), form, path="/forecast")
+    assert status == 400 and b"malformed multipart body" in body
+    as_text = b'Content-Disposition: form-data; name="file"\r\n\r\nhttp://example.com/state.nc'
+    status, body = _run_asgi(app, _multipart([as_text]), form, path="/forecast")
+    assert status == 400 and b"must be an uploaded file" in body
+    status, _ = _run_asgi(app, _multipart([upload]) + b"x" * 6000, form, path="/forecast")
     assert status == 413
