@@ -3,8 +3,10 @@
     tessera up | status | down                  the local stack (Ray head, MLflow, BentoML services)
     tessera train DOMAIN [--model M] [--data PATH] [--set k=v ...] [--address URL]
     tessera evaluate DOMAIN [--version V [--promote]] [--data PATH] [--set k=v ...] [--address URL]
-    tessera predict forecasting FILE.csv [--horizon H] [--output OUT.csv]
-    tessera predict weather STATE.nc [--horizon STEPS] [--output forecast.nc]
+    tessera predict DOMAIN FILE [--horizon H] [--output OUT] [--url URL]
+                                                send a file to the domain's service through its client (a CSV
+                                                history, a netCDF state, a JSON body: `tessera example`)
+    tessera example DOMAIN [--data PATH] [-o FOLDER]   write an input file `tessera predict DOMAIN` accepts
 """
 
 from __future__ import annotations
@@ -184,65 +186,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import httpx
-    import pandas as pd
-
-    from services.forecasting.data import find_time_column, read_table, request_body
+    from infra.stack import service_url
     from shared import registry
+    from shared.client import ServiceError
 
     domain = registry.get(args.domain)
-    if domain.name == "weather":
-        return _predict_weather(args)
-    if domain.name != "forecasting":
-        console.print(f"[red]`tessera predict` sends CSV (forecasting) or netCDF/GRIB (weather); for {domain.name} "
-                      f"POST to {domain.endpoint}")
-        return 2
-    frame = read_table(args.file)
-    if args.last:
-        frame = frame.tail(args.last)
-    time_column = find_time_column(frame)
-    body = request_body(frame)
-    if args.horizon:
-        body["horizon"] = args.horizon
-    from infra.stack import service_url
-
-    url = (args.url or service_url(domain.name)).rstrip("/") + domain.endpoint
-    response = httpx.post(url, json=body, timeout=120)
-    if response.status_code != 200:
-        console.print(f"[red]{response.status_code}[/] from {url}: {response.text}")
+    url = args.url or service_url(domain.name)
+    try:
+        prediction = domain.predict(url, Path(args.file), horizon=args.horizon,
+                                    output=Path(args.output) if args.output else None)
+    except ServiceError as exc:
+        console.print(f"[red]{exc}")
         return 1
-    answer = response.json()
-    out = pd.DataFrame(answer["values"], columns=answer["columns"])
-    if answer.get("timestamps"):
-        out.insert(0, time_column or "date", answer["timestamps"])
-    if args.output:
-        out.to_csv(args.output, index=False)
-        console.print(f"wrote {len(out)} rows to {args.output}")
-    else:
-        print(out.to_csv(index=False), end="")
-    model = answer["model"]
-    console.print(f"model {model['name']} v{model['version']} ({model.get('architecture')}), run {model['run_id']}")
+    except (OSError, ValueError) as exc:  # the input file is missing or not of the domain's kind
+        console.print(f"[red]{args.file}: {exc}")
+        return 2
+    if prediction.text is not None:
+        print(prediction.text, end="" if prediction.text.endswith("\n") else "\n")
+    console.print(prediction.summary)
+    if prediction.output is not None:
+        console.print(f"wrote {prediction.output}")
+    console.print(f"model {domain.name} v{prediction.version}")
     return 0
 
 
-def _predict_weather(args: argparse.Namespace) -> int:
-    """Upload an initial state (netCDF or GRIB) and save the rollout as netCDF."""
-    import httpx
+def _cmd_example(args: argparse.Namespace) -> int:
+    from shared import registry
 
-    from infra.stack import service_url
-
-    url = (args.url or service_url("weather")).rstrip("/") + "/forecast"
-    path = Path(args.file)
-    with path.open("rb") as handle:
-        response = httpx.post(url, files={"file": (path.name, handle, "application/octet-stream")},
-                              data={"steps": str(args.horizon or 4)}, timeout=600)
-    if response.status_code != 200:
-        console.print(f"[red]{response.status_code}[/] from {url}: {response.text}")
-        return 1
-    output = Path(args.output or "forecast.nc")
-    output.write_bytes(response.content)
-    console.print(f"wrote {output} ({len(response.content) / 1e6:.1f} MB, {args.horizon or 4} steps) from model "
-                  f"version {response.headers.get('x-model-version')}")
+    domain = registry.get(args.domain)
+    folder = Path(args.output or ".")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = domain.example_input(folder, _resolve_data(args.data))
+    console.print(f"wrote {path}; send it with `tessera predict {domain.name} {path}`")
     return 0
 
 
@@ -277,14 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--tracking-uri", default=None,
                          help="MLflow URI as seen from the cluster (default: the cluster's own setting)")
         job.add_argument("--no-wait", action="store_true", help="submit and return")
-    predict = sub.add_parser("predict", help="send a CSV (forecasting) or a netCDF/GRIB state (weather) to a service")
+    predict = sub.add_parser("predict", help="send an input file to a domain's service through its client")
     predict.add_argument("domain")
     predict.add_argument("file")
-    predict.add_argument("--horizon", type=int, help="forecast steps (weather: model steps, default 4)")
-    predict.add_argument("--last", type=int, help="send only the last N rows")
+    predict.add_argument("--horizon", type=int, help="steps to forecast, where the domain forecasts")
     predict.add_argument("--url", help="service URL (default: the local stack's)")
-    predict.add_argument("--output", "-o", help="write the forecast CSV here instead of stdout")
+    predict.add_argument("--output", "-o", help="write the answer here (default: stdout, or the domain's file name)")
     predict.set_defaults(func=_cmd_predict)
+    example = sub.add_parser("example", help="write an input file that `tessera predict DOMAIN` accepts")
+    example.add_argument("domain")
+    example.add_argument("--data", help="take it from this data file (default: the domain's synthetic data)")
+    example.add_argument("--output", "-o", help="folder to write it in (default: the current one)")
+    example.set_defaults(func=_cmd_example)
     return parser
 
 

@@ -21,10 +21,14 @@ from typing import Any
 import torch
 
 from services.robot_policy.config import RobotPolicyConfig
+from services.robot_policy.data import RobotPolicyState
 from services.robot_policy.model import DiffusionPolicy, EBTPolicy, PolicyBase
+from shared.saved import tensor
 
-STATS = {"obs_min": [0.0] * 4 + [-1.0, -1.0], "obs_max": [512.0] * 4 + [1.0, 1.0],
-         "action_min": [0.0, 0.0], "action_max": [512.0, 512.0]}
+# the whole workspace as the normalization range (fresh weights)
+WORKSPACE_STATE = RobotPolicyState(data="benchmark", fingerprint="benchmark", episodes={},
+                                   obs_min=tensor([0.0] * 4 + [-1.0, -1.0]), obs_max=tensor([512.0] * 4 + [1.0, 1.0]),
+                                   action_min=tensor([0.0, 0.0]), action_max=tensor([512.0, 512.0]))
 HISTORY = torch.tensor([[[200.0, 300.0, 250.0, 260.0, 0.5], [205.0, 298.0, 250.0, 260.0, 0.5]]])
 
 
@@ -62,13 +66,13 @@ def main(argv: list[str] | None = None) -> None:
         if loaded is None or loaded.cfg.model != "ebt":
             raise SystemExit("no EBT model holds robot_policy@production")
         assert isinstance(loaded.model, PolicyBase)
-        ebt, cfg, stats, tol = loaded.model.eval(), loaded.cfg, loaded.info["normalizer"], None
+        ebt, cfg, saved, tol = loaded.model.eval(), loaded.cfg, loaded.state, None
         print(f"EBT: registered robot_policy v{loaded.version}")
     else:
-        cfg, stats, tol = RobotPolicyConfig(), STATS, 0.0
-        ebt = EBTPolicy(cfg, stats).eval()
+        cfg, saved, tol = RobotPolicyConfig(), WORKSPACE_STATE, 0.0
+        ebt = EBTPolicy(cfg, saved).eval()
         print("EBT: fresh weights, early stopping off (every descent step taken)")
-    diffusion = DiffusionPolicy(cfg.replace(model="diffusion", diffusion_steps=100), stats).eval()
+    diffusion = DiffusionPolicy(cfg.replace(model="diffusion", diffusion_steps=100), saved).eval()
     print(f"transformer: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}; "
           f"trunk parameters EBT {_params(ebt):,}, diffusion {_params(diffusion):,}; "
           f"{args.threads} thread(s), median of {args.repeats}")

@@ -42,7 +42,7 @@ def time_steps(model_name: str, data: str | None, steps: int, backend: str, thre
     cfg = domain.make_config(model_name, data, {"precision": precision} if precision else {})
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     bundle = domain.load_data(cfg)
-    model = domain.build_model(cfg, bundle.info).train()
+    model = domain.build_model(cfg, bundle.state).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)  # as the trainer
     loader: DataLoader[Any] = DataLoader(bundle.train, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                                          shuffle=True, drop_last=True)

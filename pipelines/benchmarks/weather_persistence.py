@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.weather.data import Grid, open_dataset, spatial
+from services.weather.grid import Grid, spatial
+from services.weather.readers import open_dataset
 from services.weather.evaluation import diurnal_persistence, relaxed_diurnal_persistence
 from services.weather.metrics import weighted_rmse
 

@@ -20,32 +20,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.weather.config import WeatherConfig
-from services.weather.data import Grid
+from services.weather.config import FORCINGS, WeatherConfig
+from services.weather.data import WeatherState
+from services.weather.grid import Grid
 from services.weather.inference import forecast
 from services.weather.model import WXFormer
 
 CHANNELS = ["t_850", "t_500", "t2m"]
 
 
-def global_info(n_lat: int, n_lon: int) -> dict[str, Any]:
+def global_state(n_lat: int, n_lon: int) -> WeatherState:
+    """The saved state of a model on a global grid with poles (random static fields, no calibration)."""
     lat = np.linspace(90.0, -90.0, n_lat)
     lon = np.arange(n_lon) * 360.0 / n_lon
     lon2, lat2 = np.meshgrid(lon, lat)
     rng = np.random.default_rng(0)
-    return {"grid": Grid(lat2, lon2).to_info(), "channels": CHANNELS, "units": ["K"] * 3,
-            "sources": [["t", 850.0], ["t", 500.0], ["t2m", None]], "mean": [270.0, 245.0, 276.0],
-            "std": [10.0, 8.0, 11.0], "step_hours": 6, "static_names": ["lsm", "orography"],
-            "statics": {"lsm": (rng.random((n_lat, n_lon)) > 0.7).astype(float).tolist(),
-                        "orography": (rng.random((n_lat, n_lon)) * 1000).tolist()}}
+    latitude, longitude = Grid(lat2, lon2).axes()
+    statics = {"lsm": (rng.random((n_lat, n_lon)) > 0.7).astype(np.float32),
+               "orography": (rng.random((n_lat, n_lon)) * 1000).astype(np.float32)}
+    return WeatherState(data="benchmark", fingerprint="benchmark", channels=tuple(CHANNELS), units=("K",) * 3,
+                        sources=(("t", 850.0), ("t", 500.0), ("t2m", None)), step_hours=6, data_step_hours=6.0,
+                        forcings=FORCINGS, periods={}, regular_grid=True, static_names=tuple(statics),
+                        latitude=latitude, longitude=longitude,
+                        mean=torch.tensor([270.0, 245.0, 276.0], dtype=torch.float64),
+                        std=torch.tensor([10.0, 8.0, 11.0], dtype=torch.float64),
+                        statics={k: torch.from_numpy(v) for k, v in statics.items()})
 
 
-def run_rollout(model: WXFormer, info: dict[str, Any], steps: int) -> tuple[float, np.ndarray]:
-    h, w = len(info["grid"]["latitude"]), len(info["grid"]["longitude"])
+def run_rollout(model: WXFormer, state: WeatherState, steps: int) -> tuple[float, np.ndarray]:
+    h, w = state.grid.shape
     rng = np.random.default_rng(1)
-    state = (np.array(info["mean"])[:, None, None] + rng.normal(size=(3, h, w)) * 5).astype(np.float32)
+    initial = (state.mean.numpy()[:, None, None] + rng.normal(size=(3, h, w)) * 5).astype(np.float32)
     started = time.perf_counter()
-    out = forecast(model, info, state[None, None], np.array(["2020-01-01T00"], dtype="datetime64[ns]"), steps)
+    out = forecast(model, state, initial[None, None], np.array(["2020-01-01T00"], dtype="datetime64[ns]"), steps)
     return time.perf_counter() - started, out
 
 
@@ -58,20 +65,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     n_lat, n_lon = (int(v) for v in args.grid.split(","))
-    info = global_info(n_lat, n_lon)
+    state = global_state(n_lat, n_lon)
     cfg = WeatherConfig()
     torch.manual_seed(0)
-    model = WXFormer(cfg, info).eval()
+    model = WXFormer(cfg, state).eval()
     params = sum(p.numel() for p in model.parameters())
     print(f"WXFormer default config: {params:,} parameters, dims {cfg.dims}, depths {cfg.depths}; grid {n_lat} x "
           f"{n_lon} ({180 / (n_lat - 1):.2f} deg), padded by {model.pads} (earth: {model.earth}); "
           f"{args.steps} steps of 6 h; {args.threads} thread(s)", flush=True)
-    run_rollout(model, info, 1)  # warm-up
+    run_rollout(model, state, 1)  # warm-up
     results = {}
     backends = ["sdpa"] if args.skip_reference else ["sdpa", "reference"]
     for backend in backends:
         os.environ["TESSERA_ATTENTION_BACKEND"] = backend
-        seconds, out = run_rollout(model, info, args.steps)
+        seconds, out = run_rollout(model, state, args.steps)
         results[backend] = seconds
         print(f"{backend:>9}: {seconds:7.1f} s for {args.steps} steps ({seconds / args.steps * 1000:.0f} ms/step); "
               f"finite: {bool(np.isfinite(out).all())}", flush=True)

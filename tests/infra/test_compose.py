@@ -18,20 +18,17 @@ from typing import Any
 import pytest
 import yaml
 
+from shared import registry
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-EXPECTED_SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker", "forecasting", "weather", "robot_policy"}
+INFRA_SERVICES = {"postgres", "mlflow", "ray-head", "ray-worker"}
 # Services that may go without a healthcheck (optional, profile-gated).
 NO_HEALTHCHECK_OK = {"ray-worker-gpu"}
-# The DESIGN.md port table: each domain service is published on its own port.
-DOMAIN_PORTS = {
-    "forecasting": 3001,
-    "weather": 3002,
-    "transients": 3003,
-    "segmentation": 3004,
-    "robot_policy": 3005,
-}
+# Every registered domain is served on its own port (Domain.port, the DESIGN.md port table).
+DOMAIN_PORTS = {d.name: d.port for d in registry.domains()}
+DOMAINS = sorted(DOMAIN_PORTS)
 TRACKING_URI = "http://mlflow:5000"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?]([^}]*))?\}")
@@ -127,8 +124,21 @@ def dockerfile_of(service: dict[str, Any]) -> Path:
 
 
 def test_expected_services_exist(services: dict[str, Any]) -> None:
-    missing = EXPECTED_SERVICES - services.keys()
-    assert not missing, f"missing services: {sorted(missing)}"
+    missing = (INFRA_SERVICES | set(DOMAINS)) - services.keys()
+    assert not missing, f"missing services: {sorted(missing)} (a registered domain needs a compose block)"
+
+
+def test_every_domain_service_is_a_registered_domain_on_its_port(services: dict[str, Any]) -> None:
+    """Both ways: each `bentoml serve` block serves a registered domain (its `Domain.service`, named after it,
+    on its `Domain.port`), and each registered domain has such a block."""
+    served = {}
+    for name, svc in services.items():
+        cmd = command_of(svc)
+        if cmd[:2] == ["bentoml", "serve"]:
+            served[name] = (cmd[2], env_of(svc).get("BENTOML_PORT"))
+    assert sorted(served) == DOMAINS, f"compose serves {sorted(served)}, the registry has {DOMAINS}"
+    for domain in registry.domains():
+        assert served[domain.name] == (domain.service, str(domain.port)), domain.name
 
 
 def test_no_obsolete_version_key(raw_compose: dict[str, Any]) -> None:
@@ -138,7 +148,7 @@ def test_no_obsolete_version_key(raw_compose: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("service", "port"),
-    [("mlflow", 5000), ("ray-head", 8265), ("ray-head", 6379), ("forecasting", 3001), ("weather", 3002), ("robot_policy", 3005)],
+    [("mlflow", 5000), ("ray-head", 8265), ("ray-head", 6379), *DOMAIN_PORTS.items()],
 )
 def test_port_published_on_the_right_service(services: dict[str, Any], service: str, port: int) -> None:
     assert (port, port) in published_ports(services[service]), (
@@ -204,8 +214,7 @@ def test_project_healthchecks_use_python_not_curl(services: dict[str, Any]) -> N
 
 @pytest.mark.parametrize(
     ("service", "dependency"),
-    [("mlflow", "postgres"), ("ray-head", "mlflow"), ("ray-worker", "ray-head"), ("forecasting", "mlflow"),
-     ("weather", "mlflow"), ("robot_policy", "mlflow")],
+    [("mlflow", "postgres"), ("ray-head", "mlflow"), ("ray-worker", "ray-head"), *((d, "mlflow") for d in DOMAINS)],
 )
 def test_depends_on_healthy(services: dict[str, Any], service: str, dependency: str) -> None:
     deps = depends_on(services[service])
@@ -269,7 +278,7 @@ def test_project_services_share_one_image_built_once(services: dict[str, Any]) -
     cpu_image = services["mlflow"].get("image")
     assert cpu_image and cpu_image.startswith("tessera:")
     users = {n for n, s in services.items() if s.get("image") == cpu_image}
-    assert {"mlflow", "ray-head", "ray-worker", "forecasting"} <= users
+    assert {"mlflow", "ray-head", "ray-worker", *DOMAINS} <= users
     builders = [n for n in users if "build" in services[n]]
     assert len(builders) == 1, f"exactly one service should build {cpu_image}, found {builders}"
     assert dockerfile_of(services[builders[0]]) == ROOT / "infra" / "Dockerfile"
@@ -294,7 +303,8 @@ def test_dockerfile_basics(dockerfile: str) -> None:
         "torch version differs from constraints.txt"
     )
     assert "-c constraints.txt" in text
-    assert '".[postgres]"' in text, "the image must install the postgres extra (MLflow backend)"
+    assert '".[postgres,${TESSERA_EXTRAS}]"' in text, "the image installs the postgres extra (MLflow) and the domains'"
+    assert "ARG TESSERA_EXTRAS=all" in text and 'infra/requirements.py postgres "${TESSERA_EXTRAS}"' in text
     assert "PYTHONUNBUFFERED=1" in text
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1] == "tessera", "the image must run as the non-root user tessera"
@@ -305,6 +315,35 @@ def test_dockerfile_basics(dockerfile: str) -> None:
     assert text.index("pip install -c constraints.txt -r") < text.index("COPY shared")
     for copied in re.findall(r"^COPY\s+(?!--from)(\S+)", text, flags=re.M):
         assert (ROOT / copied).exists() or copied == "README.md", f"{dockerfile} copies missing {copied}"
+
+
+def test_each_domain_has_an_extra_with_its_dependencies_and_all_has_every_one() -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("requirements", ROOT / "infra" / "requirements.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["requirements"] = module
+    spec.loader.exec_module(module)
+    pyproject = ROOT / "pyproject.toml"
+    base = set(module.requirements(pyproject, []))
+
+    def names(reqs: set[str]) -> set[str]:
+        return {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+    everything = set()
+    for domain in registry.domains():
+        own = set(module.requirements(pyproject, [domain.name])) - base
+        assert own, f"no extra named {domain.name!r} in pyproject.toml"
+        needed = {m.lower().replace("_", "-") for m in domain.requires}
+        assert needed <= names(own), f"{domain.name} needs {needed - names(own)} outside its extra"
+        assert not (needed & names(base)), "a domain's dependencies stay out of the base"
+        everything |= own
+    assert set(module.requirements(pyproject, ["all"])) == base | everything
+    assert '".[dev,all]"' in (ROOT / "Makefile").read_text(), "make install installs every domain"
+    with pytest.raises(SystemExit, match="unknown extra 'nope'"):
+        module.requirements(pyproject, ["nope"])
 
 
 def test_cpu_image_uses_cpu_torch() -> None:
@@ -361,7 +400,7 @@ def test_mlflow_state_is_on_named_volumes(raw_compose: dict[str, Any], services:
     assert pg.get("/var/lib/postgresql/data") in named, "postgres data is not on a named volume"
 
 
-@pytest.mark.parametrize("service", ["ray-head", "ray-worker", "ray-worker-gpu", "forecasting", "weather", "robot_policy"])
+@pytest.mark.parametrize("service", ["ray-head", "ray-worker", "ray-worker-gpu", *DOMAINS])
 def test_tracking_uri_is_set(services: dict[str, Any], service: str) -> None:
     if service not in services:
         pytest.skip(f"{service} is not defined")
@@ -394,7 +433,7 @@ def test_ray_head_command(services: dict[str, Any]) -> None:
     assert any(c.startswith("--num-cpus") for c in cmd)
 
 
-@pytest.mark.parametrize("service", ["forecasting", "weather", "robot_policy"])
+@pytest.mark.parametrize("service", DOMAINS)
 def test_service_env(services: dict[str, Any], service: str) -> None:
     env = env_of(services[service])
     assert env.get("BENTOML_HOME") == "/home/tessera/bentoml"
