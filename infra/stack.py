@@ -252,6 +252,15 @@ def down(domains: Iterable[str] | None = None) -> None:
         component.pid_file.unlink(missing_ok=True)
 
 
+def stop_services(domains: Iterable[str]) -> None:
+    """Stop the BentoML services of ``domains`` only; MLflow, Ray and the other services keep running."""
+    for component in components(domains)[2:]:
+        pid = component.pid()
+        if pid is not None:
+            _terminate([pid])
+        component.pid_file.unlink(missing_ok=True)
+
+
 def _owns_all_ray() -> bool:
     """`ray stop` stops every Ray on the machine; use it only when all Ray processes here are ours."""
     import psutil

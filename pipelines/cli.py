@@ -108,7 +108,8 @@ def _use_ray_token_if_present() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None, follow: bool = True) -> tuple[int, dict[str, Any] | None]:
+def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None,
+                      follow: bool = True) -> tuple[int, dict[str, Any] | None]:
     """Submit a Ray job, stream its logs, and return (exit code, the job's final JSON line)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -222,7 +223,8 @@ def _cmd_example(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description="Tessera: train on Ray, track in MLflow, serve with BentoML")
+    parser = argparse.ArgumentParser(prog="tessera",
+                                     description="Tessera: train on Ray, track in MLflow, serve with BentoML")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("up", _cmd_up, "start the local stack"), ("status", _cmd_status, "show the local stack"),
                              ("down", _cmd_down, "stop the local stack (state is kept)")):
@@ -234,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="submit a training job to Ray and follow it")
     train.add_argument("--model")
     train.add_argument("--init-from", metavar="VERSION|ALIAS",
-                       help="start from a registered version's weights (e.g. 3 or production): train longer or fine-tune")
+                       help="start from a registered version's weights (e.g. 3 or production): train longer or "
+                            "fine-tune")
     train.set_defaults(func=_cmd_train)
     evaluate = sub.add_parser("evaluate", help="submit an evaluation job (the production model) to Ray and follow it")
     evaluate.add_argument("--version", help="registered model version (default: @production)")

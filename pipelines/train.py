@@ -47,8 +47,6 @@ def _train_here(domain: registry.Domain, cfg: Any, run_id: str, uri: str, init_w
     from pipelines.trainer import Trainer
     from shared.tracking import MlflowTracker
 
-    if cfg.ray_workers != 1:
-        raise UsageError(f"--no-ray trains in one process; ray_workers={cfg.ray_workers} needs Ray")
     trainer = Trainer(domain, cfg, tracker=MlflowTracker(uri, run_id),
                       init_weights=load_safetensors(init_weights) if init_weights else None)
     trainer.fit()
@@ -69,6 +67,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = domain.make_config(args.model, args.data, parse_overrides(args.overrides))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.no_ray and cfg.ray_workers != 1:
+        raise UsageError(f"--no-ray trains in one process; ray_workers={cfg.ray_workers} needs Ray")
     uri = tracking.tracking_uri()
     init_weights, init_tags = None, {}
     if args.init_from:

@@ -217,7 +217,8 @@ class Trainer:
         pin = self.device.type == "cuda"
         micro = cfg.micro_batch
         workers = {"num_workers": cfg.loader_workers, "persistent_workers": cfg.loader_workers > 0}
-        self.train_loader = prepare_loader(DataLoader(self.data.train, batch_size=micro, shuffle=True,
+        train: Dataset[Any] = self.data.train  # type: ignore[assignment]
+        self.train_loader = prepare_loader(DataLoader(train, batch_size=micro, shuffle=True,
                                                       drop_last=len(self.data.train) > micro, pin_memory=pin,
                                                       **workers))
         self._eval_loader_args = {"batch_size": cfg.batch_size * 2, "pin_memory": pin, **workers}
@@ -245,9 +246,8 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _eval_loader(self, dataset: Dataset[Any], sharded: bool) -> DataLoader:
-        return DataLoader(shard(dataset, self.rank, self.world) if sharded else dataset,  # type: ignore[arg-type]
-                          **self._eval_loader_args)
+    def _eval_loader(self, dataset: Any, sharded: bool) -> DataLoader:
+        return DataLoader(shard(dataset, self.rank, self.world) if sharded else dataset, **self._eval_loader_args)
 
     @property
     def bare(self) -> torch.nn.Module:
@@ -338,7 +338,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(group):
                 last = i == len(group) - 1
-                sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+                no_sync = getattr(self.model, "no_sync", None)  # DDP: all-reduce on the group's last backward only
+                sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
                 with sync:
                     with self.autocast():
                         loss = self.domain.training_loss(self.model, batch, self.device)
@@ -376,7 +377,8 @@ class Trainer:
             state.stopped = True
         self.log(f"epoch {state.epoch}: train {record['train_loss']:.4f} "
                  + " ".join(f"val_{k} {v:.4f}" for k, v in val.items())
-                 + f" lr {record['lr']:.2e} {record['epoch_seconds']:.1f}s" + (" (early stop)" if state.stopped else ""))
+                 + f" lr {record['lr']:.2e} {record['epoch_seconds']:.1f}s"
+                 + (" (early stop)" if state.stopped else ""))
         if self.tracker is not None:
             self.tracker.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=state.epoch)
         return record

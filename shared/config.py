@@ -111,7 +111,7 @@ def apply_overrides(cfg: C, overrides: Mapping[str, Any] | Iterable[str]) -> C:
         if key not in names:
             raise ValueError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(names))}")
         changes[key] = _parse_value(value, hints[key], key) if isinstance(value, str) else value
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(cfg, **changes)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -125,12 +125,12 @@ def _as_tuples(value: Any, annotation: Any) -> Any:
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _as_tuples(value, inner[0]) if value is not None and len(inner) == 1 else value
     if typing.get_origin(annotation) is tuple and isinstance(value, list):
-        inner = typing.get_args(annotation)
-        if len(inner) == 2 and inner[1] is Ellipsis:
-            return tuple(_as_tuples(v, inner[0]) for v in value)
-        if inner and len(inner) == len(value):
-            return tuple(_as_tuples(v, a) for v, a in zip(value, inner, strict=True))
-        return tuple(_as_tuples(v, inner[0]) if inner else v for v in value)
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_as_tuples(v, args[0]) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_as_tuples(v, a) for v, a in zip(value, args, strict=True))
+        return tuple(_as_tuples(v, args[0]) if args else v for v in value)
     if typing.get_origin(annotation) is dict and isinstance(value, dict):
         args = typing.get_args(annotation)
         return {k: _as_tuples(v, args[1]) for k, v in value.items()} if args else value

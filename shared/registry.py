@@ -113,7 +113,8 @@ class Domain(abc.ABC):
     def state_cls(self) -> type[SavedState]:
         """The saved state: what load_data fits on the training data and the model needs at inference."""
         module, _, cls = self.saved_state.partition(":")
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        state: type[SavedState] = getattr(importlib.import_module(module), cls)
+        return state
 
     # --- training -----------------------------------------------------------------------------------------
 

@@ -227,10 +227,6 @@ def declared_cpus(instance: Any, default: int = 1) -> int:
         return default
 
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON = "application/json"
@@ -271,9 +267,9 @@ class RequestGuard:
             return
         media, file_fields = route
         raw_type = headers.get(b"content-type", b"").decode("latin-1")
-        given = raw_type.split(";")[0].strip().lower() or JSON
-        if given != media:
-            await _refuse(send, 415, f"this endpoint takes {media}, not {given}")
+        given = raw_type.split(";")[0].strip().lower()
+        if (given or JSON) != media:
+            await _refuse(send, 415, f"this endpoint takes {media}, not {given or 'a body without a Content-Type'}")
             return
         if media != MULTIPART:
             await self._limited(scope, receive, send)

@@ -83,9 +83,11 @@ def main() -> None:
     print(f"/forecast with {meta['architecture']} v{meta['version']} ({len(meta['columns'])} variables, "
           f"lookback {meta['seq_len']}, horizon {meta['pred_len']})")
     print(f"{'mode':<26}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    for label, r in (("sequential (1 in flight)", sequential), (f"concurrent ({args.concurrency} in flight)", concurrent)):
+    modes = (("sequential (1 in flight)", sequential), (f"concurrent ({args.concurrency} in flight)", concurrent))
+    for label, r in modes:
         print(f"{label:<26}{r['requests']:>9}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}")
-    print(f"throughput with adaptive batching under load vs one at a time: {concurrent['rps'] / sequential['rps']:.2f}x")
+    print("throughput with adaptive batching under load vs one at a time: "
+          f"{concurrent['rps'] / sequential['rps']:.2f}x")
     if args.json:
         print(json.dumps({"sequential": sequential, "concurrent": concurrent}))
     if sequential["errors"] or concurrent["errors"]:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from services.weather.grid import Grid, spatial
-from services.weather.readers import open_dataset
 from services.weather.evaluation import diurnal_persistence, relaxed_diurnal_persistence
+from services.weather.grid import Grid, spatial
 from services.weather.metrics import weighted_rmse
+from services.weather.readers import open_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "weather" / "era5-2mt-2019-03-uk.grib"
 

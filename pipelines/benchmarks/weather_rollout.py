@@ -15,7 +15,6 @@ import argparse
 import os
 import resource
 import time
-from typing import Any
 
 import numpy as np
 import torch

@@ -30,8 +30,9 @@ class ForecastingDomain(Domain):
     val_metric = "mse"
     requires = ("pandas", "pyarrow")
     data_suffixes = (".csv", ".parquet")
+    # the synthetic series' 7 variables, as the demo's models (so that the example request fits both)
     tiny = {"d_model": 16, "d_ff": 32, "e_layers": 1, "d_layers": 1, "n_heads": 2, "seq_len": 48, "label_len": 24,
-            "pred_len": 24, "synthetic_steps": 900, "synthetic_vars": 3, "batch_size": 8}
+            "pred_len": 24, "synthetic_steps": 1500, "batch_size": 16, "epochs": 2, "max_steps_per_epoch": 8}
     demo_jobs = (DemoJob("itransformer", ("epochs=3", "max_steps_per_epoch=120")),
                  DemoJob("autoformer", ("epochs=2", "max_steps_per_epoch=60", "d_model=128", "d_ff=256")))
     max_body_bytes = 8 * 1024 * 1024

@@ -170,7 +170,8 @@ def split_borders(n_rows: int, seq_len: int, kind: str, step: pd.Timedelta | Non
         n_train, n_val, n_test = 12 * per_month, 4 * per_month, 4 * per_month
         if n_train + n_val + n_test > n_rows:
             raise ValueError(f"ETT split needs {n_train + n_val + n_test} rows, the file has {n_rows}")
-        return [(0, n_train), (n_train - seq_len, n_train + n_val), (n_train + n_val - seq_len, n_train + n_val + n_test)]
+        return [(0, n_train), (n_train - seq_len, n_train + n_val),
+                (n_train + n_val - seq_len, n_train + n_val + n_test)]
     n_train = int(n_rows * 0.7)
     n_test = int(n_rows * 0.2)
     n_val = n_rows - n_train - n_test
@@ -250,7 +251,8 @@ class WindowDataset(Dataset[tuple[torch.Tensor, ...]]):
         )
 
 
-def load_frame(data: str | None, *, synthetic_steps: int, synthetic_vars: int, seed: int) -> tuple[pd.DataFrame, str, str]:
+def load_frame(data: str | None, *, synthetic_steps: int, synthetic_vars: int,
+               seed: int) -> tuple[pd.DataFrame, str, str]:
     """(frame, dataset name, fingerprint) for a path, or the synthetic series when ``data`` is None."""
     if data is None:
         frame = synthetic_frame(synthetic_steps, synthetic_vars, seed=0)

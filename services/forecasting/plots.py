@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib
 
@@ -14,6 +14,9 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from shared.registry import DataBundle  # noqa: E402
 
+if TYPE_CHECKING:
+    from .data import ForecastingState
+
 
 @torch.inference_mode()
 def forecast_figure(model: torch.nn.Module, data: DataBundle, cfg: Any, panels: int = 3) -> Figure:
@@ -22,7 +25,7 @@ def forecast_figure(model: torch.nn.Module, data: DataBundle, cfg: Any, panels: 
     device = next(model.parameters()).device
     test = data.test
     picks = np.linspace(0, len(test) - 1, panels).astype(int)
-    state = data.state
+    state = cast("ForecastingState", data.state)
     columns = state.columns
     mean, std = state.mean.numpy(), state.std.numpy()
     fig, axes = plt.subplots(panels, 1, figsize=(10, 2.6 * panels), squeeze=False)

@@ -30,10 +30,14 @@ class ForecastRequest(BaseModel):
     """Recent history, oldest row first, at least the model's lookback (seq_len) rows."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"example": example_request()})
-    columns: list[str] = Field(min_length=1, max_length=MAX_COLUMNS, description="variable names, in the order of each row")
-    values: list[list[float]] = Field(min_length=1, max_length=MAX_ROWS, description="rows = time steps, in column order")
-    timestamps: list[datetime] | None = Field(default=None, max_length=MAX_ROWS, description="one per row (needed by models trained with calendar features)")
-    horizon: int | None = Field(default=None, ge=1, le=10_000, description="steps to forecast (default: the trained horizon)")
+    columns: list[str] = Field(min_length=1, max_length=MAX_COLUMNS,
+                               description="variable names, in the order of each row")
+    values: list[list[float]] = Field(min_length=1, max_length=MAX_ROWS,
+                                      description="rows = time steps, in column order")
+    timestamps: list[datetime] | None = Field(
+        default=None, max_length=MAX_ROWS, description="one per row (needed by models trained with calendar features)")
+    horizon: int | None = Field(default=None, ge=1, le=10_000,
+                                description="steps to forecast (default: the trained horizon)")
 
 
 class ForecastResponse(BaseModel):

@@ -30,8 +30,8 @@ class RobotPolicyDomain(Domain):
     eval_score = ("mean_max_coverage", True)  # closed loop: open-loop action MSE does not rank policies
     requires = ("gymnasium", "gym_pusht", "zarr")
     data_suffixes = (".zarr",)
-    tiny = {"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2, "synthetic_episodes": 4, "train_steps": 2,
-            "infer_steps": 2, "candidates": 2, "diffusion_steps": 5, "batch_size": 8}
+    tiny = {"d_model": 32, "d_ff": 64, "n_layers": 1, "n_heads": 2, "synthetic_episodes": 6, "train_steps": 2,
+            "diffusion_steps": 5, "batch_size": 32, "epochs": 2, "max_steps_per_epoch": 6}
     demo_jobs = (DemoJob("ebt", ("epochs=3", "max_steps_per_epoch=40", "synthetic_episodes=30", "d_model=64",
                                  "d_ff=128", "n_layers=2", "batch_size=128")),)
     max_body_bytes = 64 * 1024

@@ -252,4 +252,5 @@ def split_episodes(n_episodes: int, val_fraction: float, seed: int) -> tuple[lis
     if n_episodes < 3:
         raise ValueError(f"need at least 3 episodes to split train/val/test, got {n_episodes}")
     n_hold = min(n_hold, (n_episodes - 1) // 2)
-    return sorted(order[2 * n_hold:].tolist()), sorted(order[:n_hold].tolist()), sorted(order[n_hold:2 * n_hold].tolist())
+    train, val, test = order[2 * n_hold:], order[:n_hold], order[n_hold:2 * n_hold]
+    return sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist())

@@ -193,7 +193,8 @@ class DiffusionPolicy(PolicyBase):
     def __init__(self, cfg: RobotPolicyConfig, state: RobotPolicyState) -> None:
         super().__init__(cfg, state)
         self.trunk = PolicyTransformer(cfg, extra_tokens=1)
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(),
+                                      nn.Linear(cfg.d_model, cfg.d_model))
         self.head = nn.Linear(cfg.d_model, ACTION_DIM * cfg.action_patch)
         betas = cosine_betas(cfg.diffusion_steps)
         self.register_buffer("betas", betas, persistent=False)
@@ -236,7 +237,8 @@ class DiffusionPolicy(PolicyBase):
                 x = x0
                 break
             a_bar_prev = self.alpha_bars[i - 1]
-            mean = (a_bar_prev.sqrt() * beta / (1 - a_bar)) * x0 + ((1 - beta).sqrt() * (1 - a_bar_prev) / (1 - a_bar)) * x
+            mean = ((a_bar_prev.sqrt() * beta / (1 - a_bar)) * x0
+                    + ((1 - beta).sqrt() * (1 - a_bar_prev) / (1 - a_bar)) * x)
             var = beta * (1 - a_bar_prev) / (1 - a_bar)
             x = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
         nan = torch.full((obs.shape[0],), float("nan"), device=obs.device)

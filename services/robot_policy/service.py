@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.robot_policy.client import example_request
 from services.robot_policy.config import ACTION_DIM, STATE_DIM, WORKSPACE
+from services.robot_policy.model import PolicyBase
 from shared.serving import DomainService, ModelRef, RequestError, answers_errors, guard
 
 MAX_DESCENT_STEPS = 16
@@ -50,7 +51,8 @@ class ActResponse(BaseModel):
     model: ModelRef
 
 
-def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str, angle_column: int | None = None) -> np.ndarray:
+def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str,
+               angle_column: int | None = None) -> np.ndarray:
     """(n_rows, width) array of ``rows`` inside the workspace, or a RequestError saying what is wrong."""
     if len(rows) != n_rows:
         raise RequestError(f"{what}: expected {n_rows} rows, got {len(rows)}")
@@ -89,8 +91,9 @@ class RobotPolicy(DomainService):
                                f"{cfg.model!r}")
         generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
         started = time.perf_counter()
-        plan = loaded.model.plan(torch.from_numpy(obs)[None], previous, steps=request.descent_steps,
-                                 candidates=request.candidates, generator=generator)
+        policy: PolicyBase = loaded.model  # type: ignore[assignment]
+        plan = policy.plan(torch.from_numpy(obs)[None], previous, steps=request.descent_steps,
+                           candidates=request.candidates, generator=generator)
         latency = (time.perf_counter() - started) * 1000
         energy = float(plan.energy[0])
         return ActResponse(actions=plan.actions[0].tolist(), execute=cfg.action_exec,

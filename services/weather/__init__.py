@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from shared.registry import Calibration, DataBundle, DemoJob, Domain, EvaluationResult, Prediction, register
 
@@ -32,7 +32,8 @@ class WeatherDomain(Domain):
     data_suffixes = (".grib", ".grb", ".grib2", ".nc")
     # the default synthetic grid (as the demo's model), so that the example request fits both
     tiny = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
-            "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 6, "batch_size": 4}
+            "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 6, "batch_size": 4, "epochs": 2,
+            "max_steps_per_epoch": 4}
     demo_jobs = (DemoJob("wxformer", ("epochs=2", "max_steps_per_epoch=30", "synthetic_days=20")),)
     max_body_bytes = 32 * 1024 * 1024
 
@@ -78,17 +79,18 @@ class WeatherDomain(Domain):
 
         damping, relaxation = fit_calibration(model, val_batches, device, cfg.train_rollout,
                                               damping=cfg.damping, relaxation=cfg.relaxation)
-        fitted = {"damping": damping.cpu()}
         metrics = {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(damping)}
-        if len(getattr(model, "relaxation", ())):
-            fitted["relaxation"] = relaxation.cpu()
+        relaxed = len(getattr(model, "relaxation", ())) > 0
+        if relaxed:
             metrics.update({f"relaxation_step{k + 1}": float(row.mean()) for k, row in enumerate(relaxation)})
-        return Calibration(state=dataclasses.replace(state, **fitted), metrics=metrics)
+        fitted = dataclasses.replace(state, damping=damping.cpu(),
+                                     relaxation=relaxation.cpu() if relaxed else state.relaxation)
+        return Calibration(state=fitted, metrics=metrics)
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:
         from .plots import sample_figure
 
-        return {"forecast_vs_truth.png": sample_figure(model, data.test, data.state)}
+        return {"forecast_vs_truth.png": sample_figure(model, data.test, cast("WeatherState", data.state))}
 
     def evaluation(self, model: torch.nn.Module, cfg: Any, state: WeatherState, data: str | None,
                    settings: WeatherEvalConfig) -> EvaluationResult:

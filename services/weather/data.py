@@ -155,7 +155,8 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
         idx = starts((a, b), offset, cfg.history, cfg.train_rollout, every)
         if len(idx) == 0:
             raise ValueError(f"{fields.name}: a split of {b - a} time steps is too short for history {cfg.history} "
-                             f"and {cfg.train_rollout} steps of {cfg.step_hours} h; use longer data or smaller settings")
+                             f"and {cfg.train_rollout} steps of {cfg.step_hours} h; use longer data or smaller "
+                             f"settings")
         datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout, hours))
     a, b = bounds[0]
     climatology = fit_climatology(normalized[a:b], fields.times[a:b], cfg.climatology_harmonics)

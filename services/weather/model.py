@@ -240,7 +240,8 @@ class WXFormer(nn.Module):
                                     for d, depth, g in zip(cfg.dims, cfg.depths, cfg.global_windows, strict=True))
         self.ups = nn.ModuleList(UpBlock(cfg.dims[i + 1], cfg.dims[i], cfg.strides[i + 1])
                                  for i in reversed(range(len(cfg.dims) - 1)))
-        self.fuse = nn.ModuleList(nn.Conv2d(2 * cfg.dims[i], cfg.dims[i], 1) for i in reversed(range(len(cfg.dims) - 1)))
+        self.fuse = nn.ModuleList(nn.Conv2d(2 * cfg.dims[i], cfg.dims[i], 1)
+                                  for i in reversed(range(len(cfg.dims) - 1)))
         self.up_out = UpBlock(cfg.dims[0], cfg.dims[0], cfg.strides[0])
         self.head = nn.Conv2d(cfg.dims[0] + dim_in, self.n_channels, 3, padding=1)
         if cfg.spectral_norm:

@@ -35,9 +35,10 @@ def maps_figure(truth: np.ndarray, forecast: np.ndarray, grid: Grid, channels: l
         low, high = float(min(truth[i].min(), forecast[i].min())), float(max(truth[i].max(), forecast[i].max()))
         error = forecast[i] - truth[i]
         bound = float(np.abs(error).max()) or 1.0
-        for ax, field, name, kw in ((axes[i, 0], truth[i], "truth", {"vmin": low, "vmax": high, "cmap": "viridis"}),
-                                    (axes[i, 1], forecast[i], "forecast", {"vmin": low, "vmax": high, "cmap": "viridis"}),
-                                    (axes[i, 2], error, "forecast - truth", {"vmin": -bound, "vmax": bound, "cmap": "RdBu_r"})):
+        scale = {"vmin": low, "vmax": high, "cmap": "viridis"}
+        panels = ((axes[i, 0], truth[i], "truth", scale), (axes[i, 1], forecast[i], "forecast", scale),
+                  (axes[i, 2], error, "forecast - truth", {"vmin": -bound, "vmax": bound, "cmap": "RdBu_r"}))
+        for ax, field, name, kw in panels:
             image = ax.imshow(field, extent=extent, origin=origin, aspect="auto", **kw)
             ax.set_title(f"{channels[i]} {name}", fontsize=9)
             fig.colorbar(image, ax=ax, shrink=0.8, label=units[i] or None)

@@ -168,7 +168,8 @@ def _state_from_json(request: ForecastJSON, state: WeatherState, history: int) -
         rows = request.fields[channel]
         if len(rows) != h or any(len(r) != w for r in rows):
             bad = next((i for i, r in enumerate(rows) if len(r) != w), None)
-            detail = f"row {bad} has {len(rows[bad])} values" if bad is not None and len(rows) == h else f"{len(rows)} rows"
+            detail = (f"row {bad} has {len(rows[bad])} values" if bad is not None and len(rows) == h
+                      else f"{len(rows)} rows")
             raise RequestError(f"{channel}: expected {h} rows (latitudes) of {w} values (longitudes), got {detail}")
         values = np.asarray(rows, dtype=np.float64)
         if channel not in units and unit:

@@ -28,7 +28,7 @@ def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int, hours: Ten
     def step(states: Tensor, k: int) -> Tensor:
         return bare.advance(states, model(states, forcing[:, k], forcing[:, k + 1]), k, hours)  # (B, C, H, W)
 
-    return RolloutInferer(steps)(step, history)  # type: ignore[no-any-return]
+    return RolloutInferer(steps)(step, history)
 
 
 def unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

@@ -1,4 +1,5 @@
-"""robot_policy on the real local stack: a Ray training job, ``POST /act`` over HTTP, an evaluation Ray job."""
+"""robot_policy on the real local stack: the Ray training job's run, ``POST /act`` over HTTP, an evaluation Ray job
+whose rollouts run as Ray tasks, and ranking versions on closed-loop coverage (``evaluate --promote``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import math
 import httpx
 import pytest
 
-from tests.integration.conftest import submit_job, train_until_served
+from tests.integration.conftest import submit_job, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-TINY = ["epochs=2", "max_steps_per_epoch=6", "d_model=32", "d_ff=64", "n_layers=1", "n_heads=2",
-        "synthetic_episodes=6", "batch_size=32", "cpus_per_worker=1", "train_steps=2"]
 HISTORY = [[200.0, 300.0, 250.0, 260.0, 0.5], [205.0, 298.0, 250.0, 260.0, 0.5]]
 
 
@@ -23,19 +22,9 @@ def _url(route: str = "/act") -> str:
     return stack.service_url("robot_policy") + route
 
 
-def _submit(module: str, overrides: list[str]) -> tuple[int, dict | None]:
-    return submit_job(module, "robot_policy", "ebt" if module == "pipelines.train" else None, overrides)
-
-
-def test_act_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str]) -> None:
-    response = httpx.post(_url(), json={"observations": HISTORY}, timeout=30)
-    assert response.status_code == 503, response.text
-    assert "tessera train robot_policy" in response.text
-
-
 @pytest.fixture(scope="module")
-def policy_model(stack_env: dict[str, str]) -> dict:
-    return train_until_served("robot_policy", "ebt", TINY)
+def policy_model(trained: object) -> dict:
+    return trained("robot_policy")  # type: ignore[operator,no-any-return]
 
 
 def test_training_job_registers_the_policy_with_its_plots(policy_model: dict) -> None:
@@ -92,8 +81,8 @@ def test_bad_input_is_a_4xx_with_the_reason(policy_model: dict, body: dict, stat
 def test_evaluation_job_rolls_out_episodes_and_logs_gif_and_plots(policy_model: dict) -> None:
     from shared.tracking import client
 
-    code, result = _submit("pipelines.evaluate", ["episodes=2", "max_steps=24", "gif_episodes=1",
-                                                  "ood_samples=32"])
+    code, result = submit_job("pipelines.evaluate", "robot_policy", None,
+                              ["episodes=2", "max_steps=24", "gif_episodes=1", "ood_samples=32", "workers=2"])
     assert code == 0 and result is not None
     assert result["version"] == policy_model["version"] and result["episodes"] == 2
     assert 0.0 <= result["success_rate"] <= 1.0 and 0.0 <= result["mean_max_coverage"] <= 1.0
@@ -109,17 +98,18 @@ def test_evaluation_job_rolls_out_episodes_and_logs_gif_and_plots(policy_model: 
 
 def test_evaluate_promote_ranks_versions_on_closed_loop_coverage(policy_model: dict) -> None:
     """A second version is promoted only if its coverage beats production's, measured with the same settings;
-    production, not yet scored with them, is evaluated in the same job."""
+    production, not yet scored with them, is evaluated in the same job. (In this process, against the stack's
+    registry: the Ray job path is the evaluation test above.)"""
+    from pipelines.evaluate import run as evaluate
+    from pipelines.train import run as train
     from shared.tracking import client
 
-    code, second = _submit("pipelines.train", TINY + ["seed=5"])
-    assert code == 0 and second is not None
+    second = train(["robot_policy", "--no-ray", "--set", *tiny("robot_policy"), "seed=5"])
     mlflow = client()
     mlflow.set_registered_model_alias("robot_policy", "production", str(policy_model["version"]))
-    settings = ["episodes=2", "max_steps=16", "gif_episodes=0", "ood_samples=16"]  # not used for v1 before
-    code, result = submit_job("pipelines.evaluate", "robot_policy", None, settings,
-                              ["--version", str(second["version"]), "--promote"])
-    assert code == 0 and result is not None and result["version"] == second["version"]
+    settings = ["episodes=2", "max_steps=16", "gif_episodes=0", "ood_samples=16", "workers=1"]  # not used for v1
+    result = evaluate(["robot_policy", "--set", *settings, "--version", str(second["version"]), "--promote"])
+    assert result["version"] == second["version"]
     first = mlflow.get_model_version("robot_policy", str(policy_model["version"])).tags
     new = mlflow.get_model_version("robot_policy", str(second["version"])).tags
     assert first["score_signature"] == new["score_signature"]  # production was scored with the same settings
@@ -130,6 +120,5 @@ def test_evaluate_promote_ranks_versions_on_closed_loop_coverage(policy_model: d
     assert holder == str(second["version"] if beats else policy_model["version"])
     assert f"production v{policy_model['version']}" in result["promotion"]
 
-    code, result = submit_job("pipelines.evaluate", "robot_policy", None, settings, ["--version", holder, "--promote"])
-    assert code == 0 and result is not None
+    result = evaluate(["robot_policy", "--set", *settings, "--version", holder, "--promote"])
     assert result["promoted"] is False and result["promotion"] == f"v{holder} already holds @production"

@@ -1,4 +1,6 @@
-"""The real local stack: Ray head, MLflow server and the BentoML service, driven over HTTP.
+"""forecasting on the real local stack: the Ray training job's run and registered model, forecasts over HTTP
+in the data's units, bad input, a killed Ray Train worker resuming from its checkpoint, hot reload of a newly
+promoted version, and ``tessera predict`` for CSV users.
 
 Runs on ports of its own (so a developer's running stack is untouched) with its state in a temp folder.
 """
@@ -13,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import DOMAINS, submit_job
+from shared import registry
+from tests.integration.conftest import DOMAINS, submit_job, tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-TINY = ["epochs=2", "max_steps_per_epoch=8", "d_model=32", "d_ff=64", "e_layers=1", "n_heads=4",
-        "synthetic_steps=1500", "seq_len=48", "label_len=24", "pred_len=24", "batch_size=16", "cpus_per_worker=1"]
+SERIES_STEPS = registry.get("forecasting").tiny["synthetic_steps"]  # the series the tiny model trains on
 
 
 HELD_OUT = 12  # the last rows of the synthetic series are kept back as the truth to compare with
@@ -27,7 +29,7 @@ HELD_OUT = 12  # the last rows of the synthetic series are kept back as the trut
 def _body(rows: int = 60) -> dict:
     from services.forecasting.data import request_body, synthetic_frame
 
-    return request_body(synthetic_frame(1500, 7).iloc[-rows - HELD_OUT : -HELD_OUT])
+    return request_body(synthetic_frame(SERIES_STEPS, 7).iloc[-rows - HELD_OUT : -HELD_OUT])
 
 
 def _forecast_url() -> str:
@@ -37,7 +39,7 @@ def _forecast_url() -> str:
 
 
 def _train(extra: list[str] | None = None, args: list[str] | None = None) -> tuple[int, dict | None]:
-    return submit_job("pipelines.train", "forecasting", "itransformer", TINY + (extra or []), args)
+    return submit_job("pipelines.train", "forecasting", "itransformer", tiny("forecasting") + (extra or []), args)
 
 
 def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
@@ -48,17 +50,9 @@ def test_status_reports_every_component(stack_env: dict[str, str]) -> None:
     assert all(r["healthy"] for r in rows.values()), rows
 
 
-def test_service_says_503_and_how_to_train_before_any_model(stack_env: dict[str, str]) -> None:
-    response = httpx.post(_forecast_url(), json=_body(), timeout=30)
-    assert response.status_code == 503
-    assert "tessera train forecasting" in response.text
-
-
 @pytest.fixture(scope="module")
-def first_model(stack_env: dict[str, str]) -> dict:
-    code, result = _train()
-    assert code == 0 and result is not None
-    return result
+def first_model(trained: object) -> dict:
+    return trained("forecasting")  # type: ignore[operator,no-any-return]
 
 
 def test_ray_job_trains_registers_and_service_answers(first_model: dict) -> None:
@@ -74,7 +68,8 @@ def test_ray_job_trains_registers_and_service_answers(first_model: dict) -> None
     assert {"train_loss", "val_mse", "test_mse", "test_mae"} <= set(run.data.metrics)
     assert len(mlflow.get_metric_history(result["run_id"], "val_mse")) == 2  # one point per epoch
     artifacts = {a.path for a in mlflow.list_artifacts(result["run_id"], "model")}
-    assert {"model/weights.safetensors", "model/config.json", "model/stats.json"} <= artifacts
+    assert artifacts == {"model/weights.safetensors", "model/config.json", "model/state.json",
+                         "model/state.safetensors"}
     plots = {a.path for a in mlflow.list_artifacts(result["run_id"], "plots")}
     assert "plots/forecast_vs_truth.png" in plots
 
@@ -94,7 +89,7 @@ def test_ray_job_trains_registers_and_service_answers(first_model: dict) -> None
 
     from services.forecasting.data import synthetic_frame
 
-    truth = synthetic_frame(1500, 7).drop(columns="date").to_numpy()[-HELD_OUT:]
+    truth = synthetic_frame(SERIES_STEPS, 7).drop(columns="date").to_numpy()[-HELD_OUT:]
     error = np.abs(np.asarray(answer["values"]) - truth).mean()
     assert error < truth.std(), (error, truth.std())
 
@@ -158,29 +153,6 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
     assert served == str(result["version"])
 
 
-def test_training_can_start_from_a_registered_version(first_model: dict) -> None:
-    from shared.tracking import client
-
-    mlflow = client()
-    production = mlflow.get_model_version_by_alias("forecasting", "production")
-    code, result = _train(["seed=11", "keep=last"], ["--init-from", "production"])
-    assert code == 0 and result is not None
-    # keep=last: the last epoch's weights and validation score, whichever epoch validated best.
-    last = mlflow.get_metric_history(result["run_id"], "val_mse")[-1]
-    assert result["kept_epoch"] == result["epochs_run"] == last.step
-    assert result["kept_val_mse"] == pytest.approx(last.value)
-    run = mlflow.get_run(result["run_id"])
-    assert run.data.tags["init_from_version"] == production.version
-    assert run.data.tags["init_from_run"] == production.run_id
-    # Its weights were used: its first epoch starts from a trained model, so its loss is below the loss of the
-    # fresh model's first epoch.
-    first_epoch = {r: mlflow.get_metric_history(r, "train_loss")[0].value for r in (production.run_id, run.info.run_id)}
-    assert first_epoch[run.info.run_id] < first_epoch[production.run_id]
-
-    code, result = _train([], ["--init-from", "99"])  # no such version: the job fails before training
-    assert code != 0 and result is None
-
-
 def test_tessera_predict_wraps_the_call_for_csv_users(first_model: dict, tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -190,7 +162,7 @@ def test_tessera_predict_wraps_the_call_for_csv_users(first_model: dict, tmp_pat
     from services.forecasting.data import synthetic_frame
 
     history = tmp_path / "history.csv"
-    synthetic_frame(1500, 7).iloc[-60 - HELD_OUT : -HELD_OUT].to_csv(history, index=False)
+    synthetic_frame(SERIES_STEPS, 7).iloc[-60 - HELD_OUT : -HELD_OUT].to_csv(history, index=False)
     out = tmp_path / "forecast.csv"
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", "forecasting", str(history),
                            "--horizon", "6", "-o", str(out)], capture_output=True, text=True, timeout=120,

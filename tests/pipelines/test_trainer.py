@@ -153,7 +153,8 @@ def _lrs_and_norms(trainer: Trainer) -> tuple[list[float], list[float]]:
 
 
 def test_linear_warm_up_then_the_schedule() -> None:
-    trainer = Trainer(ToyDomain(), _cfg(epochs=3, max_steps_per_epoch=2, warmup_steps=3, lr=0.3, lr_schedule="constant"), log=None)
+    cfg = _cfg(epochs=3, max_steps_per_epoch=2, warmup_steps=3, lr=0.3, lr_schedule="constant")
+    trainer = Trainer(ToyDomain(), cfg, log=None)
     lrs, _ = _lrs_and_norms(trainer)
     trainer.fit()
     assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3, 0.3])  # constant schedule after 3 warm-up steps

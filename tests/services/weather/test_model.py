@@ -264,7 +264,8 @@ def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly(
     rebuilt = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False),  # type: ignore[arg-type]
                             dataclasses.replace(saved, damping=damping, relaxation=relaxation))
     assert torch.equal(rebuilt.relaxation.flatten(), relaxation.flatten())
-    without = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), 1))  # type: ignore[arg-type]
+    plain = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), 1)
+    without = WXFormer(WeatherConfig(**TINY, spectral_norm=False), plain)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no climatology"):
         without.set_relaxation(torch.ones(1, 1))
 

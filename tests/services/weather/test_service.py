@@ -84,7 +84,8 @@ def test_json_form_checks_channels_shape_and_units(trained: Any, state: Any) -> 
     states, notes = _state_from_json(ForecastJSON(time="2000-01-01T05:00Z", fields=fields), saved, 1)
     assert states.shape == (1, 3, 16, 32) and len(notes) == 3
     with pytest.raises(RequestError, match="missing \\['t2m'\\]"):
-        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields={k: fields[k] for k in ("t_850", "t_500")}), saved, 1)
+        two = {k: fields[k] for k in ("t_850", "t_500")}
+        _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=two), saved, 1)
     short = {**fields, "t2m": fields["t2m"][:-1]}
     with pytest.raises(RequestError, match="expected 16 rows"):
         _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=short), saved, 1)

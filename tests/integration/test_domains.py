@@ -1,0 +1,99 @@
+"""Every registered domain on the real stack, the same way: a 503 saying how to train before any model, its tiny
+model trained as a Ray job and served, its example request answered, ``/model``, bodies that fail before a
+service's code runs refused with a 4xx, and each service fuzzed from its own OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared import registry
+from tests.integration.conftest import DOMAINS, url
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+FUZZ_EXAMPLES = 400  # generated test cases per operation and round (each service: its endpoint(s) and /model)
+FUZZ_SECONDS = 15  # schemathesis repeats the fuzzing phase until this time is spent
+FUZZ_REQUESTS = 1000  # at least this many requests per service
+
+
+def _example(name: str) -> tuple[str, dict]:
+    domain = registry.get(name)
+    return url(name, domain.example_route or domain.endpoint), domain.example_request()
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_before_any_model_the_endpoints_say_503_and_how_to_train(stack_env: dict[str, str], name: str) -> None:
+    route, body = _example(name)
+    for response in (httpx.post(route, json=body, timeout=30), httpx.post(url(name, "/model"), json={}, timeout=30)):
+        assert response.status_code == 503, response.text
+        assert f"tessera train {name}" in response.json()["error"]
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_the_tiny_model_trained_as_a_ray_job_answers_the_example_request(trained: object, name: str) -> None:
+    result = trained(name)  # type: ignore[operator]
+    assert result["promoted"] is True and result["version"] >= 1
+    route, body = _example(name)
+    response = httpx.post(route, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"]["version"] == str(result["version"])
+    info = httpx.post(url(name, "/model"), json={}, timeout=30).json()
+    assert info["name"] == name and info["version"] == str(result["version"]) and info["run_id"] == result["run_id"]
+    assert info["architecture"] == registry.get(name).models[0]
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_bodies_that_fail_before_a_service_runs_are_refused_with_the_reason(trained: object, name: str) -> None:
+    trained(name)  # type: ignore[operator]
+    domain = registry.get(name)
+    from infra.stack import service_url
+
+    spec = httpx.get(service_url(name) + "/docs.json", timeout=30).json()
+    routes = [path for path, methods in spec["paths"].items() if "post" in methods]
+    assert domain.endpoint in routes and "/model" in routes
+    for route in routes:
+        media = next(iter(spec["paths"][route]["post"].get("requestBody", {}).get("content", {"application/json": 0})))
+        cases = [({"content-type": "multipart/form-data"}, b"{}", 400 if media == "multipart/form-data" else 415),
+                 ({"content-type": "application/vnd.bentoml+pickle"}, b"\x80\x04K\x01.", 415),
+                 ({"content-type": "text/plain"}, b"hello", 415)]
+        if media == "multipart/form-data":
+            cases.append(({"content-type": "multipart/form-data; boundary=b"}, b"--b\r\n\r\nno headers\r\n--b--\r\n",
+                          400))
+        for headers, content, status in cases:
+            response = httpx.post(url(name, route), headers=headers, content=content, timeout=30)
+            assert response.status_code == status, (route, headers, response.text)
+            assert response.json()["error"], response.text
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_fuzzing_each_service_from_its_own_openapi_document_finds_no_server_error(trained: object, name: str,
+                                                                                  tmp_path: Path) -> None:
+    """Schemathesis (coverage and fuzzing phases: mutations of the schema's example, then generated bodies,
+    repeated for ``FUZZ_SECONDS``), at least 1,000 requests per service, failing on any 5xx; the served model is
+    the tiny one, so the valid requests among them reach the model too."""
+    trained(name)  # type: ignore[operator]
+    from infra.stack import service_url
+
+    base = service_url(name)
+    har = tmp_path / "requests.har"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "st"), "run", f"{base}/docs.json", "--checks", "not_a_server_error",
+         "--max-examples", str(FUZZ_EXAMPLES), "--max-time", str(FUZZ_SECONDS), "--seed", "20261201",
+         "--generation-database", "none",
+         "--request-timeout", "60", "--no-color", "--workers", "2", "--report", "har",
+         "--report-har-path", str(har)],
+        capture_output=True, text=True, timeout=840)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    entries = json.loads(har.read_text())["log"]["entries"]
+    statuses = [e["response"]["status"] for e in entries]
+    assert len(entries) >= FUZZ_REQUESTS, f"{len(entries)} requests\n{output[-2000:]}"
+    assert not [s for s in statuses if s >= 500], f"server errors: {sorted(set(statuses))}"
+    assert not re.search(r"\b[1-9]\d* failures?\b", output), output[-3000:]

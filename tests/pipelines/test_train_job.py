@@ -1,0 +1,69 @@
+"""The training job's registry logic, in this process (``--no-ray``) against an MLflow store on SQLite:
+registration with its score and signature, promotion, ``--init-from`` and the errors that stop a job before it
+trains. (The same entry point as a Ray job on the real stack is in the integration suite.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.train import UsageError, run
+from shared import registry
+
+TOY = ["--set", "samples=256", "epochs=3", "cpus_per_worker=1"]
+
+
+@pytest.fixture()
+def local_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(registry.DOMAIN_PACKAGES_ENV, "tests.fixtures.toy_domain")
+    yield uri
+
+
+def test_a_run_registers_promotes_and_a_later_one_starts_from_it(local_mlflow: str) -> None:
+    from shared.tracking import client
+
+    first = run(["toy", "--no-ray", *TOY])
+    assert first["version"] == 1 and first["promoted"] is True and first["kept_epoch"] == first["epochs_run"] == 3
+    mlflow = client(local_mlflow)
+    version = mlflow.get_model_version("toy", "1")
+    assert version.tags["eval_signature"] == "toy-256x4-0" and float(version.tags["val_mse"]) == pytest.approx(
+        first["kept_val_mse"], abs=1e-6)
+    artifacts = {a.path for a in mlflow.list_artifacts(first["run_id"], "model")}
+    assert artifacts == {"model/weights.safetensors", "model/config.json", "model/state.json",
+                         "model/state.safetensors"}
+
+    second = run(["toy", "--no-ray", *TOY, "keep=last", "--init-from", "production"])
+    tags = mlflow.get_run(second["run_id"]).data.tags
+    assert tags["init_from_version"] == "1" and tags["init_from_run"] == first["run_id"]
+    first_epoch = {r: mlflow.get_metric_history(r, "train_loss")[0].value for r in (first["run_id"], second["run_id"])}
+    assert first_epoch[second["run_id"]] < first_epoch[first["run_id"]] / 5  # it started from a trained model
+    # the same data and settings: promoted only if its kept epoch validates better
+    beats = second["kept_val_mse"] < first["kept_val_mse"]
+    assert second["promoted"] is beats and ("beats" if beats else "does not beat") in second["promotion"]
+
+
+def test_jobs_that_cannot_start_as_asked_stop_with_the_reason(local_mlflow: str) -> None:
+    with pytest.raises(UsageError, match="unknown model 'cubic' for toy; known: linear"):
+        run(["toy", "--no-ray", "--model", "cubic"])
+    with pytest.raises(UsageError, match="epochs=0: must be >= 1"):
+        run(["toy", "--no-ray", "--set", "epochs=0"])
+    run(["toy", "--no-ray", *TOY])
+    with pytest.raises(UsageError, match="no registered model 'toy' version '99'"):
+        run(["toy", "--no-ray", *TOY, "--init-from", "99"])
+    with pytest.raises(ValueError, match="another size or architecture"):  # the weights do not fit: no training
+        run(["toy", "--no-ray", *TOY, "features=3", "--init-from", "1"])
+    with pytest.raises(UsageError, match="ray_workers=2 needs Ray"):
+        run(["toy", "--no-ray", *TOY, "ray_workers=2", "batch_size=16"])
+
+
+def test_the_command_line_exits_2_with_the_reason(local_mlflow: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "--no-ray", "--set", "nope=1"])
+    assert exit_info.value.code == 2 and "unknown setting 'nope'" in capsys.readouterr().err
