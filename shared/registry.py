@@ -231,16 +231,14 @@ def _json_prediction(answer: dict[str, Any], output: Path | None) -> Prediction:
                       output=output, text=None if output else text)
 
 
-_REGISTRY: dict[str, type[Domain]] = {}
+# Every registered class by (module, name): a domain is active while its package is listed in packages().
+_DECLARED: dict[tuple[str, str], type[Domain]] = {}
 _searched: set[str] = set()
 
 
 def register(cls: type[Domain]) -> type[Domain]:
-    """Class decorator: make a domain known under ``cls.name``."""
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"domain {cls.name!r} is registered twice ({existing.__module__}, {cls.__module__})")
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make a domain known under ``cls.name`` (while its package is listed)."""
+    _DECLARED[(cls.__module__, cls.name)] = cls
     return cls
 
 
@@ -248,6 +246,10 @@ def packages() -> list[str]:
     """Packages whose sub-packages are domains: ``services`` and those in ``TESSERA_DOMAIN_PACKAGES``."""
     extra = [p.strip() for p in os.environ.get(DOMAIN_PACKAGES_ENV, "").split(",") if p.strip()]
     return ["services", *extra]
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(f"{package}.")
 
 
 def discover(package: str) -> None:
@@ -264,21 +266,26 @@ def forget(package: str) -> None:
     that install a throw-away domain package)."""
     import sys
 
-    for name in [n for n, cls in _REGISTRY.items() if cls.__module__.startswith(f"{package}.")]:
-        del _REGISTRY[name]
-    for module in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
-        del sys.modules[module]
+    for key in [k for k in _DECLARED if _within(k[0], package)]:
+        del _DECLARED[key]
+    for name in [m for m in sys.modules if _within(m, package)]:
+        del sys.modules[name]
     _searched.discard(package)
 
 
 def _active() -> dict[str, type[Domain]]:
-    """The registered domains of the packages in :func:`packages` (imported on first use)."""
+    """The registered domains of the packages in :func:`packages` (imported on first use), by name."""
     chosen = packages()
     for package in chosen:
         if package not in _searched:
             discover(package)
-    return {name: cls for name, cls in _REGISTRY.items()
-            if any(cls.__module__ == p or cls.__module__.startswith(f"{p}.") for p in chosen)}
+    active: dict[str, type[Domain]] = {}
+    for (module, name), cls in _DECLARED.items():
+        if any(_within(module, p) for p in chosen):
+            if name in active:
+                raise ValueError(f"domain {name!r} is registered twice ({active[name].__module__}, {module})")
+            active[name] = cls
+    return active
 
 
 def names() -> list[str]:

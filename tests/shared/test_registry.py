@@ -46,3 +46,19 @@ def test_listing_domains_imports_none_of_their_heavy_parts() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2], check=True)
     assert out.stdout.strip() == ""
+
+
+def test_two_listed_domains_of_one_name_are_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fixtures.toy_domain.toy import ToyDomain
+
+    twin = type("ToyDomain", (ToyDomain,), {"__module__": "services.twin"})  # another 'toy', under services
+    registry.register(twin)
+    try:
+        assert "toy" in registry.names()  # services is always listed
+        monkeypatch.setenv(registry.DOMAIN_PACKAGES_ENV, "tests.fixtures.toy_domain")
+        with pytest.raises(ValueError, match="domain 'toy' is registered twice"):
+            registry.names()
+    finally:
+        registry.forget("services.twin")
+    assert "toy" not in registry.names() or registry.get("toy").__module__.startswith("tests.")
+
