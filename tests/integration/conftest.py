@@ -56,11 +56,16 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         yield env
     finally:
         stack.down(DOMAINS)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
+
+
+def restore_environ(saved: Mapping[str, str | None]) -> None:
+    """Put environment variables back as ``saved`` recorded them (None: it was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def submit_job(module: str, domain: str, model: str | None, settings: list[str],

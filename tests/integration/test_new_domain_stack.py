@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shared import registry
-from tests.integration.conftest import SMOKE, overrides, wait_until_served
+from tests.integration.conftest import SMOKE, overrides, restore_environ, wait_until_served
 from tests.test_new_domain import install_toy_package
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -42,11 +42,7 @@ def toy_stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         stack.stop_services(["toy"])  # the rest of the test stack keeps running
         sys.path.remove(str(root))
         registry.forget(package)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
 
 
 def test_a_domain_outside_services_trains_registers_and_is_served(toy_stack: str) -> None:
