@@ -13,6 +13,7 @@ worker, which passes its rank, world size and the Ray wrappers for the model and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 import time
@@ -328,9 +329,7 @@ class Trainer:
         started, seen = time.perf_counter(), 0
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # read as a number only when logged
         report_every = max(1, steps // 5)
-        for step, group in enumerate(self._groups()):
-            if step >= steps:
-                break
+        for step, group in enumerate(itertools.islice(self._groups(), steps)):
             if cfg.warmup_steps and self.state.step < cfg.warmup_steps:
                 self._set_lr(lr * (self.state.step + 1) / cfg.warmup_steps)
             elif cfg.warmup_steps and self.state.step == cfg.warmup_steps:

@@ -153,6 +153,28 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
     assert served == str(result["version"])
 
 
+def test_two_ray_workers_split_the_global_batch_and_score_each_validation_window_once(
+        first_model: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from shared.tracking import load_registered
+
+    code, result = _train(["ray_workers=2", "keep=last", "seed=3"])
+    assert code == 0 and result is not None and result["epochs_run"] == 2
+    log = capsys.readouterr().out
+    assert "2 worker(s) on cpu; batch 16 = 2 worker(s) x 1 step(s) x 8" in log
+    # the last epoch's validation was sharded over the two workers and added up: it equals scoring the
+    # registered (last-epoch) weights on the whole validation split here
+    loaded = load_registered("forecasting", version_number=result["version"])
+    assert loaded is not None
+    domain = registry.get("forecasting")
+    data = domain.load_data(loaded.cfg)
+    with torch.inference_mode():
+        val = domain.evaluate(loaded.model, DataLoader(data.val, batch_size=32), torch.device("cpu"))
+    assert val["mse"] == pytest.approx(result["kept_val_mse"], rel=1e-5)
+
+
 def test_tessera_predict_wraps_the_call_for_csv_users(first_model: dict, tmp_path: Path) -> None:
     import subprocess
     import sys
