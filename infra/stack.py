@@ -82,7 +82,8 @@ class Component:
 
 
 def components(domains: Iterable[str] | None = None) -> list[Component]:
-    chosen = list(domains) if domains is not None else registry.names()
+    """MLflow, Ray and the services of ``domains`` (default: every domain whose extra is installed)."""
+    chosen = list(domains) if domains is not None else registry.installed()
     return [
         Component("mlflow", mlflow_url(), "/health"),
         Component("ray", dashboard_url(), "/api/gcs_healthz"),  # public even with Ray token auth on

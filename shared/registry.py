@@ -212,9 +212,13 @@ class Domain(abc.ABC):
 
     # --- dependencies -------------------------------------------------------------------------------------
 
+    def missing_dependencies(self) -> list[str]:
+        """The modules of the domain's pip extra that are not installed."""
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
     def check_dependencies(self) -> None:
         """ImportError naming the pip extra when a module the domain needs is not installed."""
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        missing = self.missing_dependencies()
         if missing:
             raise ImportError(f"domain {self.name!r} needs {', '.join(missing)}: pip install 'tessera[{self.name}]'")
 
@@ -305,3 +309,8 @@ def get(name: str) -> Domain:
 def domains() -> Iterator[Domain]:
     for name in names():
         yield get(name)
+
+
+def installed() -> list[str]:
+    """Names of the registered domains whose pip extra is installed (what a local stack can serve)."""
+    return [d.name for d in domains() if not d.missing_dependencies()]

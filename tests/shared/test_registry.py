@@ -62,3 +62,13 @@ def test_two_listed_domains_of_one_name_are_an_error(monkeypatch: pytest.MonkeyP
         registry.forget("services.twin")
     assert "toy" not in registry.names() or registry.get("toy").__module__.startswith("tests.")
 
+
+
+def test_a_local_stack_serves_the_domains_whose_extra_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra import stack
+
+    assert registry.installed() == registry.names()  # the dev install has every extra
+    monkeypatch.setattr(type(registry.get("weather")), "requires", ("no_such_module_for_tessera",))
+    assert "weather" not in registry.installed()
+    assert [c.name for c in stack.components()] == ["mlflow", "ray", *registry.installed()]
+    assert "weather" in [c.name for c in stack.components(["weather"])]  # asked for by name: it is tried
