@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.registry import DataBundle, DemoJob, Domain, EvaluationResult, register
+from shared.registry import DataBundle, DemoJob, Domain, EvaluationResult, Prediction, register
 
 from .config import MODELS, RobotPolicyConfig, RobotPolicyEvalConfig
 
@@ -107,3 +108,9 @@ class RobotPolicyDomain(Domain):
         from .client import example_request
 
         return example_request()
+
+    def predict(self, url: str, path: Path, *, horizon: int | None = None, output: Path | None = None,
+                timeout: float = 120.0) -> Prediction:
+        from .client import predict_json
+
+        return predict_json(f"{url.rstrip('/')}{self.endpoint}", path, output=output, timeout=timeout)

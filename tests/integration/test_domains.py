@@ -97,3 +97,24 @@ def test_fuzzing_each_service_from_its_own_openapi_document_finds_no_server_erro
     assert len(entries) >= FUZZ_REQUESTS, f"{len(entries)} requests\n{output[-2000:]}"
     assert not [s for s in statuses if s >= 500], f"server errors: {sorted(set(statuses))}"
     assert not re.search(r"\b[1-9]\d* failures?\b", output), output[-3000:]
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_tessera_example_writes_an_input_that_tessera_predict_sends(trained: object, name: str, tmp_path: Path) -> None:
+    import os
+
+    result = trained(name)  # type: ignore[operator]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                              timeout=300, env=os.environ.copy())
+
+    made = cli("example", name, "-o", str(tmp_path / "in"))
+    assert made.returncode == 0, made.stderr
+    (source,) = (tmp_path / "in").iterdir()
+    answer = tmp_path / "answer"
+    done = cli("predict", name, str(source), "-o", str(answer))
+    assert done.returncode == 0, done.stderr
+    assert f"model {name} v{result['version']}" in done.stderr and answer.stat().st_size > 0
+    refused = cli("predict", name, str(tmp_path / "missing.file"))
+    assert refused.returncode == 2 and "missing.file" in refused.stderr
