@@ -121,17 +121,25 @@ def test_oversized_body_is_refused_with_413(stack_env: dict[str, str]) -> None:
     assert "larger than" in response.text
 
 
-def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_model: dict,
-                                                                         tmp_path: Path) -> None:
-    from shared.tracking import client
+def test_two_workers_survive_a_killed_worker_and_the_new_version_is_served(
+        first_model: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two Ray Train workers: the global batch split between them, a worker killed in epoch 2 and the group
+    resumed from epoch 1's checkpoint, validation sharded over them that adds up to scoring the whole split,
+    and hot reload of the version it registers."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from shared.tracking import client, load_registered
 
     os.environ["TESSERA_FAIL_ONCE_AT_EPOCH"] = f"1:{tmp_path / 'failed-once'}"
     try:
-        code, result = _train(["seed=7"])
+        code, result = _train(["ray_workers=2", "seed=7"])
     finally:
         os.environ.pop("TESSERA_FAIL_ONCE_AT_EPOCH")
     assert (tmp_path / "failed-once").exists(), "the fault was not injected"
     assert code == 0 and result is not None and result["epochs_run"] == 2
+    log = capsys.readouterr().out
+    assert "2 worker(s) on cpu; batch 16 = 2 worker(s) x 1 step(s) x 8" in log and "resumed from checkpoint" in log
     mlflow = client()
     history = mlflow.get_metric_history(result["run_id"], "val_mse")
     assert [m.step for m in history] == [1, 2]  # epoch 1 was not redone after the restart
@@ -140,6 +148,14 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
     assert result["kept_epoch"] == best.step and result["kept_val_mse"] == pytest.approx(best.value)
     tags = mlflow.get_model_version("forecasting", str(result["version"])).tags
     assert float(tags["val_mse"]) == pytest.approx(best.value, abs=1e-5)
+    # that epoch's validation ran sharded over the two workers: it equals scoring its weights on the whole split
+    loaded = load_registered("forecasting", version_number=result["version"])
+    assert loaded is not None
+    domain = registry.get("forecasting")
+    with torch.inference_mode():
+        val = domain.evaluate(loaded.model, DataLoader(domain.load_data(loaded.cfg).val, batch_size=32),
+                              torch.device("cpu"))
+    assert val["mse"] == pytest.approx(result["kept_val_mse"], rel=1e-5)
 
     # Promote the new version by hand; the running service must switch to it without a restart.
     mlflow.set_registered_model_alias("forecasting", "production", str(result["version"]))
@@ -151,28 +167,6 @@ def test_worker_failure_resumes_from_checkpoint_and_new_version_is_served(first_
             break
         time.sleep(2)
     assert served == str(result["version"])
-
-
-def test_two_ray_workers_split_the_global_batch_and_score_each_validation_window_once(
-        first_model: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from shared.tracking import load_registered
-
-    code, result = _train(["ray_workers=2", "keep=last", "seed=3"])
-    assert code == 0 and result is not None and result["epochs_run"] == 2
-    log = capsys.readouterr().out
-    assert "2 worker(s) on cpu; batch 16 = 2 worker(s) x 1 step(s) x 8" in log
-    # the last epoch's validation was sharded over the two workers and added up: it equals scoring the
-    # registered (last-epoch) weights on the whole validation split here
-    loaded = load_registered("forecasting", version_number=result["version"])
-    assert loaded is not None
-    domain = registry.get("forecasting")
-    data = domain.load_data(loaded.cfg)
-    with torch.inference_mode():
-        val = domain.evaluate(loaded.model, DataLoader(data.val, batch_size=32), torch.device("cpu"))
-    assert val["mse"] == pytest.approx(result["kept_val_mse"], rel=1e-5)
 
 
 def test_tessera_predict_wraps_the_call_for_csv_users(first_model: dict, tmp_path: Path) -> None:
