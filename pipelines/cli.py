@@ -3,6 +3,9 @@
     tessera up | status | down                  the local stack (Ray head, MLflow, BentoML services)
     tessera train DOMAIN [--model M] [--data PATH] [--set k=v ...] [--address URL]
     tessera evaluate DOMAIN [--version V [--promote]] [--data PATH] [--set k=v ...] [--address URL]
+    tessera models DOMAIN                       registered versions, their aliases, scores and signatures
+    tessera promote DOMAIN VERSION | rollback DOMAIN   move @production on purpose, or back
+    tessera settings DOMAIN [--model M] [--evaluation]  every setting with its default and what it does
     tessera predict DOMAIN FILE [--horizon H] [--output OUT] [--url URL]
                                                 send a file to the domain's service through its client (a CSV
                                                 history, a netCDF state, a JSON body: `tessera example`)
@@ -110,12 +113,18 @@ def _use_ray_token_if_present() -> None:
 
 def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None,
                       follow: bool = True) -> tuple[int, dict[str, Any] | None]:
-    """Submit a Ray job, stream its logs, and return (exit code, the job's final JSON line)."""
+    """Submit a Ray job, stream its logs, and return (exit code, the job's final JSON line). Ctrl-C stops
+    following, not the job (the message says how to follow or stop it)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     _use_ray_token_if_present()
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(address, tracking_uri))
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(address, tracking_uri))
+    except (ConnectionError, OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnreachableError(f"cannot submit to Ray at {address} ({first}): start the local stack with "
+                               f"`tessera up`, or pass --address (or set RAY_ADDRESS) to a Ray dashboard URL") from None
     console.print(f"submitted [bold]{job_id}[/] to {address}: {entrypoint}")
     if not follow:
         return 0, None
@@ -130,14 +139,23 @@ def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None,
                     with contextlib.suppress(json.JSONDecodeError):
                         last_json = json.loads(line)
 
-    asyncio.run(stream())
-    status = client.get_job_status(job_id)
-    while not status.is_terminal():
-        time.sleep(1)
+    try:
+        asyncio.run(stream())
         status = client.get_job_status(job_id)
+        while not status.is_terminal():
+            time.sleep(1)
+            status = client.get_job_status(job_id)
+    except KeyboardInterrupt:
+        console.print(f"stopped following; job {job_id} goes on. Follow it again with `ray job logs -f {job_id} "
+                      f"--address {address}`, stop it with `ray job stop {job_id} --address {address}`")
+        return 130, None
     ok = status == JobStatus.SUCCEEDED
     console.print(f"job {job_id}: [{'green' if ok else 'red'}]{status.value}[/]")
     return (0 if ok else 1), last_json
+
+
+class UnreachableError(ConnectionError):
+    """Ray or MLflow does not answer: one line naming the URL and what to do."""
 
 
 def _resolve_data(data: str | None) -> str | None:
@@ -147,15 +165,20 @@ def _resolve_data(data: str | None) -> str | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import job_arguments
     from shared import registry
+    from shared.config import parse_overrides
 
     domain = registry.get(args.domain)
-    if args.model and args.model not in domain.models:
-        console.print(f"[red]unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
+    try:  # the same checks the job makes, before any code is uploaded
+        if args.model and args.model not in domain.models:
+            raise ValueError(f"unknown model {args.model!r} for {domain.name}; known: {', '.join(domain.models)}")
+        domain.make_config(args.model, None, parse_overrides(args.overrides))
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
         return 2
-    extra = ["--init-from", args.init_from] if args.init_from else []
-    entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, _resolve_data(args.data), args.overrides,
-                                extra)
+    data = _resolve_data(args.data)
+    entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, data, args.overrides, job_arguments(args))
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
     if result:
         console.print(_result_table("training result", result))
@@ -173,17 +196,116 @@ def _result_table(title: str, result: dict[str, Any]) -> Table:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import UsageError, check_usage, job_arguments, settings_for
     from shared import registry
 
     domain = registry.get(args.domain)
-    extra = (["--version", str(args.version)] if args.version else []) + (["--alias", args.alias] if args.alias else [])
-    extra += ["--promote"] if args.promote else []
+    problem = check_usage(domain, args)
+    if problem is None:
+        try:
+            settings_for(domain, args)
+        except UsageError as exc:
+            problem = str(exc)
+    if problem:
+        console.print(f"[red]{problem}")
+        return 2
     entrypoint = job_entrypoint("pipelines.evaluate", domain.name, None, _resolve_data(args.data), args.overrides,
-                                extra)
+                                job_arguments(args))
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
     if result:
         console.print(_result_table("evaluation result", result))
     return code
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    """An MLflow client for the registry commands: --tracking-uri, else $MLFLOW_TRACKING_URI, else the local
+    stack's MLflow; a one-line error at once when it does not answer."""
+    from infra import stack
+    from shared.tracking import check_reachable, client
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or stack.mlflow_url()
+    return client(check_reachable(uri))
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from shared import registry
+    from shared.tracking import list_versions
+
+    domain = registry.get(args.domain)
+    versions = list_versions(_registry(args), domain.name)
+    if not versions:
+        console.print(f"no {domain.name} model is registered yet; train one with `tessera train {domain.name}`")
+        return 1
+    table = Table(title=f"registered {domain.name} models (newest first)")
+    for column in ("version", "aliases", "created", "model", "scores", "evaluation signature", "run"):
+        table.add_column(column)
+    for v in versions:
+        tags = v["tags"]
+        scores = ", ".join(f"{k} {float(val):.4f}" for k, val in tags.items() if k.startswith(("val_", "score_"))
+                           and k != "score_signature")
+        signature = tags.get("eval_signature", "")
+        table.add_row(str(v["version"]), ", ".join(f"@{a}" for a in v["aliases"]), v["created"], tags.get("model", ""),
+                      scores, signature if len(signature) <= 40 else signature[:37] + "...", (v["run_id"] or "")[:12])
+    Console().print(table)
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from shared import registry
+    from shared.tracking import PRODUCTION, move_alias, resolve_version
+
+    domain = registry.get(args.domain)
+    mlflow = _registry(args)
+    try:
+        version = resolve_version(mlflow, domain.name, str(args.version))
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    before = move_alias(mlflow, domain.name, str(version.version))
+    mlflow.set_model_version_tag(domain.name, str(version.version), "promoted", "by hand (tessera promote)")
+    console.print(f"{domain.name} @{PRODUCTION}: {'v' + before if before else 'none'} -> v{version.version}; the "
+                  f"services serve it within seconds (`tessera rollback {domain.name}` goes back)")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from shared import registry
+    from shared.tracking import PRODUCTION, rollback
+
+    domain = registry.get(args.domain)
+    try:
+        was, now = rollback(_registry(args), domain.name)
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    console.print(f"{domain.name} @{PRODUCTION}: v{was} -> v{now}")
+    return 0
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    from shared import registry
+    from shared.config import describe
+
+    domain = registry.get(args.domain)
+    if args.evaluation:
+        if domain.eval_config_cls is None:
+            console.print(f"[red]{domain.name} has no evaluation pipeline")
+            return 2
+        cfg, what = domain.eval_config_cls(), "evaluation settings (tessera evaluate --set)"
+    else:
+        try:
+            cfg = domain.make_config(args.model)
+            what = f"{args.model or domain.models[0]} settings (tessera train --set)"
+        except ValueError as exc:
+            console.print(f"[red]{exc}")
+            return 2
+    table = Table(title=f"{domain.name}: {what}")
+    for column in ("setting", "default", "type", "what it does"):
+        table.add_column(column, overflow="fold")
+    for row in describe(cfg):
+        table.add_row(row["name"], row["value"], row["type"], row["comment"])
+    Console().print(table)
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -233,28 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "up":
             p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
         p.set_defaults(func=func)
-    train = sub.add_parser("train", help="submit a training job to Ray and follow it")
-    train.add_argument("--model")
-    train.add_argument("--init-from", metavar="VERSION|ALIAS",
-                       help="start from a registered version's weights (e.g. 3 or production): train longer or "
-                            "fine-tune")
+    from pipelines import evaluate as evaluation_job
+    from pipelines import train as training_job
+
+    train = sub.add_parser("train", help="submit a training job to Ray and follow it",
+                           description="Submit `python -m pipelines.train` to Ray with these arguments and follow it.")
+    training_job.add_job_arguments(train)
     train.set_defaults(func=_cmd_train)
-    evaluate = sub.add_parser("evaluate", help="submit an evaluation job (the production model) to Ray and follow it")
-    evaluate.add_argument("--version", help="registered model version (default: @production)")
-    evaluate.add_argument("--alias", help="registry alias (default: production)")
-    evaluate.add_argument("--promote", action="store_true",
-                          help="move @production to --version if it beats production's evaluation score (robot_policy)")
+    evaluate = sub.add_parser("evaluate", help="submit an evaluation job (the production model) to Ray and follow it",
+                              description="Submit `python -m pipelines.evaluate` to Ray and follow it.")
+    evaluation_job.add_job_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
     for job in (train, evaluate):
-        job.add_argument("domain")
-        job.add_argument("--data")
-        job.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
         job.add_argument("--address", default=os.environ.get("RAY_ADDRESS", DEFAULT_ADDRESS)
                          if os.environ.get("RAY_ADDRESS", "").startswith("http") else DEFAULT_ADDRESS,
                          help="Ray jobs address (default: $RAY_ADDRESS or %(default)s)")
         job.add_argument("--tracking-uri", default=None,
                          help="MLflow URI as seen from the cluster (default: the cluster's own setting)")
         job.add_argument("--no-wait", action="store_true", help="submit and return")
+    models = sub.add_parser("models", help="list a domain's registered versions, aliases, scores and signatures")
+    promote = sub.add_parser("promote", help="move @production to a version (by hand; rollback goes back)")
+    rollback = sub.add_parser("rollback", help="move @production back to the version that held it before")
+    for command, func in ((models, _cmd_models), (promote, _cmd_promote), (rollback, _cmd_rollback)):
+        command.add_argument("domain")
+        command.add_argument("--tracking-uri", default=None,
+                             help="MLflow (default: $MLFLOW_TRACKING_URI or the local stack's)")
+        command.set_defaults(func=func)
+    promote.add_argument("version", help="version number (or an alias such as staging)")
+    settings = sub.add_parser("settings", help="list a domain's settings with their defaults and what they do")
+    settings.add_argument("domain")
+    settings.add_argument("--model", help="the model whose defaults to show (default: the domain's first)")
+    settings.add_argument("--evaluation", action="store_true", help="the evaluation pipeline's settings instead")
+    settings.set_defaults(func=_cmd_settings)
     predict = sub.add_parser("predict", help="send an input file to a domain's service through its client")
     predict.add_argument("domain")
     predict.add_argument("file")
@@ -277,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyError as exc:  # unknown domain
         console.print(f"[red]{exc.args[0]}")
         sys.exit(2)
+    except ConnectionError as exc:  # Ray or MLflow does not answer: one line, no traceback
+        console.print(f"[red]{exc}")
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

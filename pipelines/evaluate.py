@@ -32,6 +32,40 @@ class UsageError(ValueError):
     """An evaluation that cannot run as asked: exit code 2 with the reason."""
 
 
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation job's arguments (also ``tessera evaluate``'s, which passes them on to the job)."""
+    parser.add_argument("domain", choices=registry.names())
+    parser.add_argument("--version", help="registered model version (default: the one holding --alias)")
+    parser.add_argument("--alias", default="production", help="registry alias to evaluate (default: production)")
+    parser.add_argument("--data", help="evaluation data (default: what the model was trained on, or synthetic)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="evaluation settings, e.g. --set episodes=10 (`tessera settings DOMAIN --evaluation`)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
+    parser.add_argument("--promote", action="store_true",
+                        help="move @production to this version if it beats production's evaluation score "
+                             "(measured with the same settings; production is evaluated first when it is not)")
+
+
+def job_arguments(args: argparse.Namespace) -> list[str]:
+    """:func:`add_job_arguments`' options of ``args`` as command-line arguments (after domain, data and --set)."""
+    out = ["--version", str(args.version)] if args.version else []
+    out += ["--alias", args.alias] if args.alias and args.alias != "production" else []
+    out += ["--experiment", args.experiment] if args.experiment else []
+    return out + (["--promote"] if args.promote else [])
+
+
+def check_usage(domain: registry.Domain, args: argparse.Namespace) -> str | None:
+    """Why these arguments cannot run (None: they can)."""
+    if domain.eval_config_cls is None:
+        return f"{domain.name} has no evaluation pipeline; its training job reports test metrics"
+    if args.promote and domain.eval_score is None:
+        return (f"--promote: {domain.name} has no evaluation score to rank models on; its training job promotes on "
+                f"the validation metric")
+    if args.promote and not args.version:
+        return "--promote needs --version: the version to evaluate and promote"
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, registry.Domain]:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("domain", nargs="?")
@@ -39,29 +73,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, regis
     domain = registry.get(known.domain) if known.domain in registry.names() else None
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("domain", choices=registry.names())
-    parser.add_argument("--version", help="registered model version (default: the one holding --alias)")
-    parser.add_argument("--alias", default="production", help="registry alias to evaluate (default: production)")
-    parser.add_argument("--data", help="evaluation data (default: what the model was trained on, or synthetic)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="evaluation settings, e.g. --set episodes=10")
-    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
-    parser.add_argument("--promote", action="store_true",
-                        help="move @production to this version if it beats production's evaluation score "
-                             "(measured with the same settings; production is evaluated first when it is not)")
+    add_job_arguments(parser)
     if domain is not None and domain.eval_config_cls is not None:
         for f in dataclasses.fields(domain.eval_config_cls):
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"eval_{f.name}", default=None,
                                 help=f"evaluation setting {f.name} (default {f.default!r})")
     args = parser.parse_args(argv)
     domain = registry.get(args.domain)
-    if domain.eval_config_cls is None:
-        parser.error(f"{domain.name} has no evaluation pipeline; its training job reports test metrics")
-    if args.promote and domain.eval_score is None:
-        parser.error(f"--promote: {domain.name} has no evaluation score to rank models on; its training job "
-                     "promotes on the validation metric")
-    if args.promote and not args.version:
-        parser.error("--promote needs --version: the version to evaluate and promote")
+    problem = check_usage(domain, args)
+    if problem:
+        parser.error(problem)
     return args, domain
 
 
@@ -131,7 +152,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, domain = parse_args(argv)
     domain.check_dependencies()
     settings = settings_for(domain, args)
-    uri = tracking.tracking_uri()
+    uri = tracking.check_reachable()
     loaded = tracking.load_registered(domain.name, args.alias, uri, version_number=args.version)
     if loaded is None:
         raise UsageError(f"no {domain.name} model holds @{args.alias}; train one with `tessera train {domain.name}`")
@@ -187,7 +208,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     try:
         result = run(argv)
-    except (UsageError, ImportError) as exc:
+    except (UsageError, ImportError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     sys.stdout.flush()

@@ -23,20 +23,34 @@ class UsageError(ValueError):
     """A job that cannot start as asked (unknown model, bad --init-from): exit code 2 with the reason."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training job's arguments (also ``tessera train``'s, which passes them on to the job)."""
     parser.add_argument("domain", help=f"one of: {', '.join(registry.names())}")
     parser.add_argument("--model", help="model of the domain (default: the domain's first)")
     parser.add_argument("--data", help="data path (default: the domain's synthetic data)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. --set epochs=1 d_model=128")
+                        help="settings, e.g. --set epochs=1 d_model=128 (`tessera settings DOMAIN` lists them)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
-    parser.add_argument("--no-register", action="store_true", help="train and log only")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="train in this process with the same trainer, without Ray (one worker; debugging)")
+    parser.add_argument("--no-register", action="store_true", help="train and log only: no registered version")
     parser.add_argument("--init-from", metavar="VERSION|ALIAS", default=None,
                         help="start from the weights of a registered version of this domain's model (e.g. 3 or "
                              "production) instead of a fresh initialisation: fine-tuning or training longer")
+
+
+def job_arguments(args: argparse.Namespace) -> list[str]:
+    """:func:`add_job_arguments`' options of ``args`` back as command-line arguments (after domain, model,
+    data and --set, which the job's entry point gets on their own)."""
+    out = ["--experiment", args.experiment] if args.experiment else []
+    out += ["--no-register"] if args.no_register else []
+    out += ["--init-from", args.init_from] if args.init_from else []
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    add_job_arguments(parser)
+    parser.add_argument("--no-ray", action="store_true",
+                        help="train in this process with the same trainer, without Ray (one worker; debugging)")
     return parser.parse_args(argv)
 
 
@@ -69,7 +83,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(str(exc)) from None
     if args.no_ray and cfg.ray_workers != 1:
         raise UsageError(f"--no-ray trains in one process; ray_workers={cfg.ray_workers} needs Ray")
-    uri = tracking.tracking_uri()
+    uri = tracking.check_reachable()
     init_weights, init_tags = None, {}
     if args.init_from:
         try:
@@ -132,7 +146,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     try:
         result = run(argv)
-    except (UsageError, ImportError) as exc:
+    except (UsageError, ImportError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     sys.stdout.flush()

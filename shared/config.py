@@ -114,6 +114,43 @@ def apply_overrides(cfg: C, overrides: Mapping[str, Any] | Iterable[str]) -> C:
     return dataclasses.replace(cfg, **changes)
 
 
+def describe(cfg: Any) -> list[dict[str, str]]:
+    """Every setting of the dataclass ``cfg``: name, type, value and the comment that documents it in the class
+    (the field's trailing comment, else the comment lines above it), base classes included."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for cls in reversed(type(cfg).__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines:
+            field = re.match(r"^    (\w+): [^#]*?(?:#\s*(.*))?$", line)
+            note = re.match(r"^    #\s?(.*)$", line)
+            if note:
+                above.append(note.group(1).strip())
+            elif field:
+                text = field.group(2) or " ".join(above)
+                if text:
+                    comments[field.group(1)] = text.strip()
+                above = []
+            else:
+                above = []
+    hints = typing.get_type_hints(type(cfg))
+    out = []
+    for f in dataclasses.fields(cfg):
+        kind = hints[f.name]
+        type_name = getattr(kind, "__name__", None) if typing.get_origin(kind) is None else None
+        out.append({"name": f.name, "type": type_name or str(kind).replace("typing.", ""),
+                    "value": json.dumps(to_dict(cfg)[f.name]), "comment": comments.get(f.name, "")})
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -168,11 +205,11 @@ class RunSettings:
     decay_1d: bool = False  # also decay parameters with fewer than 2 dimensions (norms, biases); nanoGPT: no
     grad_clip: float = 0.0  # clip the global gradient norm to this (0: no clipping)
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (each worker: batch / workers / accum)
-    epochs: int = 10
+    epochs: int = 10  # passes over the training data
     patience: int = 0  # stop after this many epochs without a better validation metric (0: never)
     keep: Literal["best", "last"] = "best"  # weights registered: the best validation epoch's, or the last's
     max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps optimizer steps per epoch (quick demos and tests)
-    seed: int = 0
+    seed: int = 0  # seeds torch (initialisation, shuffling) and the domain's splits and synthetic data
     ray_workers: int = 1  # Ray Train workers (data-parallel processes)
     cpus_per_worker: int = 2  # CPU threads per Ray worker
     use_gpu: bool = False  # one GPU per Ray worker

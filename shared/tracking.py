@@ -38,6 +38,28 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
+    """The tracking URI once an MLflow server answers there (file and database URIs need none); otherwise a
+    ConnectionError at once that says what to do, instead of minutes of the client's retries."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # a server answered (a proxy or an auth layer in front of MLflow)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"MLflow is not reachable at {uri} ({reason}): start the local stack with "
+                              f"`tessera up` (or `make up`), or point MLFLOW_TRACKING_URI at your MLflow server"
+                              ) from None
+    return uri
+
+
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
@@ -156,14 +178,55 @@ def register(mlflow_client: MlflowClient, name: str, run_id: str, tags: dict[str
     return version
 
 
+HISTORY_TAG = "production_history"  # registered-model tag: the versions that held @production, oldest first
+
+
+def move_alias(mlflow_client: MlflowClient, name: str, version: str, alias: str = PRODUCTION) -> str | None:
+    """Point ``alias`` at ``version`` and record it in the model's alias history (what ``rollback`` reads);
+    returns the version that held it before (None: none did)."""
+    current = production_version(mlflow_client, name, alias)
+    mlflow_client.set_registered_model_alias(name, alias, str(version))
+    if alias == PRODUCTION:
+        history = _history(mlflow_client, name)
+        if current is not None and (not history or history[-1] != str(current.version)):
+            history.append(str(current.version))
+        history.append(str(version))
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[-50:]))
+    return str(current.version) if current is not None else None
+
+
+def _history(mlflow_client: MlflowClient, name: str) -> list[str]:
+    tag = mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG, "")
+    return [v for v in tag.split(",") if v]
+
+
+def rollback(mlflow_client: MlflowClient, name: str) -> tuple[str, str]:
+    """Move @production back to the version that held it before the current one: (from, to) versions; a
+    ValueError when there is nothing to go back to."""
+    current = production_version(mlflow_client, name)
+    if current is None:
+        raise ValueError(f"no {name} version holds @{PRODUCTION}: nothing to roll back")
+    history = _history(mlflow_client, name)
+    while history and history[-1] == str(current.version):
+        history.pop()
+    if not history:
+        raise ValueError(f"{name} v{current.version} is the first version that held @{PRODUCTION}; there is no "
+                         f"earlier one to roll back to")
+    previous = history[-1]
+    mlflow_client.set_registered_model_alias(name, PRODUCTION, previous)
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+    return str(current.version), previous
+
+
 def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVersion, metric: str,
                       value: float, signature: str, alias: str = PRODUCTION, *, prefix: str = "val_",
                       signature_tag: str = "eval_signature", higher_is_better: bool = False) -> tuple[bool, str]:
-    """Move ``alias`` to ``version`` when it beats the current holder on ``metric``.
+    """Champion / challenger: move ``alias`` to ``version`` when it beats the current holder on ``metric``.
 
     The holder's score is its ``{prefix}{metric}`` tag (lower is better unless ``higher_is_better``). Scores
-    are only comparable on the same data and settings (``signature``, the holder's ``signature_tag`` tag); a
-    model scored on something else replaces the holder, and the reason says so.
+    are only comparable on the same data and settings (``signature``, the holder's ``signature_tag`` tag): a
+    model scored on something else stays registered, the alias stays where it is, and the reason says how to
+    move it on purpose (``tessera promote``). With no holder yet, the first model takes the alias.
     """
     label = f"{prefix}{metric}"
     current = production_version(mlflow_client, name, alias)
@@ -174,16 +237,32 @@ def promote_if_better(mlflow_client: MlflowClient, name: str, version: ModelVers
     else:
         cur_sig = current.tags.get(signature_tag)
         cur_val = current.tags.get(label)
-        if cur_sig == signature and cur_val is not None:
-            better = value > float(cur_val) if higher_is_better else value < float(cur_val)
-            if not better:
-                return False, f"{label} {value:.4f} does not beat {alias} v{current.version} ({float(cur_val):.4f})"
-            reason = f"{label} {value:.4f} beats {alias} v{current.version} ({float(cur_val):.4f})"
-        else:
-            reason = (f"{alias} v{current.version} was scored on other data or settings ({cur_sig}); "
-                      f"the newest model for {signature} takes over")
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
+        if cur_sig != signature or cur_val is None:
+            return False, (f"{alias} v{current.version} was scored on other data or settings ({cur_sig}, this "
+                           f"one: {signature}), so the two do not compare; v{version.version} is registered, and "
+                           f"`tessera promote {name} {version.version}` moves @{alias} to it")
+        better = value > float(cur_val) if higher_is_better else value < float(cur_val)
+        if not better:
+            return False, f"{label} {value:.4f} does not beat {alias} v{current.version} ({float(cur_val):.4f})"
+        reason = f"{label} {value:.4f} beats {alias} v{current.version} ({float(cur_val):.4f})"
+    move_alias(mlflow_client, name, str(version.version), alias)
     return True, reason
+
+
+def list_versions(mlflow_client: MlflowClient, name: str) -> list[dict[str, Any]]:
+    """Every registered version of ``name``, newest first: version, aliases, run, created time and its tags
+    (validation score, evaluation signature, closed-loop scores)."""
+    versions = mlflow_client.search_model_versions(f"name = '{name}'")
+    try:
+        aliases = mlflow_client.get_registered_model(name).aliases
+    except MlflowException:
+        aliases = {}
+    out = []
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))
+        out.append({"version": int(v.version), "run_id": v.run_id, "created": created, "tags": dict(v.tags),
+                    "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version))})
+    return out
 
 
 def _download_model_dir(mlflow_client: MlflowClient, name: str, version: ModelVersion, into: str) -> Path:
