@@ -103,6 +103,7 @@ def child_env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # Everything started by this stack talks to this stack's Ray, even with another Ray on the machine.
         "RAY_ADDRESS": f"127.0.0.1:{port('ray', 6379)}",
     })

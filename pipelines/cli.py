@@ -31,8 +31,9 @@ from rich.table import Table
 console = Console(stderr=True)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-WORKING_DIR_EXCLUDES = [".venv", ".tessera", ".git", "**/__pycache__", "*.egg-info", "data", "mlruns",
-                        ".pytest_cache", ".ruff_cache", ".mypy_cache", "bench_results"]
+# (Ray leaves out .git and .venv by itself.)
+WORKING_DIR_EXCLUDES = [".tessera", "**/__pycache__", "*.egg-info", "data", "mlruns", ".pytest_cache",
+                        ".ruff_cache", ".mypy_cache", ".hypothesis", "schemathesis-report", "bench_results"]
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -83,7 +84,7 @@ def _runtime_env(address: str, tracking_uri: str | None) -> dict[str, Any]:
     passed explicitly: the given one, else the embedded stack's when this address is that stack's Ray."""
     from infra import stack
 
-    env_vars: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    env_vars: dict[str, str] = {"PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     elif address.rstrip("/") == stack.dashboard_url() and stack.components([])[0].pid() is not None:
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # not a line per packaged file at each submission
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))

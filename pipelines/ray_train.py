@@ -42,10 +42,13 @@ def _maybe_fail(epoch: int) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; ``config`` holds the domain name, its config dict and the MLflow run."""
+    import logging
+
     import ray.train
     import ray.train.torch
     from safetensors.torch import load as load_safetensors
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the trainer's own lines say what each epoch did
     from shared.tracking import MlflowTracker
 
     domain = registry.get(config["domain"])

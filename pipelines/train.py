@@ -128,6 +128,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"run_id": run_id, "domain": domain.name, "model": model_name,
                               "version": None, "promoted": False}
     result.update({k: v for k, v in metrics.items() if k.startswith(("test_", "best_val_", "kept_", "epochs_run"))})
+    result.update({k: int(result[k]) for k in ("epochs_run", "kept_epoch") if k in result})  # MLflow keeps floats
     if not args.no_register:
         signature = finished.data.tags["eval_signature"]
         # The validation score of the weights registered (the last epoch's when the run keeps the last).

@@ -167,6 +167,11 @@ class ModelHolder:
         while not self._stop.wait(self.poll_seconds):
             self.refresh()
 
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The model held now, without asking the registry (None: none yet)."""
+        return self._current
+
     def get(self) -> LoadedModel:
         current = self._current
         if current is None:
@@ -193,6 +198,10 @@ class DomainService:
 
     def __init__(self) -> None:
         self.holder = ModelHolder(self.domain)
+
+    def __is_ready__(self) -> bool:
+        """``/readyz``: 200 only while a model is loaded (``/livez`` stays liveness: the process answers)."""
+        return self.holder.loaded is not None
 
     @bentoml.on_startup
     def use_declared_cpus(self) -> None:
@@ -371,13 +380,86 @@ async def _refuse(send: Send, status: int, reason: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+README = "the Tessera README (README.md in the repository), section Query"  # where the OpenAPI pages point
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string", "description": "the reason"}},
+                "required": ["error"]}
+ERROR_ANSWERS = {  # what every endpoint answers besides 200, with {"error": reason}
+    "400": "the body does not fit the endpoint's schema (types, NaN or infinite numbers, unknown fields, ranges), "
+           "or a malformed multipart body",
+    "413": "the body is larger than the domain's limit (TESSERA_<DOMAIN>_MAX_BODY_BYTES)",
+    "415": "a content type the endpoint does not take",
+    "422": "a valid body that does not fit the served model (its columns, grid, shapes, horizon...)",
+    "503": "no model holds the served alias yet (the answer says how to train one), or the registry is down",
+}
+
+
 def guard(service: Any, domain: str) -> None:
-    """Put :class:`RequestGuard` in front of the BentoML ``service`` of ``domain``: every endpoint's media type
-    and file fields from its own signature, and the body limit ``TESSERA_<DOMAIN>_MAX_BODY_BYTES`` (the
-    domain's ``max_body_bytes`` by default)."""
+    """Put :class:`RequestGuard` in front of the BentoML ``service`` of ``domain`` (every endpoint's media type
+    and file fields from its own signature, and the body limit ``TESSERA_<DOMAIN>_MAX_BODY_BYTES``, the domain's
+    ``max_body_bytes`` by default), and make its OpenAPI document describe the domain, the version it serves and
+    the error answers."""
     routes = {}
     for api in service.apis.values():
         spec = api.input_spec
         routes[api.route.rstrip("/") or "/"] = (spec.mime_type(), tuple(getattr(spec, "multipart_fields", ())))
     limit = setting(domain, "MAX_BODY_BYTES", registry.get(domain).max_body_bytes)
     service.add_asgi_middleware(RequestGuard, max_bytes=limit, routes=routes)
+    _describe(service, domain, limit)
+
+
+def _served_version() -> str:
+    """The model version the running service answers with ("none yet"; "not running" outside a server)."""
+    try:
+        instance = bentoml.get_current_service()
+    except Exception:  # not inside a server: the document is being built or inspected
+        return "not running"
+    holder = getattr(instance, "holder", None)
+    loaded = holder.loaded if holder is not None else None
+    if loaded is None and holder is None:  # a front service: the model is its runner's
+        return "see /model"
+    return f"v{loaded.version}" if loaded is not None else "none yet"
+
+
+def _describe(service: Any, domain: str, limit: int) -> None:
+    """The service's own OpenAPI document: title, description, the version served, and the 4xx/503 answers of
+    every endpoint (BentoML's default page describes BentoML instead)."""
+    import inspect
+
+    described = registry.get(domain)
+    base = type(service)
+
+    class DescribedService(base):  # type: ignore[misc,valid-type]
+        __slots__ = ()
+
+        @property
+        def openapi_spec(self) -> Any:
+            import attr
+
+            spec = super().openapi_spec
+            served = _served_version()
+            description = (
+                f"{inspect.cleandoc(self.inner.__doc__ or '')}\n\n"
+                f"**Domain** `{domain}` (models: {', '.join(described.models)}); **serves** "
+                f"`models:/{domain}@{serving_alias()}`, now **{served}** (`POST /model` tells which).\n\n"
+                f"**Endpoint** `POST {described.endpoint}`; bodies over {limit:,} bytes get a 413. Errors are "
+                f'`{{"error": reason}}` with the status below. Guide: {README}')
+            info = attr.evolve(spec.info, title=f"Tessera {domain}", version=served, description=description,
+                               contact=None)
+            endpoints = routes_of(self)
+            for path, item in spec.paths.items():
+                operation = getattr(item, "post", None)
+                if operation is None or path not in endpoints:
+                    continue
+                responses = operation["responses"] if isinstance(operation, dict) else operation.responses
+                for status, text in ERROR_ANSWERS.items():
+                    responses[int(status)] = {"description": text,
+                                              "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                responses.pop(500, None)  # refused bodies and missing models are 4xx/503, never a 500
+                responses.pop(404, None)
+            return attr.evolve(spec, info=info)
+
+    service.__class__ = DescribedService
+
+
+def routes_of(service: Any) -> set[str]:
+    return {api.route for api in service.apis.values()}

@@ -73,7 +73,9 @@ class ForecastingRunner(DomainService):
 
 @bentoml.service(name="forecasting", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
 class Forecasting:
-    """The public service: validates requests, packs them for the runner, formats the answers."""
+    """Multivariate forecasts from iTransformer or Autoformer: send the recent history (at least the model's
+    lookback, with timestamps when it uses calendar features) to `/forecast` and get the next `horizon` steps
+    of every column. (This front service validates and formats; a runner holds the model and batches calls.)"""
 
     runner = bentoml.depends(ForecastingRunner)
 

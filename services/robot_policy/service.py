@@ -73,6 +73,9 @@ def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str,
 
 @bentoml.service(name="robot_policy", workers=1, resources={"cpu": "1"}, traffic={"timeout": 30, "max_concurrency": 64})
 class RobotPolicy(DomainService):
+    """Push-T action chunks from EBT-Policy: send the observation history (oldest first) to `/act` and get the
+    planned chunk, how many of its actions to execute, and its final energy (higher: less familiar)."""
+
     domain = "robot_policy"
 
     @bentoml.api(route="/act")

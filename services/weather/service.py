@@ -63,6 +63,10 @@ def _utc(value: datetime) -> np.datetime64:
 
 @bentoml.service(name="weather", workers=1, resources={"cpu": "2"}, traffic={"timeout": 300, "max_concurrency": 8})
 class Weather(DomainService):
+    """Weather forecasts from WXFormer, rolled out step by step from an initial state: upload the state as
+    netCDF (or GRIB) to `/forecast` and get the rollout back as netCDF in the data's own layout, or send a small
+    grid as JSON to `/forecast_json`. `/model` describes the grid, channels, units and time step."""
+
     domain = "weather"
 
     @bentoml.api(route="/forecast")

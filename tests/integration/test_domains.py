@@ -34,6 +34,9 @@ def test_before_any_model_the_endpoints_say_503_and_how_to_train(stack_env: dict
     for response in (httpx.post(route, json=body, timeout=30), httpx.post(url(name, "/model"), json={}, timeout=30)):
         assert response.status_code == 503, response.text
         assert f"tessera train {name}" in response.json()["error"]
+    # alive, but not ready to serve: /livez answers, /readyz does not until a model is loaded
+    assert httpx.get(url(name, "/livez"), timeout=30).status_code == 200
+    assert httpx.get(url(name, "/readyz"), timeout=30).status_code == 503
 
 
 @pytest.mark.parametrize("name", DOMAINS)
@@ -47,6 +50,12 @@ def test_the_tiny_model_trained_as_a_ray_job_answers_the_example_request(trained
     info = httpx.post(url(name, "/model"), json={}, timeout=30).json()
     assert info["name"] == name and info["version"] == str(result["version"]) and info["run_id"] == result["run_id"]
     assert info["architecture"] == registry.get(name).models[0]
+    assert httpx.get(url(name, "/readyz"), timeout=30).status_code == 200
+    from infra.stack import service_url
+
+    page = httpx.get(service_url(name) + "/docs.json", timeout=30).json()["info"]
+    if name != "forecasting":  # its front service does not hold the model; its runner does
+        assert page["version"] == f"v{result['version']}" and f"now **v{result['version']}**" in page["description"]
 
 
 @pytest.mark.parametrize("name", DOMAINS)

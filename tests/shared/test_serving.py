@@ -150,3 +150,17 @@ def test_malformed_multipart_bodies_are_a_400_before_bentoml_reads_them() -> Non
     assert status == 400 and b"must be an uploaded file" in body
     status, _ = _run_asgi(app, _multipart([upload]) + b"x" * 6000, form, path="/forecast")
     assert status == 413
+
+
+def test_every_service_documents_itself_and_its_error_answers() -> None:
+    from shared import registry
+    from tests.contract import service_of
+
+    for domain in registry.domains():
+        spec = service_of(domain).openapi_spec.asdict()
+        info = spec["info"]
+        assert info["title"] == f"Tessera {domain.name}" and "created with BentoML" not in info["description"]
+        assert f"models:/{domain.name}@production" in info["description"] and "contact" not in info
+        responses = spec["paths"][domain.endpoint]["post"]["responses"]
+        assert {"200", "400", "413", "415", "422", "503"} <= {str(k) for k in responses}
+        assert "500" not in {str(k) for k in responses}
