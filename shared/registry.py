@@ -185,6 +185,18 @@ class Domain(abc.ABC):
         """What ``/model`` reports besides name, version, run and architecture (inputs the model expects)."""
         return {}
 
+    # --- the MLflow pyfunc model (``mlflow.pyfunc.load_model("models:/<name>@production")``) ------------------
+
+    @abc.abstractmethod
+    def pyfunc_example(self, loaded: Any) -> tuple[Any, dict[str, Any]]:
+        """An input the pyfunc model of ``loaded`` (a ``shared.tracking.LoadedModel``) accepts (a DataFrame or
+        a dict of arrays, built from the model itself), and its default params (empty: none): the logged
+        signature and input example."""
+
+    @abc.abstractmethod
+    def pyfunc_predict(self, loaded: Any, model_input: Any, params: dict[str, Any]) -> Any:
+        """The pyfunc model's answer to ``model_input`` (ValueError for input that does not fit the model)."""
+
     @abc.abstractmethod
     def example_request(self) -> dict[str, Any]:
         """A JSON body for ``endpoint`` that a model trained with the demo or tiny settings answers (the

@@ -10,6 +10,7 @@ marks the version the services answer with.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -78,8 +79,81 @@ def save_model_dir(path: Path, model: torch.nn.Module, domain: str, cfg: Any, st
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(weights, str(path / "weights.safetensors"))
-    (path / "config.json").write_text(json.dumps({"domain": domain, "config": to_dict(cfg)}, indent=2))
+    package = type(registry.get(domain)).__module__.rsplit(".", 1)[0]  # where the domain lives (services, ...)
+    (path / "config.json").write_text(json.dumps({"domain": domain, "package": package, "config": to_dict(cfg)},
+                                                 indent=2))
     state.save(path)
+    return path
+
+
+def model_dir_of(folder: Path) -> Path:
+    """The Tessera model folder inside ``folder``: the pyfunc model's artifact when ``folder`` is an MLflow
+    model (it has an ``MLmodel``), else ``folder`` itself (a bare folder, as models registered before were)."""
+    if not (folder / "MLmodel").exists():
+        return folder
+    import yaml
+
+    from shared.pyfunc_model import ARTIFACT
+
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    artifacts = flavor.get("artifacts") or (flavor.get("model_config") or {}).get("artifacts") or {}
+    if ARTIFACT in artifacts:
+        return folder / artifacts[ARTIFACT]["path"]
+    return folder / "artifacts" / ARTIFACT
+
+
+def pip_requirements(domain: str) -> list[str]:
+    """The installed versions of what the platform and ``domain``'s extra need (the MLflow model's pip
+    requirements); unpinned names where Tessera runs from a source tree without its metadata."""
+    import importlib.metadata
+    import re
+
+    try:
+        declared = importlib.metadata.requires("tessera") or []
+    except importlib.metadata.PackageNotFoundError:
+        return ["torch", "mlflow", "safetensors", "numpy", "pandas"]
+    wanted = []
+    for line in declared:
+        requirement, _, marker = line.partition(";")
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if extra is None or extra.group(1) == domain:
+            wanted.append(re.split(r"[<>=!~\[ ]", requirement.strip(), maxsplit=1)[0])
+    pinned = []
+    for name in dict.fromkeys(wanted):
+        try:
+            pinned.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+def save_pyfunc(path: Path, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> Path:
+    """Write the model as an MLflow pyfunc model into ``path``: the Tessera model folder as its artifact, the
+    code of ``shared`` and of the domain's package, a signature and an input example from the model itself, and
+    the pip requirements of the platform and the domain's extra. No pickle: "models from code"."""
+    import tempfile as tmp
+
+    import mlflow.pyfunc
+    from mlflow.models import infer_signature
+
+    import shared
+    from shared.pyfunc_model import ARTIFACT
+
+    described = registry.get(domain)
+    with tmp.TemporaryDirectory() as scratch:
+        folder = save_model_dir(Path(scratch) / ARTIFACT, model, domain, cfg, state)
+        loaded = load_model_dir(folder)
+        example, params = described.pyfunc_example(loaded)
+        output = described.pyfunc_predict(loaded, example, dict(params))
+        package = importlib.import_module(type(described).__module__.rsplit(".", 1)[0])
+        code = [str(Path(shared.__file__).parent)]
+        if "." not in package.__name__ and package.__file__:  # a top-level package (services, or a user's own)
+            code.append(str(Path(package.__file__).parent))
+        mlflow.pyfunc.save_model(
+            str(path), python_model=str(Path(__file__).parent / "pyfunc_model.py"), artifacts={ARTIFACT: str(folder)},
+            code_paths=code, signature=infer_signature(example, output, params=params or None),
+            input_example=(example, params) if params else example, pip_requirements=pip_requirements(domain),
+            metadata={"tessera_domain": domain, "architecture": str(getattr(cfg, "model", ""))})
     return path
 
 
@@ -113,8 +187,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a model from a folder written by :func:`save_model_dir`, or by an earlier version (config with
-    renamed fields, ``stats.json``); no code is unpickled."""
+    """Rebuild a model from a folder written by :func:`save_model_dir` (or an MLflow model holding one), or by
+    an earlier version (config with renamed fields, ``stats.json``); no code is unpickled."""
+    path = model_dir_of(path)
     meta = json.loads((path / "config.json").read_text())
     domain = registry.get(meta["domain"])
     cfg: Any = from_dict(domain.config_cls, meta["config"])
@@ -146,8 +221,9 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, key, value)
 
     def log_model(self, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> None:
+        """The model as an MLflow pyfunc model in the run's ``model/`` (what the registry's versions point at)."""
         with tempfile.TemporaryDirectory() as tmp:
-            save_model_dir(Path(tmp) / MODEL_DIR, model, domain, cfg, state)
+            save_pyfunc(Path(tmp) / MODEL_DIR, model, domain, cfg, state)
             self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_DIR), artifact_path=MODEL_DIR)
 
 
@@ -293,7 +369,7 @@ def registered_weights(mlflow_client: MlflowClient, name: str,
     training run from it."""
     version = resolve_version(mlflow_client, name, ref)
     with tempfile.TemporaryDirectory() as tmp:
-        local = _download_model_dir(mlflow_client, name, version, tmp)
+        local = model_dir_of(_download_model_dir(mlflow_client, name, version, tmp))
         meta = json.loads((local / "config.json").read_text())
         return version, meta, (local / "weights.safetensors").read_bytes()
 

@@ -90,6 +90,39 @@ def check_training(domain: Domain, model_name: str, tmp_path: Path) -> None:
         assert math.isclose(value, final[f"test_{key}"], rel_tol=1e-5, abs_tol=1e-7), key
 
 
+def check_mlflow_model(domain: Domain, model_name: str, tmp_path: Path) -> None:
+    """The model as an MLflow pyfunc model (models from code): ``mlflow.pyfunc.load_model`` answers its own
+    input example the way the domain does, its signature and pip requirements are there, nothing is pickled."""
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from shared.tracking import save_pyfunc
+
+    torch.manual_seed(0)
+    cfg = domain.make_config(model_name, None, {**domain.tiny, "cpus_per_worker": 1})
+    data = domain.load_data(cfg)
+    model = domain.build_model(cfg, data.state).eval()
+    save_pyfunc(tmp_path / "pyfunc", model, domain.name, cfg, data.state)
+    mlmodel = yaml.safe_load((tmp_path / "pyfunc" / "MLmodel").read_text())
+    assert mlmodel["signature"]["inputs"] and mlmodel["signature"]["outputs"]
+    assert "python_function" in mlmodel["flavors"] and not list((tmp_path / "pyfunc").rglob("*.pkl"))
+    requirements = (tmp_path / "pyfunc" / "requirements.txt").read_text()
+    assert "torch==" in requirements and "safetensors==" in requirements
+    loaded = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    example = loaded.input_example
+    answer = loaded.predict(example[0], params=example[1]) if isinstance(example, tuple) else loaded.predict(example)
+    direct = load_model_dir(tmp_path / "pyfunc")  # the folder inside it: the services load this
+    inputs, params = domain.pyfunc_example(direct)
+    expected = domain.pyfunc_predict(direct, inputs, params)
+    if isinstance(expected, pd.DataFrame):
+        pd.testing.assert_frame_equal(pd.DataFrame(answer).reset_index(drop=True), expected, check_dtype=False,
+                                      rtol=1e-5)
+    else:
+        np.testing.assert_allclose(np.asarray(answer), expected, rtol=1e-5, atol=1e-5)
+
+
 def service_of(domain: Domain) -> Any:
     module, _, name = domain.service.partition(":")
     return getattr(importlib.import_module(module), name)

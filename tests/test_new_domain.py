@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared import registry
-from tests.contract import check_declarations, check_service, check_training
+from tests.contract import check_declarations, check_mlflow_model, check_service, check_training
 
 TOY = Path(__file__).parent / "fixtures" / "toy_domain" / "toy"
 
@@ -44,6 +44,7 @@ def test_the_toy_domain_is_registered_only_while_its_package_is_listed(toy: regi
 def test_the_toy_domain_keeps_the_contract(toy: registry.Domain, tmp_path: Path) -> None:
     check_declarations(toy)
     check_training(toy, "linear", tmp_path)
+    check_mlflow_model(toy, "linear", tmp_path)
     check_service(toy)
 
 

@@ -109,6 +109,19 @@ class ForecastingDomain(Domain):
                 "pred_len": cfg.pred_len, "marks": list(state.marks), "step_seconds": state.step_seconds,
                 "dataset": state.dataset}
 
+    def pyfunc_example(self, loaded: Any) -> tuple[Any, dict[str, Any]]:
+        from .inference import pyfunc_example
+
+        return pyfunc_example(loaded, self._meta(loaded))
+
+    def pyfunc_predict(self, loaded: Any, model_input: Any, params: dict[str, Any]) -> Any:
+        from .inference import pyfunc_predict
+
+        return pyfunc_predict(loaded, self._meta(loaded), model_input, params)
+
+    def _meta(self, loaded: Any) -> dict[str, Any]:
+        return {**loaded.describe(), **self.describe(loaded.cfg, loaded.state)}
+
     def example_request(self) -> dict[str, Any]:
         from .client import example_request
 

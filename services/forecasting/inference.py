@@ -20,7 +20,7 @@ from shared.inferers import SimpleInferer
 from shared.serving import RequestError
 from shared.tracking import LoadedModel
 
-from .data import calendar_features, future_times
+from .data import calendar_features, future_times, request_body
 
 INFERER = SimpleInferer()  # one forward pass; the trainer's validation runs the model the same way
 
@@ -97,3 +97,46 @@ def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], 
     if np.abs(values).max() > 1e30:
         raise RequestError("values must be finite numbers of reasonable magnitude")
     return pack(meta, values, times), times, steps
+
+
+def future_stamps(meta: dict[str, Any], times: pd.DatetimeIndex | None, steps: int) -> list[str] | None:
+    """ISO times of the ``steps`` forecast rows after the history's last time (None without timestamps)."""
+    if times is None:
+        return None
+    step = pd.Timedelta(seconds=meta["step_seconds"]) if meta["step_seconds"] else times[-1] - times[-2]
+    return [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
+
+
+# --- the MLflow pyfunc model: a history table in, the forecast table out -----------------------------------
+
+def pyfunc_example(loaded: LoadedModel, meta: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``seq_len`` rows at the training mean of every column (with its time column when the model has
+    calendar features), and the trained horizon as the default ``horizon`` param."""
+    state = loaded.state
+    frame = pd.DataFrame(np.repeat(state.mean.numpy()[None], loaded.cfg.seq_len, axis=0), columns=list(state.columns))
+    if state.marks:
+        step = pd.Timedelta(seconds=state.step_seconds or 3600)
+        frame.insert(0, state.time_column or "date", pd.date_range("2020-01-01", periods=len(frame), freq=step))
+    return frame, {"horizon": int(loaded.cfg.pred_len)}
+
+
+def pyfunc_predict(loaded: LoadedModel, meta: dict[str, Any], model_input: Any,
+                   params: dict[str, Any]) -> pd.DataFrame:
+    """The forecast of the next ``horizon`` rows of a history table (a time column and the model's columns,
+    oldest row first): the same checks and model call as ``POST /forecast``."""
+    if not isinstance(model_input, pd.DataFrame):
+        raise ValueError(f"the forecasting model takes a DataFrame of history rows, not {type(model_input).__name__}")
+    body = request_body(model_input)
+    stamps = [pd.Timestamp(t).to_pydatetime() for t in body["timestamps"]] if "timestamps" in body else None
+    horizon = params.get("horizon")
+    try:
+        packed, times, steps = validate(meta, body["columns"], body["values"], stamps,
+                                        int(horizon) if horizon is not None else None)
+    except RequestError as exc:
+        raise ValueError(str(exc)) from None
+    out = run(loaded, packed[None])[0][:steps]
+    frame = pd.DataFrame(out, columns=list(meta["columns"]))
+    future = future_stamps(meta, times, steps)
+    if future is not None:
+        frame.insert(0, loaded.state.time_column or "date", pd.to_datetime(future))
+    return frame

@@ -11,7 +11,6 @@ from typing import Any
 
 import bentoml
 import numpy as np
-import pandas as pd
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -111,10 +110,7 @@ class Forecasting:
                 break
         if served != str(meta["version"]):
             meta = await self._model_meta(refresh=True)
-        future = None
-        if times is not None:
-            step = pd.Timedelta(seconds=meta["step_seconds"]) if meta["step_seconds"] else times[-1] - times[-2]
-            future = [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
+        future = inference.future_stamps(meta, times, steps)
         return ForecastResponse(columns=meta["columns"], values=out[:steps].tolist(), timestamps=future,
                                 model=ModelRef(name=meta["name"], version=served, run_id=meta["run_id"],
                                                architecture=meta.get("architecture")))

@@ -104,6 +104,16 @@ class RobotPolicyDomain(Domain):
                 "infer_steps": cfg.infer_steps if ebt else None, "candidates": cfg.candidates if ebt else None,
                 "state_layout": list(STATE_LAYOUT), "workspace": list(WORKSPACE), "data": state.data}
 
+    def pyfunc_example(self, loaded: Any) -> tuple[Any, dict[str, Any]]:
+        from .inference import pyfunc_example
+
+        return pyfunc_example(loaded)
+
+    def pyfunc_predict(self, loaded: Any, model_input: Any, params: dict[str, Any]) -> Any:
+        from .inference import pyfunc_predict
+
+        return pyfunc_predict(loaded, model_input, params)
+
     def example_request(self) -> dict[str, Any]:
         from .client import example_request
 

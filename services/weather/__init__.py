@@ -107,6 +107,16 @@ class WeatherDomain(Domain):
                 "step_hours": state.step_hours, "history": cfg.history, "grid": axes, "data": state.data,
                 "periods": {k: list(v) for k, v in state.periods.items()}}
 
+    def pyfunc_example(self, loaded: Any) -> tuple[Any, dict[str, Any]]:
+        from .inference import pyfunc_example
+
+        return pyfunc_example(loaded)
+
+    def pyfunc_predict(self, loaded: Any, model_input: Any, params: dict[str, Any]) -> Any:
+        from .inference import pyfunc_predict
+
+        return pyfunc_predict(loaded, model_input, params)
+
     # the JSON form: the netCDF upload of `endpoint` has no JSON body
     example_route = "/forecast_json"
 

@@ -166,3 +166,37 @@ def rollout_dataset(predicted: np.ndarray, init_time: np.datetime64, state: Weat
     ds.attrs["forecast_reference_time"] = str(np.datetime_as_string(np.asarray(init_time).astype("datetime64[s]")))
     return ds
 
+
+
+# --- the MLflow pyfunc model: initial states as arrays in, the rollout out ---------------------------------
+
+def pyfunc_example(loaded: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``history`` states at the training mean of every channel, valid at 2000-01-01 00 UTC (as seconds since
+    the epoch), and 4 steps as the default ``steps`` param."""
+    state: WeatherState = loaded.state
+    h, w = state.grid.shape
+    mean = state.mean.numpy().astype(np.float32)[None, :, None, None]
+    history = np.broadcast_to(mean, (loaded.cfg.history, len(state.channels), h, w)).copy()
+    return {"state": history, "valid_time": np.array([946_684_800], dtype=np.int64)}, {"steps": 4}
+
+
+def pyfunc_predict(loaded: Any, model_input: Any, params: dict[str, Any]) -> np.ndarray:
+    """The rollout (N, steps, C, H, W) in physical units from ``state`` (N, h, C, H, W) or (h, C, H, W), the
+    last state valid at ``valid_time`` (N,) seconds since the epoch (UTC)."""
+    if not isinstance(model_input, dict) or not {"state", "valid_time"} <= set(model_input):
+        raise ValueError("the weather model takes {'state': (N, history, C, H, W) array, 'valid_time': (N,) "
+                         "seconds since the epoch}")
+    values = np.asarray(model_input["state"], dtype=np.float32)
+    values = values[None] if values.ndim == 4 else values
+    times = np.asarray(model_input["valid_time"]).reshape(-1).astype("datetime64[s]").astype("datetime64[ns]")
+    state: WeatherState = loaded.state
+    expected = (loaded.cfg.history, len(state.channels), *state.grid.shape)
+    if values.ndim != 5 or values.shape[1:] != expected or len(times) != len(values):
+        raise ValueError(f"state has shape {values.shape} with {len(times)} valid times; the model takes "
+                         f"(N, {', '.join(map(str, expected))}) and N valid times")
+    if not np.isfinite(values).all():
+        raise ValueError("state holds NaN or infinite values")
+    steps = int(params.get("steps", 4))
+    if not 1 <= steps <= 400:
+        raise ValueError(f"steps={steps}: expected 1 to 400")
+    return forecast(loaded.model, state, values, times, steps)

@@ -127,3 +127,28 @@ def test_tessera_example_writes_an_input_that_tessera_predict_sends(trained: obj
     assert f"model {name} v{result['version']}" in done.stderr and answer.stat().st_size > 0
     refused = cli("predict", name, str(tmp_path / "missing.file"))
     assert refused.returncode == 2 and "missing.file" in refused.stderr
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_the_production_model_is_an_mlflow_model_and_a_bentoml_one(trained: object, name: str,
+                                                                   tmp_path: Path) -> None:
+    """``mlflow.pyfunc.load_model`` on the registry's production version answers its input example (the same
+    version the BentoML service answers with), and ``bentoml.mlflow.import_model`` takes it."""
+    import os
+
+    import mlflow.pyfunc
+
+    result = trained(name)  # type: ignore[operator]
+    served = httpx.post(url(name, "/model"), json={}, timeout=30).json()["version"]
+    model = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    example = model.input_example
+    answer = model.predict(example[0], params=example[1]) if isinstance(example, tuple) else model.predict(example)
+    assert len(answer) >= 1 and model.metadata.signature is not None
+    assert model.metadata.metadata["tessera_domain"] == name and served == str(result["version"])
+    code = ("import bentoml, sys; m = bentoml.mlflow.import_model(sys.argv[1], sys.argv[2]); "
+            "print(m.tag, bentoml.mlflow.load_model(m).metadata.metadata['tessera_domain'])")
+    done = subprocess.run([sys.executable, "-c", code, f"tessera-{name.replace('_', '-')}",
+                           f"models:/{name}/{served}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith(name)

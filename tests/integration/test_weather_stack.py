@@ -58,8 +58,9 @@ def test_training_job_registers_wxformer_with_metrics_and_maps(weather_model: di
     assert {"plots/loss.png", "plots/forecast_vs_truth.png"} <= plots
     # damping and relaxation toward the climatology fitted on validation after training: logged, and saved
     # with the model (with the climatology itself) for the service
-    arrays = load_file(mlflow.download_artifacts(weather_model["run_id"], "model/state.safetensors"))
-    meta = json.loads(Path(mlflow.download_artifacts(weather_model["run_id"], "model/state.json")).read_text())
+    folder = "model/artifacts/tessera_model"  # the Tessera model inside the MLflow model
+    arrays = load_file(mlflow.download_artifacts(weather_model["run_id"], f"{folder}/state.safetensors"))
+    meta = json.loads(Path(mlflow.download_artifacts(weather_model["run_id"], f"{folder}/state.json")).read_text())
     assert "calibrated_val_wrmse" in metrics
     assert arrays["climatology"].shape == (5, 3, *GRID)  # 2 harmonics, 3 channels, the grid: arrays, not JSON
     assert "climatology" not in meta and meta["channels"] == ["t_850", "t_500", "t2m"]

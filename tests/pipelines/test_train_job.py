@@ -34,8 +34,14 @@ def test_a_run_registers_promotes_and_a_later_one_starts_from_it(local_mlflow: s
     assert version.tags["eval_signature"] == "toy-256x4-0" and float(version.tags["val_mse"]) == pytest.approx(
         first["kept_val_mse"], abs=1e-6)
     artifacts = {a.path for a in mlflow.list_artifacts(first["run_id"], "model")}
-    assert artifacts == {"model/weights.safetensors", "model/config.json", "model/state.json",
-                         "model/state.safetensors"}
+    assert {"model/MLmodel", "model/requirements.txt", "model/input_example.json"} <= artifacts  # an MLflow model
+    folder = {a.path for a in mlflow.list_artifacts(first["run_id"], "model/artifacts/tessera_model")}
+    assert {f"model/artifacts/tessera_model/{f}" for f in ("weights.safetensors", "config.json", "state.json",
+                                                            "state.safetensors")} == folder
+    from mlflow import pyfunc
+
+    served = pyfunc.load_model("models:/toy@production")  # the registered version loads as MLflow's
+    assert list(served.predict(served.input_example).columns) == ["prediction"]
 
     second = run(["toy", "--no-ray", *TOY, "keep=last", "--init-from", "production"])
     tags = mlflow.get_run(second["run_id"]).data.tags
