@@ -116,8 +116,11 @@ def submit_and_follow(entrypoint: str, address: str, tracking_uri: str | None,
                       follow: bool = True) -> tuple[int, dict[str, Any] | None]:
     """Submit a Ray job, stream its logs, and return (exit code, the job's final JSON line). Ctrl-C stops
     following, not the job (the message says how to follow or stop it)."""
+    import logging
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # (after Ray set up its logging) not a line per file packaged
     _use_ray_token_if_present()
     try:
         client = JobSubmissionClient(address)
@@ -404,9 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-
-    logging.getLogger("ray").setLevel(logging.WARNING)  # not a line per packaged file at each submission
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))

@@ -40,6 +40,20 @@ def _maybe_fail(epoch: int) -> None:
         os._exit(1)
 
 
+def _quiet_reports(level: int) -> None:
+    """Ray Train logs each ``ray.train.report`` as a whole ``TrainingReport(...)`` at INFO, under loggers named
+    ``ray.train...`` and one named after its source file; the trainer's own lines already say what each epoch
+    did."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(level)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; ``config`` holds the domain name, its config dict and the MLflow run."""
     import logging
@@ -48,7 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from safetensors.torch import load as load_safetensors
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the trainer's own lines say what each epoch did
+    _quiet_reports(logging.WARNING)
     from shared.tracking import MlflowTracker
 
     domain = registry.get(config["domain"])

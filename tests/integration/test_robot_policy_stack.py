@@ -122,3 +122,40 @@ def test_evaluate_promote_ranks_versions_on_closed_loop_coverage(policy_model: d
 
     result = evaluate(["robot_policy", "--set", *settings, "--version", holder, "--promote"])
     assert result["promoted"] is False and result["promotion"] == f"v{holder} already holds @production"
+
+
+def test_mlflow_models_serve_answers_the_registered_policy(policy_model: dict, tmp_path: object) -> None:
+    """The registered version served by MLflow's own scoring server (``mlflow models serve``), in this
+    environment, answering its saved serving example: the model is a plain MLflow model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from shared.tracking import client
+
+    venv = str(Path(sys.executable).parent)
+    server = subprocess.Popen(
+        [f"{venv}/mlflow", "models", "serve", "-m", f"models:/robot_policy/{policy_model['version']}",
+         "--env-manager", "local", "-p", "23099", "--host", "127.0.0.1"],
+        env={**os.environ, "PATH": f"{venv}:{os.environ.get('PATH', '')}"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get("http://127.0.0.1:23099/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        folder = Path(client().download_artifacts(policy_model["run_id"], "model/serving_input_example.json"))
+        body = json.loads(folder.read_text())
+        answer = httpx.post("http://127.0.0.1:23099/invocations", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        prediction = answer.json()["predictions"][0]
+        assert {"action0_x", "action15_y", "energy"} <= set(prediction)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
