@@ -286,6 +286,49 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bento(args: argparse.Namespace) -> int:
+    """Import a registered version into BentoML's model store and build the domain's Bento around it."""
+    import subprocess
+
+    import bentoml
+
+    from shared import registry
+    from shared.serving import bento_model_name
+    from shared.tracking import resolve_version
+
+    domain = registry.get(args.domain)
+    bentofile = PROJECT_ROOT / "services" / domain.name / "bentofile.yaml"
+    if not bentofile.exists():
+        console.print(f"[red]{bentofile} is missing: `python -m infra.bentofiles` writes it")
+        return 2
+    mlflow = _registry(args)
+    try:
+        version = resolve_version(mlflow, domain.name, str(args.version))
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri  # bentoml.mlflow reads models:/ URIs through it
+    model = bentoml.mlflow.import_model(bento_model_name(domain.name), f"models:/{domain.name}/{version.version}",
+                                        labels={"domain": domain.name, "registered_version": str(version.version),
+                                                "run_id": version.run_id or ""})
+    console.print(f"imported {domain.name} v{version.version} as BentoML model {model.tag}")
+    done = subprocess.run([_bentoml(), "build", "-f", str(bentofile), str(PROJECT_ROOT), "--output", "tag"],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT)
+    if done.returncode != 0:
+        console.print(f"[red]bentoml build failed:\n{done.stderr[-3000:]}")
+        return 1
+    tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    console.print(f"built Bento {tag} serving {domain.name} v{version.version}: `bentoml serve {tag}` runs it "
+                  f"without the registry, `bentoml containerize {tag}` makes its image")
+    print(tag)
+    return 0
+
+
+def _bentoml() -> str:
+    local = Path(sys.executable).parent / "bentoml"
+    return str(local) if local.exists() else "bentoml"
+
+
 def _cmd_settings(args: argparse.Namespace) -> int:
     from shared import registry
     from shared.config import describe
@@ -386,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="MLflow (default: $MLFLOW_TRACKING_URI or the local stack's)")
         command.set_defaults(func=func)
     promote.add_argument("version", help="version number (or an alias such as staging)")
+    bento = sub.add_parser("bento", help="build a domain's Bento carrying a registered version (bentoml build)")
+    bento.add_argument("domain")
+    bento.add_argument("--version", default="production", help="version number or alias (default: production)")
+    bento.add_argument("--tracking-uri", default=None,
+                       help="MLflow (default: $MLFLOW_TRACKING_URI or the local stack's)")
+    bento.set_defaults(func=_cmd_bento)
     settings = sub.add_parser("settings", help="list a domain's settings with their defaults and what they do")
     settings.add_argument("domain")
     settings.add_argument("--model", help="the model whose defaults to show (default: the domain's first)")

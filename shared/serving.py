@@ -115,12 +115,36 @@ def how_to_train(domain: str) -> str:
             f"`tessera train {domain}` (or `make demo`), and this service picks it up within seconds")
 
 
+BENTO_MODEL_ENV = "TESSERA_BENTO_MODEL"  # a BentoML model tag: serve that packed model, not the registry's alias
+
+
+def bento_model_name(domain: str) -> str:
+    """The BentoML model a domain's Bento packs (``tessera bento``): ``tessera-<domain>``."""
+    return f"tessera-{domain}"
+
+
+def load_bento_model(tag: str, device: str = "cpu") -> LoadedModel:
+    """The Tessera model inside a BentoML model imported from the registry (``bentoml.mlflow.import_model``,
+    labelled with the registered version and run by ``tessera bento``)."""
+    from pathlib import Path
+
+    from shared.tracking import load_model_dir
+
+    model = bentoml.models.get(tag)
+    loaded = load_model_dir(Path(model.path_of("mlflow_model")), device)
+    labels = model.info.labels
+    loaded.name, loaded.version, loaded.run_id = loaded.domain, labels.get("registered_version"), labels.get("run_id")
+    return loaded
+
+
 class ModelHolder:
-    """The served model of one domain (alias ``production`` by default), reloaded when the alias moves."""
+    """The served model of one domain (alias ``production`` by default), reloaded when the alias moves. With a
+    ``packed`` BentoML model tag (a Bento built by ``tessera bento``), that model instead: one fixed version, no
+    registry needed."""
 
     def __init__(self, domain: str, *, poll_seconds: float | None = None, device: str = "cpu",
                  loader: Callable[[str], LoadedModel | None] | None = None,
-                 version_of: Callable[[str], str | None] | None = None) -> None:
+                 version_of: Callable[[str], str | None] | None = None, packed: str | None = None) -> None:
         self.domain = domain
         self.device = device
         self.poll_seconds = poll_seconds if poll_seconds is not None else float(
@@ -128,6 +152,9 @@ class ModelHolder:
         self.alias = serving_alias()
         self._loader = loader or (lambda name: load_registered(name, self.alias, device=self.device))
         self._version_of = version_of or self._alias_version
+        if packed and loader is None:
+            self._loader = lambda name: load_bento_model(packed, device)
+            self._version_of = lambda name: str(bentoml.models.get(packed).info.labels.get("registered_version"))
         self._current: LoadedModel | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
@@ -197,7 +224,7 @@ class DomainService:
     domain: ClassVar[str]
 
     def __init__(self) -> None:
-        self.holder = ModelHolder(self.domain)
+        self.holder = ModelHolder(self.domain, packed=os.environ.get(BENTO_MODEL_ENV) or packed_model(self))
 
     def __is_ready__(self) -> bool:
         """``/readyz``: 200 only while a model is loaded (``/livez`` stays liveness: the process answers)."""
@@ -224,6 +251,20 @@ class DomainService:
     @bentoml.on_shutdown
     def stop_polling(self) -> None:
         self.holder.close()
+
+
+def packed_model(instance: Any) -> str | None:
+    """The tag of the domain's model packed into the Bento this service runs from (``tessera bento``); None when
+    it runs from source (then it serves the registry's alias)."""
+    import sys
+
+    cls = type(instance)
+    service = getattr(sys.modules.get(cls.__module__), cls.__name__, None)  # the @bentoml.service object
+    bento = getattr(service, "bento", None)
+    if bento is None:
+        return None
+    wanted = bento_model_name(instance.domain)
+    return next((str(m.tag) for m in bento.info.models if m.tag.name == wanted), None)
 
 
 def declared_cpus(instance: Any, default: int = 1) -> int:

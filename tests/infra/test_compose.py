@@ -475,3 +475,15 @@ def test_compose_config_is_valid(compose: list[str], profile: str | None) -> Non
         [*args, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
     )
     assert result.returncode == 0, f"{' '.join(args)} config -q failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_each_domain_has_an_up_to_date_bentofile() -> None:
+    from infra.bentofiles import bentofile
+
+    for domain in registry.domains():
+        path = ROOT / "services" / domain.name / "bentofile.yaml"
+        assert path.exists(), f"{path} is missing: python -m infra.bentofiles"
+        assert path.read_text() == bentofile(domain.name), f"{path} is stale: python -m infra.bentofiles"
+        parsed = yaml.safe_load(path.read_text())
+        assert parsed["service"] == domain.service and parsed["python"]["lock_packages"] is False
+        assert any(p.startswith("torch==") for p in parsed["python"]["packages"])

@@ -159,3 +159,38 @@ def test_mlflow_models_serve_answers_the_registered_policy(policy_model: dict, t
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_tessera_bento_builds_a_bento_that_serves_its_version_without_the_registry(policy_model: dict,
+                                                                                  tmp_path: object) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "BENTOML_HOME": str(Path(str(tmp_path)) / "bentoml")}
+    built = subprocess.run([sys.executable, "-m", "pipelines.cli", "bento", "robot_policy", "--version",
+                            str(policy_model["version"])], capture_output=True, text=True, timeout=600, env=env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1]
+    assert tag.startswith("robot-policy:")
+    venv = str(Path(sys.executable).parent)
+    server = subprocess.Popen([f"{venv}/bentoml", "serve", tag, "-p", "23098", "--host", "127.0.0.1"],
+                              env={**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},  # no registry at all
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get("http://127.0.0.1:23098/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        answer = httpx.post("http://127.0.0.1:23098/act", json={"observations": HISTORY, "seed": 3}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["version"] == str(policy_model["version"])
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
