@@ -152,3 +152,22 @@ def test_the_production_model_is_an_mlflow_model_and_a_bentoml_one(trained: obje
                           env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(name)
+
+
+@pytest.mark.parametrize("name", DOMAINS)
+def test_bentoml_python_client_answers_the_example(trained: object, name: str) -> None:
+    """The documented Python client: ``bentoml.SyncHTTPClient`` on the service, its endpoint called by name with
+    the example request."""
+    import bentoml
+
+    from infra.stack import service_url
+    from tests.contract import service_of
+
+    result = trained(name)  # type: ignore[operator]
+    domain = registry.get(name)
+    route = domain.example_route or domain.endpoint
+    api = next(a.name for a in service_of(domain).apis.values() if a.route == route)
+    with bentoml.SyncHTTPClient(service_url(name), timeout=60) as client:
+        answer = getattr(client, api)(domain.example_request())
+    answer = answer if isinstance(answer, dict) else answer.model_dump()
+    assert str(answer["model"]["version"]) == str(result["version"])
