@@ -263,8 +263,9 @@ class Trainer:
         shard and the additive sums are combined across workers."""
         bare = self.bare
         bare.eval()
+        batches = itertools.islice(loader, self.cfg.max_eval_batches) if self.cfg.max_eval_batches else loader
         with torch.inference_mode(), self.autocast():
-            sums = self.domain.metric_sums(bare, loader, self.device)
+            sums = self.domain.metric_sums(bare, batches, self.device)
         if reduce and self.world > 1:
             import torch.distributed as dist
 

@@ -209,6 +209,7 @@ class RunSettings:
     patience: int = 0  # stop after this many epochs without a better validation metric (0: never)
     keep: Literal["best", "last"] = "best"  # weights registered: the best validation epoch's, or the last's
     max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps optimizer steps per epoch (quick demos and tests)
+    max_eval_batches: int = 0  # 0: the whole validation and test splits; >0 scores only that many batches (smoke runs)
     seed: int = 0  # seeds torch (initialisation, shuffling) and the domain's splits and synthetic data
     ray_workers: int = 1  # Ray Train workers (data-parallel processes)
     cpus_per_worker: int = 2  # CPU threads per Ray worker
@@ -238,7 +239,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("batch_size", "epochs", "grad_accum", "ray_workers", "cpus_per_worker"))
         require_at_least(self, 0, ("warmup_steps", "weight_decay", "grad_clip", "patience", "max_steps_per_epoch",
-                                   "max_failures", "loader_workers"))
+                                   "max_eval_batches", "max_failures", "loader_workers"))
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.batch_size % (self.ray_workers * self.grad_accum):
