@@ -162,10 +162,21 @@ class UnreachableError(ConnectionError):
     """Ray or MLflow does not answer: one line naming the URL and what to do."""
 
 
-def _resolve_data(data: str | None) -> str | None:
-    if data and Path(data).exists():  # a local file: absolute, so the job finds it from its own working dir
-        return str(Path(data).resolve())
-    return data  # a path inside the cluster (e.g. /data/ETTh1.csv in the compose stack)
+def _resolve_data(data: str | None, address: str | None = None) -> str | None:
+    """``--data`` as the job will read it: a URI as given; a local file absolute (the job runs from its own
+    working directory). A path absent here is an error when the job runs on this machine (the local stack's
+    Ray); for another cluster it may be a path on its nodes (``/data/...`` in the compose stack): a note."""
+    from infra import stack
+    from shared import datapath
+
+    if not data or datapath.is_uri(data):
+        return data
+    if Path(data).exists():
+        return datapath.normalize(data)
+    if address is None or address.rstrip("/") == stack.dashboard_url():
+        raise FileNotFoundError(f"--data {data}: no such file or folder on this machine, where the job runs")
+    console.print(f"note: {data} is not on this machine; the job reads it on the cluster at {address}")
+    return data
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -181,7 +192,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"[red]{exc}")
         return 2
-    data = _resolve_data(args.data)
+    data = _resolve_data(args.data, args.address)
     entrypoint = job_entrypoint("pipelines.train", domain.name, args.model, data, args.overrides, job_arguments(args))
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
     if result:
@@ -213,8 +224,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if problem:
         console.print(f"[red]{problem}")
         return 2
-    entrypoint = job_entrypoint("pipelines.evaluate", domain.name, None, _resolve_data(args.data), args.overrides,
-                                job_arguments(args))
+    data = _resolve_data(args.data, args.address)
+    entrypoint = job_entrypoint("pipelines.evaluate", domain.name, None, data, args.overrides, job_arguments(args))
     code, result = submit_and_follow(entrypoint, args.address, args.tracking_uri, follow=not args.no_wait)
     if result:
         console.print(_result_table("evaluation result", result))
@@ -465,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConnectionError as exc:  # Ray or MLflow does not answer: one line, no traceback
         console.print(f"[red]{exc}")
         sys.exit(1)
+    except FileNotFoundError as exc:  # --data that is not there
+        console.print(f"[red]{exc}")
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

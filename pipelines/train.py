@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared import registry
+from shared import datapath, registry
 from shared.config import parse_overrides, to_dict
 
 
@@ -27,7 +27,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The training job's arguments (also ``tessera train``'s, which passes them on to the job)."""
     parser.add_argument("domain", help=f"one of: {', '.join(registry.names())}")
     parser.add_argument("--model", help="model of the domain (default: the domain's first)")
-    parser.add_argument("--data", help="data path (default: the domain's synthetic data)")
+    parser.add_argument("--data", help="data: a path, or an object-store URI such as s3://bucket/ETTh1.parquet "
+                                       "(default: the domain's synthetic data)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="settings, e.g. --set epochs=1 d_model=128 (`tessera settings DOMAIN` lists them)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the domain name)")
@@ -35,6 +36,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", metavar="VERSION|ALIAS", default=None,
                         help="start from the weights of a registered version of this domain's model (e.g. 3 or "
                              "production) instead of a fresh initialisation: fine-tuning or training longer")
+    parser.add_argument("--storage", metavar="PATH|URI", default=None,
+                        help="Ray Train checkpoints: a folder every node mounts, or a URI (s3://bucket/prefix); "
+                             "default $TESSERA_STORAGE, else TESSERA_HOME/ray_results (one machine only)")
 
 
 def job_arguments(args: argparse.Namespace) -> list[str]:
@@ -43,7 +47,41 @@ def job_arguments(args: argparse.Namespace) -> list[str]:
     out = ["--experiment", args.experiment] if args.experiment else []
     out += ["--no-register"] if args.no_register else []
     out += ["--init-from", args.init_from] if args.init_from else []
+    out += ["--storage", args.storage] if getattr(args, "storage", None) else []
     return out
+
+
+def checkpoint_storage(given: str | None) -> str:
+    """Where Ray Train keeps checkpoints: ``--storage``, ``$TESSERA_STORAGE`` or TESSERA_HOME/ray_results. A URI
+    is checked through pyarrow (what Ray writes with) before the run starts; a folder is created."""
+    from infra import stack
+
+    storage = given or os.environ.get("TESSERA_STORAGE") or str(stack.home() / "ray_results")
+    if not datapath.is_uri(storage):
+        storage = datapath.normalize(storage)
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        return storage
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+        filesystem.create_dir(path, recursive=True)
+        filesystem.get_file_info(path)
+    except Exception as exc:  # no credentials, no bucket, an unknown scheme: the store's reason in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"checkpoint storage {storage} cannot be used ({first})") from None
+    return storage
+
+
+def warn_if_storage_is_not_shared(ray: Any, storage: str) -> None:
+    """A local folder holds checkpoints on one machine only: on a multi-node cluster a worker restarted on
+    another node would not find them."""
+    if datapath.is_uri(storage):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        print(f"warning: checkpoints go to {storage}, a local folder, on a {len(nodes)}-node cluster: every node "
+              f"must mount it at that path (NFS), or pass --storage s3://... (TESSERA_STORAGE)", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +107,6 @@ def _train_here(domain: registry.Domain, cfg: Any, run_id: str, uri: str, init_w
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     import mlflow
 
-    from infra import stack
     from shared import tracking
 
     args = parse_args(argv)
@@ -83,6 +120,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(str(exc)) from None
     if args.no_ray and cfg.ray_workers != 1:
         raise UsageError(f"--no-ray trains in one process; ray_workers={cfg.ray_workers} needs Ray")
+    if getattr(cfg, "data", None):
+        try:
+            datapath.require(cfg.data)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+    storage = None if args.no_ray else checkpoint_storage(args.storage)
     uri = tracking.check_reachable()
     init_weights, init_tags = None, {}
     if args.init_from:
@@ -99,7 +142,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment or domain.name)
     model_name = getattr(cfg, "model", domain.models[0])
-    data_name = Path(cfg.data).name if getattr(cfg, "data", None) else "synthetic"
+    data_name = datapath.name(cfg.data) if getattr(cfg, "data", None) else "synthetic"
     with mlflow.start_run(run_name=f"{model_name}-{data_name}") as run:
         run_id = run.info.run_id
         mlflow.set_tags({"domain": domain.name, "model": model_name, "data": data_name,
@@ -114,9 +157,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             from pipelines.ray_train import fit
             from shared.cluster import connect_ray
 
-            storage = os.environ.get("TESSERA_STORAGE") or str(stack.home() / "ray_results")
-            Path(storage).mkdir(parents=True, exist_ok=True)
-            connect_ray()
+            assert storage is not None
+            warn_if_storage_is_not_shared(connect_ray(), storage)
             fit(domain.name, cfg, run_id=run_id, tracking_uri=uri, storage_path=storage, init_weights=init_weights)
 
     client = tracking.client(uri)

@@ -125,7 +125,9 @@ class Domain(abc.ABC):
 
         overrides = dict(overrides or {})
         model = model or overrides.pop("model", None) or self.models[0]
-        cfg = self.config_cls(model=str(model), data=str(Path(data).resolve()) if data else None)
+        from shared import datapath
+
+        cfg = self.config_cls(model=str(model), data=datapath.normalize(data) if data else None)
         return apply_overrides(cfg, overrides)
 
     @abc.abstractmethod

@@ -39,20 +39,27 @@ class ForecastingDomain(Domain):
 
     def make_config(self, model: str | None = None, data: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> ForecastingConfig:
+        from shared import datapath
+
         overrides = dict(overrides or {})
         model = model or overrides.pop("model", None) or MODELS[0]
         pred_len = int(overrides.get("pred_len", 96))
         cfg = ForecastingConfig.published(str(model), pred_len=pred_len,
-                                          data=str(Path(data).resolve()) if data else None)
+                                          data=datapath.normalize(data) if data else None)
         return apply_overrides(cfg, overrides)
 
     def load_data(self, cfg: ForecastingConfig) -> DataBundle:
         from .data import WindowDataset, load_frame, prepare
+        from .streaming import in_memory_mb, prepare_streamed
 
-        frame, name, fingerprint = load_frame(cfg.data, synthetic_steps=cfg.synthetic_steps,
-                                              synthetic_vars=cfg.synthetic_vars, seed=cfg.seed)
-        prepared = prepare(frame, seq_len=cfg.seq_len, pred_len=cfg.pred_len, split=cfg.split, name=name,
-                           time_features=cfg.time_features, fingerprint=fingerprint)
+        if cfg.data is not None and in_memory_mb(cfg.data) > cfg.max_in_memory_mb:
+            prepared = prepare_streamed(cfg.data, seq_len=cfg.seq_len, pred_len=cfg.pred_len, split=cfg.split,
+                                        time_features=cfg.time_features)
+        else:
+            frame, name, fingerprint = load_frame(cfg.data, synthetic_steps=cfg.synthetic_steps,
+                                                  synthetic_vars=cfg.synthetic_vars, seed=cfg.seed)
+            prepared = prepare(frame, seq_len=cfg.seq_len, pred_len=cfg.pred_len, split=cfg.split, name=name,
+                               time_features=cfg.time_features, fingerprint=fingerprint)
         splits = [WindowDataset(prepared.values[a:b], prepared.marks[a:b], cfg.seq_len, cfg.label_len, cfg.pred_len)
                   for a, b in prepared.borders]
         return DataBundle(train=splits[0], val=splits[1], test=splits[2], state=prepared.state)

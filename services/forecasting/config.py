@@ -31,6 +31,9 @@ class ForecastingConfig(RunSettings, batch_size=32, lr=1e-4, lr_schedule="halve"
     synthetic_steps: int = 6000  # length of the synthetic series (hourly) when data is None
     synthetic_vars: int = 7  # variables of the synthetic series
     time_features: bool = True  # calendar features from the time column (ignored when the data has none)
+    # a file whose values would take more than this in memory (float64) streams into a memory-mapped cache
+    # under $TESSERA_CACHE/forecasting (each worker then holds its batches, not the series); 0 streams any file
+    max_in_memory_mb: int = 1024
 
     seq_len: int = 96  # lookback window (time steps)
     label_len: int = 48  # Autoformer decoder start-token length
@@ -53,7 +56,7 @@ class ForecastingConfig(RunSettings, batch_size=32, lr=1e-4, lr_schedule="halve"
             raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
         require_at_least(self, 1, ("seq_len", "pred_len", "d_model", "n_heads", "e_layers", "d_ff",
                                    "synthetic_steps", "synthetic_vars", "factor", "moving_avg"))
-        require_at_least(self, 0, ("label_len", "d_layers"))
+        require_at_least(self, 0, ("label_len", "d_layers", "max_in_memory_mb"))
         if self.label_len > self.seq_len:
             raise ValueError(f"label_len={self.label_len} must not exceed seq_len={self.seq_len}")
         if self.d_model % self.n_heads:

@@ -7,7 +7,6 @@ target follows the previous split, and a standard scaler fitted on the training 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,25 +18,36 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from shared import datapath
 from shared.saved import SavedState, tensor
 
 TIME_COLUMNS = ("date", "time", "timestamp", "datetime", "ds")
 HOURS_PER_MONTH = 30 * 24
 
 
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".txt", ".gz")
+
+
+def table_format(path: str | Path) -> str:
+    """``parquet`` or ``csv`` from the file name; ValueError for anything else."""
+    suffix = datapath.suffix(path)
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".csv", ".txt", ".gz"):
+        return "csv"
+    raise ValueError(f"{datapath.name(path)}: unsupported format {suffix!r} (use .csv or .parquet)")
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file; raises ``ValueError`` with the reason when it is not a numeric table."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
-    elif path.suffix.lower() in (".csv", ".txt", ".gz"):
-        frame = pd.read_csv(path)
-    else:
-        raise ValueError(f"{path.name}: unsupported format {path.suffix!r} (use .csv or .parquet)")
+    """Read a CSV or Parquet file (a local path or a URI); ``ValueError`` with the reason when it is not a
+    numeric table, ``FileNotFoundError`` when it is absent."""
+    kind = table_format(path)
+    datapath.require(path, "data file")
+    with datapath.open_file(path) as handle:
+        frame = pd.read_parquet(handle) if kind == "parquet" else pd.read_csv(
+            handle, compression="gzip" if datapath.suffix(path) == ".gz" else None)
     if frame.empty:
-        raise ValueError(f"{path.name}: no rows")
+        raise ValueError(f"{datapath.name(path)}: no rows")
     return frame
 
 
@@ -178,6 +188,28 @@ def split_borders(n_rows: int, seq_len: int, kind: str, step: pd.Timedelta | Non
     return [(0, n_train), (n_train - seq_len, n_train + n_val), (n_rows - n_test - seq_len, n_rows)]
 
 
+def split_kind(split: str, name: str) -> str:
+    """``auto``: the ETT protocol for files named ETT*, else 70/10/20."""
+    if split == "auto":
+        return "ett" if name.upper().startswith("ETT") else "ratio"
+    return split
+
+
+def checked_borders(n_rows: int, seq_len: int, pred_len: int, kind: str, step: pd.Timedelta | None,
+                    name: str) -> list[tuple[int, int]]:
+    borders = split_borders(n_rows, seq_len, kind, step)
+    if min(end - start for start, end in borders) < seq_len + pred_len:
+        raise ValueError(
+            f"{name}: {n_rows} rows are too few for seq_len={seq_len} + pred_len={pred_len} in every split"
+        )
+    return borders
+
+
+def usable_std(std: np.ndarray) -> np.ndarray:
+    """A constant column is scaled by 1, not by 0."""
+    return np.where(std < 1e-8, 1.0, std)
+
+
 def prepare(frame: pd.DataFrame, *, seq_len: int, pred_len: int, split: str = "auto", name: str = "data",
             time_features: bool = True, fingerprint: str | None = None) -> Prepared:
     """Standardize (train statistics only), add calendar features and compute split borders."""
@@ -196,18 +228,11 @@ def prepare(frame: pd.DataFrame, *, seq_len: int, pred_len: int, split: str = "a
         raw = pd.DataFrame(raw).ffill().bfill().to_numpy()
         if not np.isfinite(raw).all():
             raise ValueError(f"{name}: a column is entirely missing")
-    kind = split
-    if kind == "auto":
-        kind = "ett" if name.upper().startswith("ETT") else "ratio"
-    borders = split_borders(len(raw), seq_len, kind, step)
-    if min(end - start for start, end in borders) < seq_len + pred_len:
-        raise ValueError(
-            f"{name}: {len(raw)} rows are too few for seq_len={seq_len} + pred_len={pred_len} in every split"
-        )
+    kind = split_kind(split, name)
+    borders = checked_borders(len(raw), seq_len, pred_len, kind, step, name)
     train = raw[borders[0][0] : borders[0][1]]
     mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std = np.where(std < 1e-8, 1.0, std)
+    std = usable_std(train.std(axis=0))
     values = ((raw - mean) / std).astype(np.float32)
     names = mark_names(step) if (time_features and times is not None and step is not None) else []
     marks = calendar_features(times, names) if (times is not None and names) else np.zeros((len(raw), 0), np.float32)
@@ -219,20 +244,14 @@ def prepare(frame: pd.DataFrame, *, seq_len: int, pred_len: int, split: str = "a
     return Prepared(values=values, marks=marks, borders=borders, state=state)
 
 
-def file_fingerprint(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 class WindowDataset(Dataset[tuple[torch.Tensor, ...]]):
-    """Sliding windows: (x (L, N), y (H, N), x_mark (L, F), y_mark (label_len + H, F))."""
+    """Sliding windows: (x (L, N), y (H, N), x_mark (L, F), y_mark (label_len + H, F)). ``values`` and ``marks``
+    are arrays in memory, or :class:`~services.forecasting.streaming.MappedRows` of a memory-mapped cache
+    (each window is then read from the file: a worker holds the windows of its batches, not the series)."""
 
-    def __init__(self, values: np.ndarray, marks: np.ndarray, seq_len: int, label_len: int, pred_len: int):
-        self.values = torch.from_numpy(np.ascontiguousarray(values))
-        self.marks = torch.from_numpy(np.ascontiguousarray(marks))
+    def __init__(self, values: Any, marks: Any, seq_len: int, label_len: int, pred_len: int):
+        self.values = values if hasattr(values, "read") else torch.from_numpy(np.ascontiguousarray(values))
+        self.marks = marks if hasattr(marks, "read") else torch.from_numpy(np.ascontiguousarray(marks))
         self.seq_len, self.label_len, self.pred_len = seq_len, label_len, pred_len
         self.length = len(values) - seq_len - pred_len + 1
         if self.length < 1:
@@ -241,21 +260,32 @@ class WindowDataset(Dataset[tuple[torch.Tensor, ...]]):
     def __len__(self) -> int:
         return self.length
 
+    @staticmethod
+    def _rows(source: Any, start: int, stop: int) -> torch.Tensor:
+        if isinstance(source, torch.Tensor):
+            return source[start:stop]
+        return torch.from_numpy(source.read(start, stop))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         end = i + self.seq_len
-        return (
-            self.values[i:end],
-            self.values[end : end + self.pred_len],
-            self.marks[i:end],
-            self.marks[end - self.label_len : end + self.pred_len],
-        )
+        if isinstance(self.values, torch.Tensor):
+            return (
+                self.values[i:end],
+                self.values[end : end + self.pred_len],
+                self.marks[i:end],
+                self.marks[end - self.label_len : end + self.pred_len],
+            )
+        # one read of the rows the window spans (label_len <= seq_len, so the decoder's start is inside it)
+        values = self._rows(self.values, i, end + self.pred_len)
+        marks = self._rows(self.marks, i, end + self.pred_len)
+        return (values[: self.seq_len], values[self.seq_len :], marks[: self.seq_len],
+                marks[self.seq_len - self.label_len :])
 
 
 def load_frame(data: str | None, *, synthetic_steps: int, synthetic_vars: int,
                seed: int) -> tuple[pd.DataFrame, str, str]:
-    """(frame, dataset name, fingerprint) for a path, or the synthetic series when ``data`` is None."""
+    """(frame, dataset name, fingerprint) for a path or URI, or the synthetic series when ``data`` is None."""
     if data is None:
         frame = synthetic_frame(synthetic_steps, synthetic_vars, seed=0)
         return frame, "synthetic", f"synthetic-{synthetic_steps}x{synthetic_vars}"
-    path = Path(data)
-    return read_table(path), path.stem, file_fingerprint(path)
+    return read_table(data), datapath.stem(data), datapath.fingerprint(data)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from shared import datapath
 from shared.saved import SavedState, tensor
 
 from .config import ACTION_DIM, STATE_DIM
@@ -47,10 +48,11 @@ def read_replay_buffer(path: str | Path) -> Demonstrations:
     """Read a Diffusion Policy replay buffer (zarr directory store) and check its layout."""
     import zarr
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no replay buffer at {path}")
-    group: Any = zarr.open_group(str(path), mode="r")
+    try:
+        datapath.require(path, "replay buffer")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no replay buffer at {path} ({exc})") from None
+    group: Any = zarr.open_group(datapath.normalize(path), mode="r")  # a folder, or a store at a URI (fsspec)
     try:
         states = np.asarray(group["data/state"][:], dtype=np.float32)
         actions = np.asarray(group["data/action"][:], dtype=np.float32)
@@ -65,7 +67,7 @@ def read_replay_buffer(path: str | Path) -> Demonstrations:
     if len(ends) == 0 or ends[-1] != len(states) or np.any(np.diff(np.concatenate([[0], ends])) <= 0):
         raise ValueError(f"{path}: meta/episode_ends must increase strictly and end at {len(states)}")
     digest = hashlib.sha256(states.tobytes() + actions.tobytes() + ends.tobytes()).hexdigest()[:16]
-    return Demonstrations(states, actions, ends, name=path.name, fingerprint=digest)
+    return Demonstrations(states, actions, ends, name=datapath.name(path), fingerprint=digest)
 
 
 # ----------------------------------------------------------------------------------------------------------------

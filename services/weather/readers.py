@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shared import datapath
+
 from .grid import LAT_NAMES, LON_NAMES, Grid, spatial
 
 if TYPE_CHECKING:
@@ -23,19 +25,27 @@ MEMBER_DIMS = ("number", "member", "realization")
 
 
 def open_dataset(path: str | Path) -> xr.Dataset:
-    """Open netCDF, zarr or GRIB (cfgrib, no index file written beside the data) with ERA5 names."""
+    """Open netCDF, zarr or GRIB (cfgrib, no index file written beside the data) with ERA5 names, lazily:
+    variables are read when their values are asked for (zarr as dask arrays, chunk by chunk), so what a run
+    reads is the channels and period it uses, not the whole store. ``path`` may be a URI (``s3://...``): a zarr
+    store is read in place through fsspec; GRIB and netCDF files are copied once into the local cache, since
+    their readers need a local file."""
     import xarray as xr
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"weather data {path} does not exist")
-    if path.suffix.lower() in GRIB_SUFFIXES:
-        ds = xr.open_dataset(path, engine="cfgrib", backend_kwargs={"indexpath": ""})
-    elif path.suffix.lower() == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-        ds = xr.open_zarr(path)
+    datapath.require(path, "weather data")
+    suffix = datapath.suffix(path)
+    if suffix in GRIB_SUFFIXES:
+        ds = xr.open_dataset(datapath.local_copy(path), engine="cfgrib", backend_kwargs={"indexpath": ""})
+    elif suffix == ".zarr" or _is_zarr_store(path):
+        ds = xr.open_zarr(datapath.mapper(path))
     else:
-        ds = xr.open_dataset(path)
+        ds = xr.open_dataset(datapath.local_copy(path))
     return standardize(ds)
+
+
+def _is_zarr_store(path: str | Path) -> bool:
+    return datapath.is_dir(path) and any(datapath.exists(f"{str(path).rstrip('/')}/{marker}")
+                                         for marker in ("zarr.json", ".zgroup"))
 
 
 def standardize(ds: xr.Dataset) -> xr.Dataset:
@@ -145,5 +155,6 @@ def read_fields(ds: xr.Dataset, variables: tuple[str, ...] = (), levels: tuple[f
 
 
 def load_fields(path: str | Path, **kwargs: Any) -> Fields:
+    """The configured channels of the data at ``path``; only their variables and levels are read."""
     with open_dataset(path) as ds:
-        return read_fields(ds.load(), name=Path(path).name, **kwargs)
+        return read_fields(ds, name=datapath.name(path), **kwargs)

@@ -6,6 +6,7 @@ It runs on ports of its own (so a developer's running stack is untouched) with i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -40,11 +41,14 @@ def tiny(name: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def stack_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("tessera-home")
     ray_tmp = Path(f"/tmp/tsr{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
+    with contextlib.suppress(pytest.skip.Exception):  # the S3 server first: its AWS_* reach the Ray head
+        request.getfixturevalue("s3")
     env = {f"TESSERA_{k}_PORT": str(v) for k, v in PORTS.items()}
-    env.update(TESSERA_HOME=str(home), TESSERA_RAY_TMP=str(ray_tmp), TESSERA_RELOAD_SECONDS="2")
+    env.update(TESSERA_HOME=str(home), TESSERA_RAY_TMP=str(ray_tmp), TESSERA_RELOAD_SECONDS="2",
+               TESSERA_CACHE=str(home / "cache"))
     saved = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI", "RAY_ADDRESS"]}
     os.environ.update(env)
     os.environ.pop("RAY_ADDRESS", None)

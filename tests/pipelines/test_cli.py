@@ -50,6 +50,19 @@ def test_an_unreachable_ray_or_mlflow_is_one_line_that_says_what_to_do() -> None
     assert job.returncode == 2 and "MLflow is not reachable" in job.stderr and "tessera up" in job.stderr
 
 
+def test_data_that_is_not_there_is_refused_on_the_client_when_the_job_runs_here() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "forecasting", "--data",
+                           "/nonexistent/ETTh1.csv"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**env, "COLUMNS": "250"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--data /nonexistent/ETTh1.csv: no such file or folder on this machine" in done.stderr
+    # another cluster may have it (the compose stack mounts /data on every node): a note, then the submission
+    remote = tessera("train", "forecasting", "--data", "/data/ETTh1.csv", "--address", NOWHERE)
+    assert "/data/ETTh1.csv is not on this machine; the job reads it on the cluster" in remote.stderr
+    assert remote.returncode == 1 and f"cannot submit to Ray at {NOWHERE}" in remote.stderr
+
+
 def test_settings_lists_every_setting_with_its_default_and_comment() -> None:
     done = tessera("settings", "weather")
     assert done.returncode == 0, done.stderr

@@ -65,6 +65,23 @@ def test_jobs_that_cannot_start_as_asked_stop_with_the_reason(local_mlflow: str)
         run(["toy", "--no-ray", *TOY, "features=3", "--init-from", "1"])
     with pytest.raises(UsageError, match="ray_workers=2 needs Ray"):
         run(["toy", "--no-ray", *TOY, "ray_workers=2", "batch_size=16"])
+    with pytest.raises(UsageError, match="data /nonexistent/ETTh1.csv does not exist on this machine"):
+        run(["toy", "--no-ray", "--data", "/nonexistent/ETTh1.csv", *TOY])
+
+
+def test_checkpoint_storage_is_a_folder_or_a_usable_uri(s3: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.train import checkpoint_storage
+
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TESSERA_STORAGE", raising=False)
+    assert checkpoint_storage(None) == str(tmp_path / "home" / "ray_results")
+    assert (tmp_path / "home" / "ray_results").is_dir()
+    monkeypatch.setenv("TESSERA_STORAGE", f"{s3}/checkpoints")
+    assert checkpoint_storage(None) == f"{s3}/checkpoints"
+    assert checkpoint_storage(str(tmp_path / "nfs")) == str(tmp_path / "nfs")  # --storage wins
+    with pytest.raises(UsageError, match="checkpoint storage s3://no-such-bucket-here/ckpt cannot be used"):
+        checkpoint_storage("s3://no-such-bucket-here/ckpt")
 
 
 def test_the_command_line_exits_2_with_the_reason(local_mlflow: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,3 +90,20 @@ def test_the_command_line_exits_2_with_the_reason(local_mlflow: str, capsys: pyt
     with pytest.raises(SystemExit) as exit_info:
         main(["toy", "--no-ray", "--set", "nope=1"])
     assert exit_info.value.code == 2 and "unknown setting 'nope'" in capsys.readouterr().err
+
+
+def test_a_local_checkpoint_folder_on_a_multi_node_cluster_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.train import warn_if_storage_is_not_shared
+
+    class Cluster:  # what ray.nodes() answers (a unit test: the real multi-node check is the message's wording)
+        def __init__(self, alive: int) -> None:
+            self.alive = alive
+
+        def nodes(self) -> list[dict[str, object]]:
+            return [{"Alive": True}] * self.alive + [{"Alive": False}]
+
+    warn_if_storage_is_not_shared(Cluster(1), "/home/me/.tessera/ray_results")
+    warn_if_storage_is_not_shared(Cluster(3), "s3://bucket/checkpoints")
+    assert capsys.readouterr().out == ""
+    warn_if_storage_is_not_shared(Cluster(3), "/home/me/.tessera/ray_results")
+    assert "a local folder, on a 3-node cluster" in capsys.readouterr().out

@@ -106,3 +106,22 @@ def test_real_pusht_replay_buffer() -> None:
     assert demos.states.shape == (25650, 5) and demos.actions.shape == (25650, 2)
     assert demos.states[:, :4].min() >= 0 and demos.states[:, :4].max() <= 512
     assert demos.states[:, 4].min() >= 0 and demos.states[:, 4].max() < 2 * np.pi + 1e-3
+
+
+def test_a_replay_buffer_in_an_object_store_reads_like_a_local_one(s3: str, tmp_path: Path) -> None:
+    import s3fs
+    import zarr
+
+    local = tmp_path / "demos.zarr"
+    group = zarr.open_group(str(local), mode="w")
+    rng = np.random.default_rng(0)
+    group.create_array("data/state", data=rng.uniform(0, 512, (30, 5)).astype("float32"))
+    group.create_array("data/action", data=rng.uniform(0, 512, (30, 2)).astype("float32"))
+    group.create_array("meta/episode_ends", data=np.array([12, 30], dtype="int64"))
+    s3fs.S3FileSystem().put(str(local), f"{s3}/policy/demos.zarr", recursive=True)
+    remote = read_replay_buffer(f"{s3}/policy/demos.zarr")
+    here = read_replay_buffer(local)
+    assert (remote.name, remote.fingerprint, remote.n_episodes) == ("demos.zarr", here.fingerprint, 2)
+    np.testing.assert_array_equal(remote.states, here.states)
+    with pytest.raises(FileNotFoundError, match="no replay buffer at s3://tessera-test/policy/other.zarr"):
+        read_replay_buffer(f"{s3}/policy/other.zarr")

@@ -28,6 +28,47 @@ def test_written_synthetic_data_reads_back_the_same(tmp_path: Path, world: objec
     np.testing.assert_allclose(fields.values, expected.values[:48], rtol=1e-6)
 
 
+def _corrupt(files: list[Path]) -> None:
+    assert files
+    for chunk in files:
+        chunk.write_bytes(b"not a zarr chunk")
+
+
+def test_a_zarr_store_is_read_lazily_chunk_by_chunk(tmp_path: Path, world: object) -> None:
+    """Only the chunks of the chosen variable and level are read: every other chunk is corrupted here, and the
+    reader never notices (while asking for one of them fails)."""
+    import xarray as xr
+
+    from services.weather.readers import open_dataset
+
+    path = tmp_path / "world.zarr"
+    world.chunk({"time": 12, "level": 1}).to_zarr(path)  # type: ignore[attr-defined]
+    with open_dataset(path) as ds:
+        assert ds["t"].chunks == ((12,) * 6, (1, 1), (16,), (32,))  # dask arrays: nothing read yet
+    levels = [float(v) for v in xr.open_zarr(path)["level"].values]
+    _corrupt([f for f in (path / "t" / "c").rglob("*") if f.is_file() and f.relative_to(path / "t" / "c").parts[1]
+              == str(levels.index(850.0))])
+    _corrupt([f for f in (path / "t2m" / "c").rglob("*") if f.is_file()])
+    fields = load_fields(path, variables=("t",), levels=(500.0,))
+    expected = read_fields(world, variables=("t",), levels=(500.0,))  # type: ignore[arg-type]
+    assert fields.channels == ["t_500"]
+    np.testing.assert_allclose(fields.values, expected.values, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="decompression error"):  # the corrupted chunks are really there
+        load_fields(path, variables=("t2m",))
+
+
+def test_a_zarr_store_in_an_object_store_reads_in_place(s3: str, tmp_path: Path, world: object) -> None:
+    import s3fs
+
+    path = write_synthetic(tmp_path / "world.zarr", days=2, grid=(16, 32), seed=1)
+    s3fs.S3FileSystem().put(str(path), f"{s3}/weather/world.zarr", recursive=True)
+    remote = load_fields(f"{s3}/weather/world.zarr", levels=(500.0,), variables=("t", "t2m"))
+    local = load_fields(path, levels=(500.0,), variables=("t", "t2m"))
+    assert remote.name == "world.zarr" and remote.channels == local.channels
+    np.testing.assert_array_equal(remote.values, local.values)
+    assert remote.fingerprint == local.fingerprint
+
+
 def test_reader_errors_name_the_problem(world: object) -> None:
     with pytest.raises(ValueError, match="variables \\['q'\\] not found"):
         read_fields(world, variables=("q",))  # type: ignore[arg-type]
