@@ -24,7 +24,7 @@ import math
 import sys
 from typing import Any
 
-from shared import registry
+from shared import datapath, registry
 from shared.config import apply_overrides, parse_overrides, to_dict
 
 
@@ -152,6 +152,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, domain = parse_args(argv)
     domain.check_dependencies()
     settings = settings_for(domain, args)
+    if args.data:  # (as given: it is part of the score's signature, which earlier scores were written with)
+        try:
+            datapath.require(args.data, "evaluation data")
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
     uri = tracking.check_reachable()
     loaded = tracking.load_registered(domain.name, args.alias, uri, version_number=args.version)
     if loaded is None:

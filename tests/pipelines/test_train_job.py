@@ -107,3 +107,11 @@ def test_a_local_checkpoint_folder_on_a_multi_node_cluster_is_warned_about(capsy
     assert capsys.readouterr().out == ""
     warn_if_storage_is_not_shared(Cluster(3), "/home/me/.tessera/ray_results")
     assert "a local folder, on a 3-node cluster" in capsys.readouterr().out
+
+
+def test_an_evaluation_of_data_that_is_not_there_stops_before_loading_a_model() -> None:
+    from pipelines.evaluate import UsageError as EvaluationUsageError
+    from pipelines.evaluate import run as evaluate
+
+    with pytest.raises(EvaluationUsageError, match="evaluation data /nonexistent/era5.grib does not exist"):
+        evaluate(["weather", "--data", "/nonexistent/era5.grib"])

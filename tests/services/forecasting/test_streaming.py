@@ -3,14 +3,7 @@ is reused and never half-written, and a training run's memory does not grow with
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import re
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +15,6 @@ from torch.utils.data import DataLoader
 from services.forecasting import streaming
 from services.forecasting.data import WindowDataset, prepare, read_table, synthetic_frame
 from services.forecasting.streaming import MappedRows, in_memory_mb, prepare_streamed
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture()
@@ -147,79 +138,19 @@ def test_a_file_in_an_object_store_streams_and_reads_like_a_local_one(s3: str, t
     assert in_memory_mb(uri) == in_memory_mb(str(local))
 
 
-def _write_series(path: Path, rows: int, columns: int = 16) -> None:
-    """An hourly series of ``rows`` x ``columns`` written in row groups (never whole in this process)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(0)
-    writer = None
-    for start in range(0, rows, 250_000):
-        n = min(250_000, rows - start)
-        t = np.arange(start, start + n)
-        data: dict[str, object] = {"date": pd.date_range(pd.Timestamp("2000-01-01") + pd.Timedelta(hours=start),
-                                                         periods=n, freq="h")}
-        for j in range(columns):
-            data[f"v{j}"] = np.sin(2 * np.pi * t / 24 + j) + rng.normal(0, 0.3, n)
-        table = pa.Table.from_pandas(pd.DataFrame(data), preserve_index=False)
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)
-    assert writer is not None
-    writer.close()
-
-
-TRAIN = """
-import json, sys
-from pipelines.train import run
-result = run(["forecasting", "--no-ray", "--no-register", "--data", sys.argv[1], "--set", "max_in_memory_mb=16",
-              "d_model=16", "d_ff=32", "e_layers=1", "n_heads=2", "seq_len=96", "label_len=48", "pred_len=24",
-              "batch_size=32", "epochs=1", "max_steps_per_epoch=20", "max_eval_batches=4", "cpus_per_worker=1"])
-print("RESULT " + json.dumps(result))
-"""
-
-
-def _train_and_watch(data: Path, tmp_path: Path) -> tuple[float, dict[str, object], str]:
-    """Peak anonymous memory (MB: the heap, not the mapped file's pages) of a training process, sampled every
-    20 ms from outside it; its result and log."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "TESSERA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-c", TRAIN, str(data)], cwd=tmp_path, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = [0.0]
-
-    def watch() -> None:
-        pattern = re.compile(r"^Anonymous:\s+(\d+) kB", re.M)
-        while process.poll() is None:
-            try:
-                text = Path(f"/proc/{process.pid}/smaps_rollup").read_text()
-            except OSError:
-                break
-            found = pattern.search(text)
-            if found:
-                peak[0] = max(peak[0], int(found.group(1)) / 1024)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    log, _ = process.communicate(timeout=600)
-    watcher.join()
-    assert process.returncode == 0, log[-3000:]
-    result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    return peak[0], result, log
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
 def test_training_from_a_parquet_file_larger_than_the_memory_limit(tmp_path: Path) -> None:
     """Both files stream (limit 16 MB): a 2.4M-row file (311 MB as float64) trains with the heap of a run on
     one of its 250k-row row groups. (Reading a row group takes a bounded heap; the series never is.)"""
-    small, large = tmp_path / "small.parquet", tmp_path / "large.parquet"
-    _write_series(small, 250_000)
-    _write_series(large, 2_400_000)
+    from pipelines.benchmarks.forecasting_memory import TINY, train_and_watch, write_series
+
+    small = write_series(tmp_path / "small.parquet", 250_000)
+    large = write_series(tmp_path / "large.parquet", 2_400_000)
     large_mb = in_memory_mb(str(large))
-    assert large_mb > 290
-    small_peak, small_result, _ = _train_and_watch(small, tmp_path)
-    large_peak, large_result, log = _train_and_watch(large, tmp_path)
-    assert "streaming large into" in log and "pass 3 of 3" in log and in_memory_mb(str(small)) > 16
+    assert large_mb > 290 and in_memory_mb(str(small)) > 16
+    small_peak, _, small_result, _ = train_and_watch(small, tmp_path, [*TINY, "max_in_memory_mb=16"])
+    large_peak, _, large_result, log = train_and_watch(large, tmp_path, [*TINY, "max_in_memory_mb=16"])
+    assert "streaming large into" in log and "pass 3 of 3" in log
     for result in (small_result, large_result):
         assert np.isfinite(result["test_mse"]) and result["epochs_run"] == 1
     growth = large_peak - small_peak
