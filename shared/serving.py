@@ -2,8 +2,8 @@
 
 - :class:`DomainService`: the base of a domain's service class. It holds the served model (a
   :class:`ModelHolder` on ``models:/<domain>@production``, hot-swapped when the alias moves), answers
-  ``POST /model`` for every domain the same way, sets torch's threads from the service's ``resources=`` and
-  stops the model poller on shutdown.
+  ``GET /model`` (and ``POST``) for every domain the same way, sets torch's threads from the service's
+  ``resources=`` and stops the model poller on shutdown.
 - :func:`answers_errors`: the one error handler of every endpoint: a :class:`RequestError` becomes
   ``{"error": reason}`` with its status (a 4xx, or a 503 while there is no model).
 - :class:`RequestGuard` and :func:`guard`: an ASGI middleware in front of a service that refuses what
@@ -281,6 +281,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+MODEL_ROUTE = "/model"
 
 
 class _TooLarge(Exception):
@@ -311,7 +312,16 @@ class RequestGuard:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(send)
             return
-        route = self.routes.get(str(scope.get("path", "")).rstrip("/") or "/")
+        path = str(scope.get("path", "")).rstrip("/") or "/"
+        if path == MODEL_ROUTE and scope.get("method") in ("GET", "HEAD") and path in self.routes:
+            # GET /model: the same answer as BentoML's POST /model (its APIs take POST only), with no body
+            headers_out = [(k, v) for k, v in scope.get("headers") or [] if k not in (b"content-length",
+                                                                                      b"content-type")]
+            scope = {**scope, "method": "POST", "headers": [*headers_out, (b"content-type", JSON.encode()),
+                                                            (b"content-length", b"2")]}
+            await self.app(scope, _replay(b"{}"), send)
+            return
+        route = self.routes.get(path)
         if route is None or scope.get("method") != "POST":
             await self._limited(scope, receive, send)
             return
@@ -424,6 +434,14 @@ async def _refuse(send: Send, status: int, reason: str) -> None:
 README = "the Tessera README (README.md in the repository), section Query"  # where the OpenAPI pages point
 ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string", "description": "the reason"}},
                 "required": ["error"]}
+MODEL_CARD_SCHEMA = {  # what GET/POST /model answer: the version served, then what the domain's model expects
+    "type": "object", "required": ["name", "version", "run_id", "architecture"], "additionalProperties": True,
+    "properties": {"name": {"type": "string", "description": "the registered model (the domain's name)"},
+                   "version": {"type": "string", "nullable": True, "description": "the registered version served"},
+                   "run_id": {"type": "string", "nullable": True, "description": "the MLflow run that trained it"},
+                   "architecture": {"type": "string", "nullable": True, "description": "the model of the domain"}},
+    "description": "the served version, then the inputs its model expects (the domain's own fields: columns and "
+                   "lookback, grid and channels, observation layout...)"}
 ERROR_ANSWERS = {  # what every endpoint answers besides 200, with {"error": reason}
     "400": "the body does not fit the endpoint's schema (types, NaN or infinite numbers, unknown fields, ranges), "
            "or a malformed multipart body",
@@ -481,7 +499,7 @@ def _describe(service: Any, domain: str, limit: int) -> None:
             description = (
                 f"{inspect.cleandoc(self.inner.__doc__ or '')}\n\n"
                 f"**Domain** `{domain}` (models: {', '.join(described.models)}); **serves** "
-                f"`models:/{domain}@{serving_alias()}`, now **{served}** (`POST /model` tells which).\n\n"
+                f"`models:/{domain}@{serving_alias()}`, now **{served}** (`GET /model` tells which).\n\n"
                 f"**Endpoint** `POST {described.endpoint}`; bodies over {limit:,} bytes get a 413. Errors are "
                 f'`{{"error": reason}}` with the status below. Guide: {README}')
             info = attr.evolve(spec.info, title=f"Tessera {domain}", version=served, description=description,
@@ -497,7 +515,16 @@ def _describe(service: Any, domain: str, limit: int) -> None:
                                               "content": {"application/json": {"schema": ERROR_SCHEMA}}}
                 responses.pop(500, None)  # refused bodies and missing models are 4xx/503, never a 500
                 responses.pop(404, None)
-            return attr.evolve(spec, info=info)
+            paths = dict(spec.paths)
+            card = paths.get(MODEL_ROUTE)
+            if card is not None and isinstance(card.post, dict):
+                answer = {"description": "the served model", "content": {JSON: {"schema": MODEL_CARD_SCHEMA}}}
+                post = {**card.post, "responses": {**card.post["responses"], 200: answer}}
+                get = {k: v for k, v in post.items() if k != "requestBody"}
+                get.update(operationId=f"{post.get('operationId', 'model')}__get", responses={
+                    200: answer, 503: post["responses"].get(503, {"description": ERROR_ANSWERS["503"]})})
+                paths[MODEL_ROUTE] = attr.evolve(card, post=post, get=get)
+            return attr.evolve(spec, info=info, paths=paths)
 
     service.__class__ = DescribedService
 

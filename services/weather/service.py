@@ -4,7 +4,7 @@
   returns the rollout as netCDF in the layout of the training data, or JSON summary statistics with
   ``format=json``.
 - ``POST /forecast_json``: the initial state as JSON (small grids), returns values and summary statistics.
-- ``POST /model``: the served model's grid, channels, units and time step.
+- ``GET /model``: the served model's grid, channels, units and time step.
 
 Inputs are checked against the model's grid, variables, levels, units and values (a 422 saying what is
 wrong); uploads above ``TESSERA_WEATHER_MAX_BODY_BYTES`` (32 MiB) get a 413.

@@ -31,7 +31,8 @@ def _example(name: str) -> tuple[str, dict]:
 @pytest.mark.parametrize("name", DOMAINS)
 def test_before_any_model_the_endpoints_say_503_and_how_to_train(stack_env: dict[str, str], name: str) -> None:
     route, body = _example(name)
-    for response in (httpx.post(route, json=body, timeout=30), httpx.post(url(name, "/model"), json={}, timeout=30)):
+    for response in (httpx.post(route, json=body, timeout=30), httpx.post(url(name, "/model"), json={}, timeout=30),
+                     httpx.get(url(name, "/model"), timeout=30)):
         assert response.status_code == 503, response.text
         assert f"tessera train {name}" in response.json()["error"]
     # alive, but not ready to serve: /livez answers, /readyz does not until a model is loaded
@@ -47,7 +48,8 @@ def test_the_tiny_model_trained_as_a_ray_job_answers_the_example_request(trained
     response = httpx.post(route, json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["model"]["version"] == str(result["version"])
-    info = httpx.post(url(name, "/model"), json={}, timeout=30).json()
+    info = httpx.get(url(name, "/model"), timeout=30).json()
+    assert info == httpx.post(url(name, "/model"), json={}, timeout=30).json()  # GET, and BentoML's POST
     assert info["name"] == name and info["version"] == str(result["version"]) and info["run_id"] == result["run_id"]
     assert info["architecture"] == registry.get(name).models[0]
     assert httpx.get(url(name, "/readyz"), timeout=30).status_code == 200

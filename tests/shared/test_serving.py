@@ -101,7 +101,8 @@ async def _echo_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok:" + body[:20]})
 
 
-ROUTES = {"/act": ("application/json", ()), "/forecast": ("multipart/form-data", ("file",))}
+ROUTES = {"/act": ("application/json", ()), "/forecast": ("multipart/form-data", ("file",)),
+          "/model": ("application/json", ())}
 JSON = [(b"content-type", b"application/json")]
 
 
@@ -128,6 +129,23 @@ def test_a_content_type_the_endpoint_does_not_take_is_a_415() -> None:
         assert status == 415 and b"takes application/json" in body, given
     assert _run_asgi(app, b"{}", JSON, path="/forecast")[0] == 415
     assert _run_asgi(app, b"", [], path="/docs.json", method="GET")[0] == 200  # not an endpoint: untouched
+
+
+async def _method_app(scope: Any, receive: Any, send: Any) -> None:
+    message = await receive()
+    kind = dict(scope["headers"]).get(b"content-type", b"")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": scope["method"].encode() + b" " + kind + b" " + message["body"]})
+
+
+def test_get_model_is_answered_as_bentoml_answers_post_model() -> None:
+    app = RequestGuard(_method_app, max_bytes=5000, routes=ROUTES)
+    assert _run_asgi(app, b"", [], path="/model", method="GET") == (200, b"POST application/json {}")
+    assert _run_asgi(app, b"", [(b"content-type", b"text/plain")], path="/model/", method="GET") == (
+        200, b"POST application/json {}")
+    assert _run_asgi(app, b"", [], path="/act", method="GET")[1].startswith(b"GET")  # only /model
+    assert _run_asgi(RequestGuard(_method_app, max_bytes=5000, routes={}), b"", [], path="/model",
+                     method="GET")[1].startswith(b"GET")  # a service without /model: untouched
 
 
 def _multipart(parts: list[bytes], boundary: bytes = b"xyz") -> bytes:
@@ -164,3 +182,7 @@ def test_every_service_documents_itself_and_its_error_answers() -> None:
         responses = spec["paths"][domain.endpoint]["post"]["responses"]
         assert {"200", "400", "413", "415", "422", "503"} <= {str(k) for k in responses}
         assert "500" not in {str(k) for k in responses}
+        card = spec["paths"]["/model"]
+        assert "requestBody" not in card["get"] and card["get"]["responses"][200]["content"]["application/json"][
+            "schema"]["required"] == ["name", "version", "run_id", "architecture"]
+        assert card["post"]["responses"][200] == card["get"]["responses"][200]
