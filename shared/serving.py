@@ -452,18 +452,20 @@ ERROR_ANSWERS = {  # what every endpoint answers besides 200, with {"error": rea
 }
 
 
-def guard(service: Any, domain: str) -> None:
+def guard(service: Any, domain: str, answers: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None) -> None:
     """Put :class:`RequestGuard` in front of the BentoML ``service`` of ``domain`` (every endpoint's media type
     and file fields from its own signature, and the body limit ``TESSERA_<DOMAIN>_MAX_BODY_BYTES``, the domain's
     ``max_body_bytes`` by default), and make its OpenAPI document describe the domain, the version it serves and
-    the error answers."""
+    the error answers. ``answers`` describes the 200 answer of endpoints whose return type cannot (a file, or one
+    of several media types): route -> (description, {media type: JSON schema, or the route whose 200 answer has
+    that media type's schema})."""
     routes = {}
     for api in service.apis.values():
         spec = api.input_spec
         routes[api.route.rstrip("/") or "/"] = (spec.mime_type(), tuple(getattr(spec, "multipart_fields", ())))
     limit = setting(domain, "MAX_BODY_BYTES", registry.get(domain).max_body_bytes)
     service.add_asgi_middleware(RequestGuard, max_bytes=limit, routes=routes)
-    _describe(service, domain, limit)
+    _describe(service, domain, limit, dict(answers or {}))
 
 
 def _served_version() -> str:
@@ -479,7 +481,7 @@ def _served_version() -> str:
     return f"v{loaded.version}" if loaded is not None else "none yet"
 
 
-def _describe(service: Any, domain: str, limit: int) -> None:
+def _describe(service: Any, domain: str, limit: int, answers: dict[str, tuple[str, Mapping[str, Any]]]) -> None:
     """The service's own OpenAPI document: title, description, the version served, and the 4xx/503 answers of
     every endpoint (BentoML's default page describes BentoML instead)."""
     import inspect
@@ -516,6 +518,11 @@ def _describe(service: Any, domain: str, limit: int) -> None:
                 responses.pop(500, None)  # refused bodies and missing models are 4xx/503, never a 500
                 responses.pop(404, None)
             paths = dict(spec.paths)
+            for route, (text, media) in answers.items():
+                operation = paths[route].post
+                content = {kind: (paths[schema].post["responses"][200]["content"][JSON] if isinstance(schema, str)
+                                  else {"schema": dict(schema)}) for kind, schema in media.items()}
+                operation["responses"][200] = {"description": text, "content": content}
             card = paths.get(MODEL_ROUTE)
             if card is not None and isinstance(card.post, dict):
                 answer = {"description": "the served model", "content": {JSON: {"schema": MODEL_CARD_SCHEMA}}}

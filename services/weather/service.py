@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.weather.client import example_request
 from services.weather.data import WeatherState
 from services.weather.inference import StateError, forecast, lead_times, rollout_dataset, to_model_units
-from shared.serving import DomainService, ModelRef, RequestError, answers_errors, guard
+from shared.serving import JSON, DomainService, ModelRef, RequestError, answers_errors, guard
 from shared.tracking import LoadedModel
 
 MAX_STEPS = 120  # 30 days of 6-hourly steps
@@ -188,4 +188,8 @@ def _state_from_json(request: ForecastJSON, state: WeatherState, history: int) -
     return states, notes
 
 
-guard(Weather, "weather")
+guard(Weather, "weather", answers={"/forecast": (
+    "the forecast: with format=netcdf (the default) a netCDF-4 file (forecast.nc: every channel at each lead, in "
+    "physical units, on the model's grid; the version in X-Model-Version), with format=json the summary that "
+    "/forecast_json answers", {"application/x-netcdf": {"type": "string", "format": "binary"},
+                               JSON: "/forecast_json"})})

@@ -186,3 +186,8 @@ def test_every_service_documents_itself_and_its_error_answers() -> None:
         assert "requestBody" not in card["get"] and card["get"]["responses"][200]["content"]["application/json"][
             "schema"]["required"] == ["name", "version", "run_id", "architecture"]
         assert card["post"]["responses"][200] == card["get"]["responses"][200]
+    weather = service_of(registry.get("weather")).openapi_spec.asdict()["paths"]
+    answers = weather["/forecast"]["post"]["responses"][200]["content"]
+    assert answers["application/x-netcdf"]["schema"]["format"] == "binary"  # the file, and the JSON summary
+    assert answers["application/json"] == weather["/forecast_json"]["post"]["responses"][200]["content"][
+        "application/json"]
