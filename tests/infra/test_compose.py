@@ -303,8 +303,9 @@ def test_dockerfile_basics(dockerfile: str) -> None:
         "torch version differs from constraints.txt"
     )
     assert "-c constraints.txt" in text
-    assert '".[postgres,${TESSERA_EXTRAS}]"' in text, "the image installs the postgres extra (MLflow) and the domains'"
-    assert "ARG TESSERA_EXTRAS=all" in text and 'infra/requirements.py postgres "${TESSERA_EXTRAS}"' in text
+    assert '".[postgres,s3,${TESSERA_EXTRAS}]"' in text, (
+        "the image installs the postgres extra (MLflow), the s3 one (object stores) and the domains'")
+    assert "ARG TESSERA_EXTRAS=all" in text and 'infra/requirements.py postgres s3 "${TESSERA_EXTRAS}"' in text
     assert "PYTHONUNBUFFERED=1" in text
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1] == "tessera", "the image must run as the non-root user tessera"

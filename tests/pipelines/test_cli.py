@@ -51,7 +51,8 @@ def test_an_unreachable_ray_or_mlflow_is_one_line_that_says_what_to_do() -> None
 
 
 def test_data_that_is_not_there_is_refused_on_the_client_when_the_job_runs_here() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the local stack's default address (not the integration stack's ports, which the session may have set)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.endswith("_PORT")}
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "forecasting", "--data",
                            "/nonexistent/ETTh1.csv"], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**env, "COLUMNS": "250"})
