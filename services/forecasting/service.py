@@ -7,7 +7,7 @@ Two services: ``Forecasting`` (public: validates requests, formats answers) and 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import bentoml
 import numpy as np
@@ -83,11 +83,27 @@ class Forecasting:
 
     async def _model_meta(self, refresh: bool = False) -> dict[str, Any]:
         if self._meta is None or refresh:
-            meta = await self.runner.to_async.model_info()
+            meta = await self._runner_model_info()
             if "error" in meta:
                 raise ModelUnavailable(meta["error"])
             self._meta = meta
         return self._meta
+
+    async def _runner_model_info(self, attempts: int = 3) -> dict[str, Any]:
+        """The runner's model card. A dropped keep-alive connection between the two services (BentoML's client
+        sees ``ServerDisconnectedError`` now and then under load) is retried; a runner that stays away is a 503."""
+        import asyncio
+
+        import aiohttp
+
+        for attempt in range(attempts):
+            try:
+                return cast(dict[str, Any], await self.runner.to_async.model_info())
+            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+                if attempt == attempts - 1:
+                    raise ModelUnavailable(f"the model runner could not answer: {exc}") from exc
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @bentoml.api(route="/forecast")
     @answers_errors

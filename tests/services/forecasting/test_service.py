@@ -104,3 +104,30 @@ def test_schema_rejects_non_finite_unknown_and_empty(changes: dict) -> None:
 def test_runner_refuses_arrays_of_another_model(loaded: LoadedModel) -> None:
     with pytest.raises(ValueError, match="expects"):
         inference.run(loaded, np.zeros((1, 10, 3), dtype=np.float32))
+
+
+def test_a_dropped_connection_to_the_runner_is_retried_then_a_503() -> None:
+    import asyncio
+
+    import aiohttp
+
+    from services.forecasting.service import Forecasting
+    from shared.serving import ModelUnavailable
+
+    class Runner:  # the runner's client, dropping the first `drops` calls as BentoML's sometimes does
+        def __init__(self, drops: int) -> None:
+            self.drops, self.calls = drops, 0
+            self.to_async = self
+
+        async def model_info(self) -> dict[str, object]:
+            self.calls += 1
+            if self.calls <= self.drops:
+                raise aiohttp.ServerDisconnectedError()
+            return {"name": "forecasting", "version": "3"}
+
+    front = Forecasting.inner.__new__(Forecasting.inner)
+    front.__dict__["runner"] = flaky = Runner(drops=2)
+    assert asyncio.run(front._runner_model_info()) == {"name": "forecasting", "version": "3"} and flaky.calls == 3
+    front.__dict__["runner"] = Runner(drops=5)
+    with pytest.raises(ModelUnavailable, match="the model runner could not answer"):
+        asyncio.run(front._runner_model_info())
