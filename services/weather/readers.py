@@ -38,8 +38,8 @@ def open_dataset(path: str | Path) -> xr.Dataset:
         ds = xr.open_dataset(datapath.local_copy(path), engine="cfgrib", backend_kwargs={"indexpath": ""})
     elif suffix == ".zarr" or _is_zarr_store(path):
         ds = xr.open_zarr(datapath.mapper(path))
-    else:
-        ds = xr.open_dataset(datapath.local_copy(path))
+    else:  # netCDF: dask chunks as the file stores them
+        ds = xr.open_dataset(datapath.local_copy(path), chunks={})
     return standardize(ds)
 
 

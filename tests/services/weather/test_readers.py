@@ -21,7 +21,11 @@ def world() -> object:
 
 @pytest.mark.parametrize("suffix", [".nc", ".zarr"])
 def test_written_synthetic_data_reads_back_the_same(tmp_path: Path, world: object, suffix: str) -> None:
+    from services.weather.readers import open_dataset
+
     path = write_synthetic(tmp_path / f"world{suffix}", days=2, grid=(16, 32), seed=1)
+    with open_dataset(path) as ds:
+        assert ds["t"].chunks is not None  # lazy (dask) for netCDF and zarr alike
     fields = load_fields(path, levels=(500.0,), variables=("t", "t2m"))
     expected = read_fields(world, levels=(500.0,), variables=("t", "t2m"))  # type: ignore[arg-type]
     assert fields.channels == ["t_500", "t2m"] and fields.sources == [("t", 500.0), ("t2m", None)]
