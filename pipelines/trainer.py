@@ -217,7 +217,8 @@ class Trainer:
         self.model = prepare_model(model, self.ddp)
         pin = self.device.type == "cuda"
         micro = cfg.micro_batch
-        workers = {"num_workers": cfg.loader_workers, "persistent_workers": cfg.loader_workers > 0}
+        workers = {"num_workers": cfg.loader_workers, "persistent_workers": cfg.loader_workers > 0,
+                   "collate_fn": domain.collate(cfg)}
         train: Dataset[Any] = self.data.train  # type: ignore[assignment]
         self.train_loader = prepare_loader(DataLoader(train, batch_size=micro, shuffle=True,
                                                       drop_last=len(self.data.train) > micro, pin_memory=pin,

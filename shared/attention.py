@@ -383,6 +383,70 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
                                          max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, softmax_scale=scale,
                                          causal=causal)
+    if (cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)) and q.device.type == "cpu":
+        groups = _length_groups(cu_seqlens_q)
+        if len(groups) > 1:  # sequences of similar length together: little padding in each attention call
+            return _grouped_varlen(q, k, v, cu_seqlens_q, groups, causal=causal, dropout_p=dropout_p, scale=scale,
+                                   backend=name)
+    return _padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                          dropout_p=dropout_p, scale=scale, backend=name)
+
+
+# Grouping for the CPU varlen path: sequences sorted by length are cut into groups whose padded size exceeds
+# their real size by at most this factor (or that are short enough for padding not to matter).
+_GROUP_SLACK = 1.25
+_GROUP_SHORT = 16
+
+
+def _length_groups(cu_seqlens: Tensor) -> list[Tensor]:
+    """Indices of the sequences in each group of similar length (self-attention over packed sequences)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    groups: list[Tensor] = []
+    start = 0
+    for i in range(1, len(sorted_lengths) + 1):
+        if i == len(sorted_lengths) or (sorted_lengths[i] > _GROUP_SHORT
+                                        and sorted_lengths[i] > _GROUP_SLACK * max(sorted_lengths[start], 1)):
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
+def _grouped_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, groups: list[Tensor], *, causal: bool,
+                    dropout_p: float, scale: float | None, backend: str) -> Tensor:
+    """Self-attention of packed sequences, one padded call per group of similar lengths (CPU)."""
+    cu = cu_seqlens.long()
+    seq, pos = _token_index(cu_seqlens, q.shape[0])
+    parts: list[Tensor] = []
+    where: list[Tensor] = []
+    for members in groups:
+        lengths = cu[members + 1] - cu[members]
+        longest = int(lengths.max())
+        slot = torch.full((cu.numel() - 1,), -1, dtype=torch.long, device=q.device)
+        slot[members] = torch.arange(members.numel(), device=q.device)
+        tokens = torch.nonzero(slot[seq] >= 0).squeeze(1)  # (T_group,) packed indices of the group's tokens
+        index = (slot[seq[tokens]], pos[tokens])
+        shape = (members.numel(), longest)
+        q_pad = q.new_zeros(*shape, *q.shape[1:]).index_put(index, q[tokens])  # (G, L, H, D)
+        k_pad = k.new_zeros(*shape, *k.shape[1:]).index_put(index, k[tokens])
+        v_pad = v.new_zeros(*shape, *v.shape[1:]).index_put(index, v[tokens])  # (G, L, H, Dv)
+        real = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]  # (G, L)
+        mask = None if bool(real.all()) else real
+        res = attention(q_pad.transpose(1, 2), k_pad.transpose(1, 2), v_pad.transpose(1, 2), key_padding_mask=mask,
+                        causal=causal, dropout_p=dropout_p, scale=scale, backend=backend)  # (G, H, L, Dv)
+        parts.append(res.transpose(1, 2)[index])  # (T_group, H, Dv)
+        where.append(tokens)
+    order = torch.cat(where)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(parts)[inverse]  # (total, H, Dv)
+
+
+def _padded_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int, *, causal: bool, dropout_p: float, scale: float | None, backend: str) -> Tensor:
+    """Packed attention as one padded call with a key-padding mask."""
+    name = backend
     batch = cu_seqlens_q.numel() - 1
     seq_q, pos_q = _token_index(cu_seqlens_q, q.shape[0])
     seq_k, pos_k = _token_index(cu_seqlens_k, k.shape[0])
@@ -468,6 +532,19 @@ class MultiHeadAttention(nn.Module):
         out = attention(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal,
                         dropout_p=self.dropout if self.training else 0.0)  # (B, H, Lq, Dh)
         return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.d_model))  # (B, Lq, d_model)
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Self-attention over packed sequences: x (total, d_model), sequence b is rows
+        ``cu_seqlens[b]:cu_seqlens[b + 1]`` -> (total, d_model). The same weights and result as :meth:`forward`
+        on the padded batch with its key-padding mask, without computing the padding."""
+        if x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MultiHeadAttention: packed x must be (total, d_model={self.d_model}), got {_shape(x)}")
+        if self.qkv is None:
+            raise ValueError(f"MultiHeadAttention(kv_dim={self.kv_dim}) is cross-attention only")
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.head_dim).unbind(1)  # (total, H, Dh) each
+        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                               dropout_p=self.dropout if self.training else 0.0)  # (total, H, Dh)
+        return self.out_proj(out.reshape(x.shape[0], self.d_model))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, kv_dim={self.kv_dim}, dropout={self.dropout}"

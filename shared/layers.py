@@ -101,6 +101,14 @@ class EncoderLayer(nn.Module):
         x = self.norm1(x + self.dropout(self.attn(x, **masks)))
         return self.norm2(x + self.dropout(self.ff(x)))
 
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Packed sequences x (total, d_model) (see ``MultiHeadAttention.forward_packed``) -> (total, d_model)."""
+        if self.norm_first:
+            x = x + self.dropout(self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen))
+            return x + self.dropout(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.attn.forward_packed(x, cu_seqlens, max_seqlen)))
+        return self.norm2(x + self.dropout(self.ff(x)))
+
 
 class Encoder(nn.Module):
     """A stack of encoder layers followed by an optional final norm (needed after pre-norm layers)."""
@@ -115,6 +123,12 @@ class Encoder(nn.Module):
         """x (B, L, d_model) -> (B, L, d_model)."""
         for layer in self.layers:
             x = layer(x, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal)
+        return x if self.norm is None else self.norm(x)
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Packed sequences x (total, d_model) -> (total, d_model): no compute spent on padding."""
+        for layer in self.layers:
+            x = layer.forward_packed(x, cu_seqlens, max_seqlen)  # type: ignore[operator]
         return x if self.norm is None else self.norm(x)
 
 

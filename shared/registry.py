@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import os
 import pkgutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -153,6 +153,11 @@ class Domain(abc.ABC):
     def evaluate(self, model: torch.nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
         """Metrics over an iterable of batches."""
         return self.metrics_from(self.metric_sums(model, batches, device))
+
+    def collate(self, cfg: Any) -> Callable[[list[Any]], Any] | None:
+        """How the trainer's loaders batch samples (a picklable function; None: torch's default collate, for
+        samples of one shape). Variable-length samples (light curves) pack or pad here."""
+        return None
 
     def supports_ddp(self, cfg: Any) -> bool:
         """Whether DistributedDataParallel can wrap the model. Losses that differentiate through a gradient

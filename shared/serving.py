@@ -95,6 +95,24 @@ def answers_errors(func: F) -> F:
     return run  # type: ignore[return-value]
 
 
+async def call_runner(method: Callable[..., Any], *args: Any, attempts: int = 3) -> Any:
+    """``await method(*args)`` on a runner service (a front service's ``self.runner.to_async.<api>``). A dropped
+    keep-alive connection between the two services (BentoML's client sees ``ServerDisconnectedError`` now and
+    then under load) is retried; a runner that stays away is :class:`ModelUnavailable` (a 503)."""
+    import asyncio
+
+    import aiohttp
+
+    for attempt in range(attempts):
+        try:
+            return await method(*args)
+        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+            if attempt == attempts - 1:
+                raise ModelUnavailable(f"the model runner could not answer: {exc}") from exc
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def setting(domain: str, name: str, default: int) -> int:
     """``TESSERA_<DOMAIN>_<NAME>`` (e.g. ``TESSERA_WEATHER_MAX_BODY_BYTES``) as an integer, else ``default``."""
     raw = os.environ.get(f"TESSERA_{domain.upper()}_{name.upper()}")

@@ -52,7 +52,7 @@ def check_training(domain: Domain, model_name: str, tmp_path: Path) -> None:
     assert len(data.train) > 0 and len(data.val) > 1 and len(data.test) > 0
     assert isinstance(data.state, domain.state_cls)
     model = domain.build_model(cfg, data.state)
-    batch = next(iter(DataLoader(data.train, batch_size=4)))  # type: ignore[arg-type]
+    batch = next(iter(DataLoader(data.train, batch_size=4, collate_fn=domain.collate(cfg))))  # type: ignore[arg-type]
     device = torch.device("cpu")
     model.train()
     loss = domain.training_loss(model, batch, device)
@@ -64,9 +64,10 @@ def check_training(domain: Domain, model_name: str, tmp_path: Path) -> None:
     model.eval()
     half = len(data.val) // 2
     with torch.inference_mode():
-        whole = domain.metric_sums(model, DataLoader(data.val, batch_size=8), device)  # type: ignore[arg-type]
-        parts = [domain.metric_sums(model, DataLoader(Subset(data.val, r), batch_size=8), device)  # type: ignore[arg-type]
-                 for r in (range(half), range(half, len(data.val)))]
+        collate = domain.collate(cfg)
+        whole = domain.metric_sums(model, DataLoader(data.val, batch_size=8, collate_fn=collate), device)  # type: ignore[arg-type]
+        parts = [domain.metric_sums(model, DataLoader(Subset(data.val, r), batch_size=8, collate_fn=collate),  # type: ignore[arg-type]
+                                    device) for r in (range(half), range(half, len(data.val)))]
     added = {k: parts[0][k] + parts[1][k] for k in whole}
     assert set(parts[0]) == set(parts[1]) == set(whole)
     metrics = domain.metrics_from(whole)
@@ -85,7 +86,8 @@ def check_training(domain: Domain, model_name: str, tmp_path: Path) -> None:
     assert loaded.state.same_as(tracker.model[2])  # type: ignore[index]
     assert not list((tmp_path / "model").glob("*.pkl")), "a registered model holds no pickles"
     with torch.inference_mode():
-        again = domain.evaluate(loaded.model, DataLoader(data.test, batch_size=cfg.batch_size * 2), device)  # type: ignore[arg-type]
+        again = domain.evaluate(loaded.model, DataLoader(data.test, batch_size=cfg.batch_size * 2,
+                                                         collate_fn=domain.collate(cfg)), device)  # type: ignore[arg-type]
     for key, value in again.items():
         assert math.isclose(value, final[f"test_{key}"], rel_tol=1e-5, abs_tol=1e-7), key
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.forecasting import inference
 from services.forecasting.client import example_request
-from shared.serving import DomainService, ModelRef, ModelUnavailable, answers_errors, guard, setting
+from shared.serving import DomainService, ModelRef, ModelUnavailable, answers_errors, call_runner, guard, setting
 
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
@@ -89,21 +89,9 @@ class Forecasting:
             self._meta = meta
         return self._meta
 
-    async def _runner_model_info(self, attempts: int = 3) -> dict[str, Any]:
-        """The runner's model card. A dropped keep-alive connection between the two services (BentoML's client
-        sees ``ServerDisconnectedError`` now and then under load) is retried; a runner that stays away is a 503."""
-        import asyncio
-
-        import aiohttp
-
-        for attempt in range(attempts):
-            try:
-                return cast(dict[str, Any], await self.runner.to_async.model_info())
-            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-                if attempt == attempts - 1:
-                    raise ModelUnavailable(f"the model runner could not answer: {exc}") from exc
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+    async def _runner_model_info(self) -> dict[str, Any]:
+        """The runner's model card (a dropped connection retried, a runner that stays away a 503)."""
+        return cast(dict[str, Any], await call_runner(self.runner.to_async.model_info))
 
     @bentoml.api(route="/forecast")
     @answers_errors

@@ -386,6 +386,31 @@ def test_varlen_matches_per_sequence_reference(backend: str | None, causal: bool
     assert (out[int(cu_q[3]):] == 0).all()  # the last sequence has no keys
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_self_attention_of_very_different_lengths_runs_in_groups_and_matches(causal: bool) -> None:
+    from shared.attention import _length_groups, _padded_varlen
+
+    lengths = [3, 40, 17, 90, 0, 25, 200, 1, 44]
+    cu = _cu(lengths)
+    groups = _length_groups(cu)
+    assert len(groups) > 2 and sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+    for members in groups:  # padding inside a group stays small
+        sizes = torch.tensor(lengths)[members]
+        assert int(sizes.max()) <= 16 or int(sizes.max()) <= 1.25 * max(int(sizes.min()), 1)
+    q, k, v = (_packed(lengths, seed=s).requires_grad_(True) for s in (7, 8, 9))
+    out = varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+    out.backward(torch.ones_like(out))
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = _padded_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, dropout_p=0.0, scale=None,
+                          backend="reference")  # one padded call, the plain reference
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(out, want, **TOL)
+    for got, ref in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, ref, **TOL)
+
+
 def test_varlen_uses_flash_when_present(fake_flash: list[str]) -> None:
     lengths = [4, 7, 2]
     q, k, v = (_packed(lengths, seed=s) for s in range(3))

@@ -1,0 +1,115 @@
+"""Settings of the transients domain (light-curve classification: a native per-observation transformer and t2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.config import RunSettings, require_at_least
+
+MODELS = ("native", "t2")
+
+# Effective wavelengths (Angstrom) of each survey's bands, by passband index: ZTF g, r (PLAsTiCC-style files of
+# the ZTF Bright Transient Survey number them 0, 1) and LSST u, g, r, i, z, y (PLAsTiCC's 0-5). t2's Gaussian
+# process uses them as its second input dimension.
+SURVEYS: dict[str, dict[str, tuple]] = {
+    "ztf": {"bands": ("g", "r"), "wavelengths": (4746.48, 6366.38)},
+    "lsst": {"bands": ("u", "g", "r", "i", "z", "y"), "wavelengths": (3670.69, 4826.85, 6223.24, 7545.98, 8590.90,
+                                                                        9710.28)},
+}
+
+# Class groupings: the label of the metadata (BTS `type`, PLAsTiCC `target`) -> the class the model predicts.
+# ZTF BTS: the five groups of the issue (Ia subtypes together, the hydrogen-rich and the stripped-envelope
+# core-collapse supernovae, superluminous ones, everything else).
+GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "ztf_bts": {
+        "SN Ia": ("SN Ia", "SN Ia-91T", "SN Ia-91bg", "SN Ia-CSM", "SN Ia-pec", "SN Iax"),
+        "SN II": ("SN II", "SN IIP", "SN IIb", "SN IIn", "SN II-pec"),
+        "SN Ibc": ("SN Ib", "SN Ic", "SN Ic-BL", "SN Ib/c", "SN Ibn", "SN Icn", "SN Ib-pec"),
+        "SLSN": ("SLSN-I", "SLSN-II"),
+        "other": ("TDE", "nova", "LBV", "ILRT", "LRN", "Ca-rich", "other"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine", weight_decay=0.01, epochs=60,
+                       patience=15, seed=0, precision="fp32"):
+    model: str = "native"  # one of MODELS
+    data: str | None = None  # light curves (CSV/Parquet, PLAsTiCC columns); None: synthetic light curves
+    metadata: str | None = None  # object_id + label (+ redshift) table; None: found beside `data` by its name
+    survey: Literal["auto", "ztf", "lsst"] = "auto"  # band names and wavelengths; auto: from the passbands seen
+    grouping: str = "auto"  # a GROUPINGS key, or "none" (every label its own class); auto: ztf_bts for BTS types
+    label_column: str = "auto"  # metadata column of the label; auto: `type` when present, else `target`
+    min_class_objects: int = 3  # labels with fewer objects (after grouping) are left out, and reported
+    use_redshift: bool = False  # redshift as an extra input (the model then needs it at serving time)
+    synthetic_objects: int = 1500  # synthetic light curves when data is None
+    val_fraction: float = 0.15  # objects held out for validation (and as many for test), stratified by class
+    max_points: int = 1024  # observations per object at most (serving rejects more; training keeps the first)
+
+    # the `native` model: one token per observation
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 3
+    d_ff: int = 128
+    dropout: float = 0.1
+    time_scale_max: float = 1000.0  # longest period (days) of the continuous-time encoding
+    packing: Literal["pack", "pad"] = "pack"  # pack: tokens without padding, batches by length; pad: to the longest
+    class_weighting: Literal["balanced", "sqrt", "none"] = "balanced"  # cross-entropy weights: inverse class
+    # frequency (balanced), its square root (sqrt: between balanced accuracy and calibrated probabilities), none
+    pooling: Literal["mean", "attention", "both"] = "mean"  # of the tokens: masked mean, attention pooling
+    # (a learned score per token and head, softmax within each light curve) or both side by side
+    label_smoothing: float = 0.0  # of the cross-entropy targets
+
+    # t2: Gaussian-process grid (time x wavelength, Matern-3/2)
+    window_days: float = 50.0  # days kept around the detections (t2 trims the light curve)
+    gp_steps: int = 100  # grid steps per band
+    gp_wavelength_scale: float = 6000.0  # fixed length scale in wavelength (Angstrom)
+
+    # augmentation of training light curves (how alerts arrive)
+    truncate_prob: float = 0.5  # cut to the first k detections, k in [min_detections, n] drawn by truncate_k
+    truncate_k: Literal["uniform", "log"] = "uniform"  # k uniform, or log-uniform (few detections common)
+    min_detections: int = 2
+    drop_point_prob: float = 0.1  # each observation dropped with this probability
+    drop_band_prob: float = 0.1  # one band removed with this probability (when more than one is seen)
+    flux_noise: float = 1.0  # flux += flux_noise * flux_err * N(0, 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
+        require_at_least(self, 1, ("d_model", "n_heads", "n_layers", "d_ff", "synthetic_objects", "max_points",
+                                   "gp_steps", "min_detections", "min_class_objects"))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
+        for name in ("truncate_prob", "drop_point_prob", "drop_band_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("window_days", "gp_wavelength_scale", "time_scale_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        require_at_least(self, 0, ("flux_noise",))
+        if self.grouping not in ("auto", "none", *GROUPINGS):
+            raise ValueError(f"grouping={self.grouping!r}: expected auto, none or one of {list(GROUPINGS)}")
+
+
+@dataclass(frozen=True)
+class TransientsEvalConfig:
+    """Settings of the evaluation (``python -m pipelines.evaluate transients --set key=value``)."""
+
+    metadata: str | None = None  # labels of --data (found beside it by name when None)
+    early: tuple[int, ...] = (3, 5, 10)  # each test light curve cut to its first k detections
+    baseline: bool = True  # train and score the light-curve-feature gradient-boosting baseline in the same run
+    ece_bins: int = 15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, ("ece_bins",))
+        if any(k < 1 for k in self.early):
+            raise ValueError(f"early={list(self.early)}: every cut must be >= 1 detection")

@@ -1,0 +1,106 @@
+"""The transients evaluation: the production model beside a light-curve-feature baseline trained in the same run.
+
+Without ``--data`` the model is scored on its own test split (the training data's test objects); with ``--data``
+on every labelled object of that file, an external test set. The baseline (``light-curve`` features into
+LightGBM with balanced class weights) is trained on the model's own training objects, also on their cuts to the
+first k detections (as the model's truncation augmentation trains it), so the two are compared on the same
+footing. Both are scored on whole light curves and cut to their first 3, 5 and 10 detections.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from shared.registry import EvaluationResult
+
+from .config import TransientsConfig, TransientsEvalConfig
+from .curves import Curve
+from .data import TransientsState, load_labelled, synthetic_curves
+from .metrics import classification_metrics, confusion_figure, early_figure, reliability_figure
+
+METRICS = ("macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss", "ece",
+           "brier")
+
+
+def training_curves(cfg: TransientsConfig, state: TransientsState) -> tuple[list[Curve], np.ndarray]:
+    """Every labelled light curve the model was trained from (its data file, or the same synthetic set)."""
+    if cfg.data:
+        labelled = load_labelled(cfg.data, cfg.metadata, cfg, classes=state.classes)
+        return labelled.curves, labelled.labels
+    curves, labels, _ = synthetic_curves(cfg.synthetic_objects, seed=cfg.seed)
+    return curves, labels
+
+
+def subset(curves: list[Curve], labels: np.ndarray, ids: tuple[str, ...]) -> tuple[list[Curve], np.ndarray]:
+    wanted = set(ids)
+    keep = [i for i, c in enumerate(curves) if c.object_id in wanted]
+    return [curves[i] for i in keep], labels[keep]
+
+
+class _Loaded:
+    """What :func:`services.transients.inference.classify` needs of a loaded model."""
+
+    def __init__(self, model: nn.Module, cfg: TransientsConfig, state: TransientsState) -> None:
+        self.model, self.cfg, self.state = model, cfg, state
+
+
+def model_proba(model: nn.Module, cfg: TransientsConfig, state: TransientsState, curves: list[Curve]) -> np.ndarray:
+    from .inference import classify
+
+    return classify(_Loaded(model, cfg, state), curves).probabilities
+
+
+def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int) -> dict[str, float]:
+    found = classification_metrics(y, proba, classes, bins=bins)
+    return {k: round(float(found[k]), 5) for k in METRICS}
+
+
+def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: TransientsState, data: str | None,
+                        settings: TransientsEvalConfig) -> EvaluationResult:
+    classes = list(state.classes)
+    pool, pool_labels = training_curves(cfg, state)
+    train, train_y = subset(pool, pool_labels, state.objects["train"])
+    if data:
+        labelled = load_labelled(data, settings.metadata, cfg, classes=state.classes)
+        for line in labelled.report.lines():
+            print(f"transients evaluation data: {line}", flush=True)
+        test, test_y, split = labelled.curves, labelled.labels, "external"
+    else:
+        test, test_y = subset(pool, pool_labels, state.objects["test"])
+        split = "test"
+    if not test:
+        raise ValueError("no labelled test object to score")
+    cuts: dict[str, list[Curve]] = {"all": test, **{str(k): [c.first_detections(k) for c in test]
+                                                    for k in settings.early}}
+    started = time.perf_counter()
+    proba = {cut: model_proba(model, cfg, state, curves) for cut, curves in cuts.items()}
+    model_seconds = time.perf_counter() - started
+    systems: dict[str, dict[str, np.ndarray]] = {"model": proba}
+    if settings.baseline:
+        from .baseline import FeatureBaseline
+
+        print(f"training the feature baseline on {len(train)} objects", flush=True)
+        baseline = FeatureBaseline(len(classes), len(state.bands), seed=settings.seed,
+                                   train_cuts=tuple(settings.early)).fit(train, train_y)
+        systems["baseline"] = {cut: baseline.predict_proba(curves) for cut, curves in cuts.items()}
+    metrics: dict[str, Any] = {}
+    for name, by_cut in systems.items():
+        found = {cut: scores(test_y, p, classes, settings.ece_bins) for cut, p in by_cut.items()}
+        metrics[name] = {**found["all"], "early": {str(k): found[str(k)] for k in settings.early}}
+    metrics.update({"classes": classes, "n_objects": len(test), "split": split,
+                    "class_counts": {c: int((test_y == i).sum()) for i, c in enumerate(classes)},
+                    "model_ms_per_object": round(1000 * model_seconds / max(1, sum(len(c) for c in cuts.values())), 4)})
+    if settings.baseline:
+        metrics["baseline"]["name"] = "light-curve features + LightGBM"
+    figures = {"confusion.png": confusion_figure(test_y, proba["all"], classes),
+               "reliability.png": reliability_figure(test_y, proba["all"], bins=settings.ece_bins,
+                                                     title=f"{cfg.model}, {split} ({len(test)} objects)")}
+    curves_by_system = {name: {cut: {"macro_auc": metrics[name]["macro_auc"] if cut == "all"
+                                     else metrics[name]["early"][cut]["macro_auc"]} for cut in cuts}
+                        for name in systems}
+    figures["early_classification.png"] = early_figure(curves_by_system, metric="macro_auc")
+    return EvaluationResult(metrics=metrics, figures=figures)

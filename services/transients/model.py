@@ -1,0 +1,189 @@
+"""Light-curve classifiers on the shared core: ``native`` (a token per observation, packed) and ``t2`` (a GP grid).
+
+``native``: each observation is a token, the sum of an embedding of its scaled flux, error and detection flag,
+its band's embedding, a continuous-time encoding of its date since the first detection (sines and cosines of
+periods from 1 day to ``time_scale_max``) and the object's global features (brightness, redshift). A batch is
+packed: the tokens of all its light curves back to back (``cu_seqlens``), so the feed-forward layers and
+projections see no padding and attention runs per sequence (``shared.attention.varlen_attention``: flash-attn's
+varlen kernel on a GPU, groups of similar length on the CPU). Masked mean pooling, the globals again, a linear
+head. The same weights run a padded batch (``packing=pad``), the comparison of the benchmark and the tests.
+
+``t2`` (Allam & McEwen 2023): the Gaussian-process grid (steps, bands), a kernel-1 convolution (a linear map of
+each step's band values), sinusoidal positions, encoder blocks, global average pooling, the globals, a head.
+
+Both return logits divided by the softmax temperature fitted on validation (1 before calibration).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from shared.layers import Encoder, EncoderLayer, SinusoidalPositionalEncoding, make_norm
+
+from .config import TransientsConfig
+from .data import N_GLOBALS, N_VALUES, REDSHIFT_GLOBAL, Batch, TransientsState
+
+
+class ContinuousTime(nn.Module):
+    """Sines and cosines of t (days) at periods geometric from 1 day to ``longest``, projected to d_model."""
+
+    periods: Tensor
+
+    def __init__(self, d_model: int, longest: float, n_periods: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("periods", torch.logspace(0.0, math.log10(longest), n_periods), persistent=False)
+        self.proj = nn.Linear(2 * n_periods, d_model)
+
+    def forward(self, t: Tensor) -> Tensor:
+        phase = 2 * math.pi * t.unsqueeze(-1) / self.periods  # (..., P)
+        return self.proj(torch.cat([phase.sin(), phase.cos()], dim=-1))  # (..., d_model)
+
+
+def class_weights_for(counts: Tensor, weighting: str) -> Tensor:
+    """Cross-entropy weights (K,) from training counts: inverse frequency, its square root, or ones; mean 1 over
+    the training objects."""
+    if weighting == "none":
+        return torch.ones_like(counts)
+    weights = counts.sum() / (len(counts) * counts)
+    if weighting == "sqrt":
+        weights = weights.sqrt()
+    return weights * counts.sum() / (weights * counts).sum()
+
+
+class Classifier(nn.Module):
+    """Shared parts: temperature, class weights, the head on pooled features and globals."""
+
+    temperature: Tensor
+    class_weights: Tensor
+    globals_mask: Tensor
+
+    def __init__(self, cfg: TransientsConfig, n_classes: int, temperature: float,
+                 class_counts: tuple[int, ...] = (), pooled_dim: int | None = None) -> None:
+        super().__init__()
+        self.use_redshift = cfg.use_redshift
+        self.label_smoothing = cfg.label_smoothing
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        counts = torch.tensor(class_counts or (1,) * n_classes, dtype=torch.float32).clamp(min=1)
+        weights = class_weights_for(counts, cfg.class_weighting)
+        self.register_buffer("class_weights", weights, persistent=False)  # (K,) cross-entropy weights
+        mask = torch.ones(N_GLOBALS)
+        if not cfg.use_redshift:
+            mask[REDSHIFT_GLOBAL] = 0.0
+        self.register_buffer("globals_mask", mask, persistent=False)  # (N_GLOBALS,)
+        pooled_dim = cfg.d_model if pooled_dim is None else pooled_dim
+        self.head = nn.Sequential(nn.Linear(pooled_dim + N_GLOBALS, cfg.d_model), nn.GELU(),
+                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, n_classes))
+
+    def globals_of(self, globals_: Tensor) -> Tensor:
+        return globals_ * self.globals_mask.to(globals_.dtype)  # (B, N_GLOBALS)
+
+    def classify(self, pooled: Tensor, globals_: Tensor) -> Tensor:
+        logits = self.head(torch.cat([pooled, globals_], dim=-1))  # (B, K)
+        return logits / self.temperature
+
+
+class NativeClassifier(Classifier):
+    def __init__(self, cfg: TransientsConfig, n_bands: int, n_classes: int, temperature: float = 1.0,
+                 class_counts: tuple[int, ...] = ()) -> None:
+        d = cfg.d_model
+        super().__init__(cfg, n_classes, temperature, class_counts, pooled_dim=2 * d if cfg.pooling == "both" else d)
+        self.pooling, self.n_heads = cfg.pooling, cfg.n_heads
+        self.values = nn.Linear(N_VALUES, d)
+        self.band = nn.Embedding(n_bands, d)
+        self.time = ContinuousTime(d, cfg.time_scale_max)
+        self.globals_proj = nn.Linear(N_GLOBALS, d)
+        self.encoder = Encoder([EncoderLayer(d, cfg.n_heads, cfg.d_ff, dropout=cfg.dropout)
+                                for _ in range(cfg.n_layers)], norm=make_norm("layer", d))
+        if cfg.pooling != "mean":
+            self.score = nn.Linear(d, cfg.n_heads)  # attention pooling: a score per token and head
+
+    def embed(self, batch: Batch, globals_: Tensor) -> Tensor:
+        x = self.values(batch.values) + self.band(batch.band) + self.time(batch.time)  # (T, d) / (B, L, d)
+        g = self.globals_proj(globals_)  # (B, d)
+        if batch.packed:
+            assert batch.cu_seqlens is not None
+            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+            return x + torch.repeat_interleave(g, lengths, dim=0, output_size=x.shape[0])
+        return x + g[:, None, :]
+
+    def _pool_packed(self, h: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Pooled features (B, pooled) of packed tokens h (T, d)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
+        b, (t, d) = len(lengths), h.shape
+        seq = torch.repeat_interleave(torch.arange(b, device=h.device), lengths, output_size=t)  # (T,)
+        parts = []
+        if self.pooling != "mean":
+            s = self.score(h).float()  # (T, H)
+            top = s.new_full((b, self.n_heads), -math.inf).scatter_reduce(
+                0, seq[:, None].expand(-1, self.n_heads), s, reduce="amax", include_self=True)  # (B, H)
+            w = (s - top[seq]).exp()  # (T, H)
+            w = w / w.new_zeros(b, self.n_heads).index_add_(0, seq, w)[seq]
+            heads = (h.view(t, self.n_heads, d // self.n_heads) * w.to(h.dtype)[..., None]).reshape(t, d)
+            parts.append(h.new_zeros(b, d).index_add_(0, seq, heads))
+        if self.pooling != "attention":
+            parts.append(h.new_zeros(b, d).index_add_(0, seq, h) / lengths[:, None].clamp(min=1))
+        return torch.cat(parts, dim=-1)
+
+    def _pool_padded(self, h: Tensor, mask: Tensor) -> Tensor:
+        """Pooled features (B, pooled) of padded tokens h (B, L, d) with ``mask`` (B, L) True = real."""
+        b, length, d = h.shape
+        parts = []
+        if self.pooling != "mean":
+            s = self.score(h).float().masked_fill(~mask[..., None], -math.inf)  # (B, L, H)
+            w = torch.softmax(s, dim=1).nan_to_num(0.0)  # (B, L, H); an empty row pools to 0
+            heads = h.view(b, length, self.n_heads, d // self.n_heads) * w.to(h.dtype)[..., None]
+            parts.append(heads.sum(1).reshape(b, d))
+        if self.pooling != "attention":
+            m = mask.unsqueeze(-1).to(h.dtype)
+            parts.append((h * m).sum(1) / m.sum(1).clamp(min=1))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits (B, K) of a packed or padded batch."""
+        globals_ = self.globals_of(batch.globals)
+        x = self.embed(batch, globals_)
+        if batch.packed:
+            assert batch.cu_seqlens is not None
+            h = self.encoder.forward_packed(x, batch.cu_seqlens, batch.max_seqlen)  # (T, d)
+            pooled = self._pool_packed(h, batch.cu_seqlens)
+        else:
+            assert batch.mask is not None
+            h = self.encoder(x, key_padding_mask=batch.mask)  # (B, L, d)
+            pooled = self._pool_padded(h, batch.mask)
+        return self.classify(pooled, globals_)
+
+
+class T2Classifier(Classifier):
+    def __init__(self, cfg: TransientsConfig, n_bands: int, n_classes: int, temperature: float = 1.0,
+                 class_counts: tuple[int, ...] = ()) -> None:
+        super().__init__(cfg, n_classes, temperature, class_counts)
+        d = cfg.d_model
+        self.embedding = nn.Conv1d(n_bands, d, kernel_size=1)  # t2's kernel-1 convolution over the grid
+        self.positions = SinusoidalPositionalEncoding(d, max_len=max(cfg.gp_steps, 16))
+        self.encoder = Encoder([EncoderLayer(d, cfg.n_heads, cfg.d_ff, dropout=cfg.dropout)
+                                for _ in range(cfg.n_layers)], norm=make_norm("layer", d))
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        grid = batch["grid"]  # (B, steps, bands)
+        x = self.embedding(grid.transpose(1, 2)).transpose(1, 2)  # (B, steps, d)
+        h = self.encoder(self.positions(x))  # (B, steps, d)
+        return self.classify(h.mean(dim=1), self.globals_of(batch["globals"]))
+
+
+def build(cfg: TransientsConfig, state: TransientsState) -> nn.Module:
+    cls: Any = NativeClassifier if cfg.model == "native" else T2Classifier
+    return cls(cfg, len(state.bands), len(state.classes), state.temperature, tuple(state.class_counts))
+
+
+def labels_of(batch: Batch | dict[str, Tensor]) -> Tensor:
+    return batch.labels if isinstance(batch, Batch) else batch["labels"]
+
+
+def to_device(batch: Batch | dict[str, Tensor], device: torch.device) -> Batch | dict[str, Tensor]:
+    if isinstance(batch, Batch):
+        return batch.to(device)
+    return {k: v.to(device) for k, v in batch.items()}

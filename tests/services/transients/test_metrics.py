@@ -1,0 +1,124 @@
+"""Transients metrics against scikit-learn and hand computations; absent classes; the figures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, roc_auc_score
+
+from services.transients.metrics import (
+    PLASTICC_WEIGHTS,
+    brier,
+    class_weights,
+    classification_metrics,
+    confusion_figure,
+    early_figure,
+    expected_calibration_error,
+    reliability,
+    reliability_figure,
+    weighted_log_loss,
+)
+
+KEYS = {"macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss", "ece",
+        "brier", "n"}
+
+
+@pytest.fixture
+def sample() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), [30, 12, 7, 11])  # imbalanced, every class present
+    logits = rng.normal(size=(len(y), 4))
+    logits[np.arange(len(y)), y] += 1.2  # informative but imperfect
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, proba
+
+
+def test_matches_sklearn(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = sample
+    m = classification_metrics(y, proba, ["a", "b", "c", "d"])
+    assert set(m) == KEYS
+    pred = proba.argmax(axis=1)
+    assert m["macro_auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    assert m["micro_auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="micro"))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["accuracy"] == pytest.approx((pred == y).mean())
+    assert m["n"] == len(y)
+    # flat weights: each class counts the same, i.e. sample weights 1 / N_class
+    balancing = 1.0 / np.bincount(y)[y]
+    assert m["log_loss"] == pytest.approx(log_loss(y, proba, sample_weight=balancing))
+    assert m["brier"] == pytest.approx(((proba - np.eye(4)[y]) ** 2).sum(axis=1).mean())
+
+
+def test_plasticc_weights() -> None:
+    assert len(PLASTICC_WEIGHTS) == 15
+    assert {c for c, w in PLASTICC_WEIGHTS.items() if w == 2.0} == {15, 64, 99}
+    np.testing.assert_array_equal(class_weights(["class_15", "90", "99", "64", "6"]), [2, 1, 2, 2, 1])
+    np.testing.assert_array_equal(class_weights(["SN Ia", "SN II", "90"]), [1, 1, 1])
+    np.testing.assert_array_equal(class_weights(["90", "7"]), [1, 1])  # 7 is no PLAsTiCC target
+
+
+def test_weighted_log_loss_by_hand() -> None:
+    y = np.array([0, 0, 1, 2])
+    proba = np.array([[0.5, 0.25, 0.25], [0.8, 0.1, 0.1], [0.2, 0.4, 0.4], [0.1, 0.1, 0.8]])
+    weights = class_weights(["class_15", "class_42", "class_64"])  # 2, 1, 2
+    per_class = [-(math.log(0.5) + math.log(0.8)) / 2, -math.log(0.4), -math.log(0.8)]
+    expected = (2 * per_class[0] + 1 * per_class[1] + 2 * per_class[2]) / 5
+    assert weighted_log_loss(y, proba, weights) == pytest.approx(expected)
+    # rows are renormalised, and zeros clipped (finite loss)
+    assert weighted_log_loss(y, proba * 0.5, weights) == pytest.approx(expected)
+    assert math.isfinite(weighted_log_loss(np.array([0]), np.array([[0.0, 1.0, 0.0]]), weights))
+    # a class absent from y is left out of the normalisation too
+    assert weighted_log_loss(y[:3], proba[:3], weights) == pytest.approx((2 * per_class[0] + per_class[1]) / 3)
+
+
+def test_ece_and_reliability_by_hand() -> None:
+    y = np.array([0, 1, 1, 0])
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
+    # 2 bins: (0, .5], (.5, 1]; every top-label confidence is > .5 -> one bin, confidence .75, accuracy .5
+    conf, acc, count = reliability(y, proba, bins=2)
+    np.testing.assert_array_equal(count, [0, 4])
+    assert math.isnan(conf[0]) and math.isnan(acc[0])
+    assert conf[1] == pytest.approx(0.75) and acc[1] == pytest.approx(0.5)
+    assert expected_calibration_error(y, proba, bins=2) == pytest.approx(0.25)
+    # 10 bins: .9 (right), .8 (wrong), .6 (right), .7 (wrong) -> each alone: (0.1 + 0.8 + 0.4 + 0.7) / 4
+    assert expected_calibration_error(y, proba, bins=10) == pytest.approx(0.5)
+
+
+def test_brier_by_hand() -> None:
+    y = np.array([0, 2])
+    proba = np.array([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
+    expected = ((0.3**2 + 0.2**2 + 0.1**2) + (0.2**2 + 0.2**2 + 0.4**2)) / 2
+    assert brier(y, proba) == pytest.approx(expected)
+
+
+def test_absent_classes(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = sample
+    keep = y != 2  # class 2 never occurs
+    m = classification_metrics(y[keep], proba[keep], ["a", "b", "c", "d"])
+    present = [0, 1, 3]
+    onehot = np.eye(4)[y[keep]]
+    expected_auc = np.mean([roc_auc_score(onehot[:, k], proba[keep][:, k]) for k in present])
+    assert m["macro_auc"] == pytest.approx(expected_auc)
+    assert all(math.isfinite(v) for v in m.values())
+    # a single class: no AUC qualifies, the rest still works
+    one = classification_metrics(np.zeros(5, dtype=int), proba[:5], ["a", "b", "c", "d"])
+    assert math.isnan(one["macro_auc"])
+    assert math.isfinite(one["micro_auc"]) and math.isfinite(one["log_loss"]) and math.isfinite(one["macro_pr_auc"])
+    empty = classification_metrics(np.zeros(0, dtype=int), np.zeros((0, 4)), ["a", "b", "c", "d"])
+    assert set(empty) == KEYS and empty["n"] == 0 and math.isnan(empty["macro_auc"])
+
+
+def test_figures(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = sample
+    classes = ["SN Ia", "SN II", "SN Ibc", "SLSN"]
+    assert isinstance(confusion_figure(y, proba, classes), Figure)
+    assert isinstance(reliability_figure(y, proba, bins=10, title="model"), Figure)
+    m = classification_metrics(y, proba, classes)
+    curves = {"model": {"3": m, "10": m, "5": m, "all": m}, "baseline": {"3": m, "all": m}}
+    fig = early_figure(curves, metric="macro_auc")
+    assert isinstance(fig, Figure)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["3", "5", "10", "all"]
