@@ -1,7 +1,7 @@
 """``make demo``: start the local stack, train every domain's demo models on Ray, query every service.
 
 Trains on the synthetic default data, or on ``TESSERA_DATA`` when given (each domain takes it when the file is
-of a kind it reads, ``Domain.data_suffixes``: a CSV/Parquet table, a netCDF/GRIB file, a Push-T replay buffer
+of a kind it reads, ``Domain.accepts_data``: a CSV/Parquet table, a netCDF/GRIB file, a Push-T replay buffer
 ``.zarr``...), with each domain's short demo settings so the whole demo fits in a few minutes on 2 CPU cores;
 then sends each service the example input of its domain through the domain's own client (what
 ``tessera predict`` does) and leaves the stack running.
@@ -28,9 +28,7 @@ console = Console(width=max(110, Console().width))  # tables stay readable under
 
 def data_for(domain: registry.Domain, data: str | None) -> str | None:
     """``TESSERA_DATA`` for the domains that read that kind of file; the others train on their synthetic data."""
-    if data and domain.data_suffixes and data.rstrip("/").lower().endswith(domain.data_suffixes):
-        return data
-    return None
+    return data if data and domain.accepts_data(data) else None
 
 
 def _production(results: list[dict[str, Any]], domain: str) -> int | None:

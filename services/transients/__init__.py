@@ -41,6 +41,12 @@ class TransientsDomain(Domain):
     demo_jobs = (DemoJob("native", ("epochs=8", "synthetic_objects=600")),)
     max_body_bytes = 4 * 1024 * 1024
 
+    def accepts_data(self, path: str) -> bool:
+        """A light-curve table with its metadata file beside it (forecasting takes other tables)."""
+        from .data import find_metadata
+
+        return super().accepts_data(path) and find_metadata(path) is not None
+
     def load_data(self, cfg: TransientsConfig) -> DataBundle:
         import numpy as np
 
