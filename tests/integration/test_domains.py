@@ -5,7 +5,6 @@ service's code runs refused with a 4xx, and each service fuzzed from its own Ope
 from __future__ import annotations
 
 import importlib
-
 import json
 import re
 import subprocess
