@@ -55,8 +55,9 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
     dropout: float = 0.1
     time_scale_max: float = 1000.0  # longest period (days) of the continuous-time encoding
     packing: Literal["pack", "pad"] = "pack"  # pack: tokens without padding, batches by length; pad: to the longest
-    class_weighting: Literal["balanced", "sqrt", "none"] = "balanced"  # cross-entropy weights: inverse class
-    # frequency (balanced), its square root (sqrt: between balanced accuracy and calibrated probabilities), none
+    class_weighting: Literal["balanced", "sqrt", "none"] = "sqrt"  # cross-entropy weights: inverse class
+    # frequency (balanced), its square root, or none. sqrt: on the BTS validation split macro AUC 0.92-0.93 and
+    # ECE ~0.05 against balanced's 0.85-0.88 and 0.07-0.15, for a few points of balanced accuracy
     pooling: Literal["mean", "attention", "both"] = "mean"  # of the tokens: masked mean, attention pooling
     # (a learned score per token and head, softmax within each light curve) or both side by side
     label_smoothing: float = 0.0  # of the cross-entropy targets
@@ -67,8 +68,10 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
     gp_wavelength_scale: float = 6000.0  # fixed length scale in wavelength (Angstrom)
 
     # augmentation of training light curves (how alerts arrive)
-    truncate_prob: float = 0.5  # cut to the first k detections, k in [min_detections, n] drawn by truncate_k
-    truncate_k: Literal["uniform", "log"] = "uniform"  # k uniform, or log-uniform (few detections common)
+    truncate_prob: float = 0.65  # cut to the first k detections, k in [min_detections, n] drawn by truncate_k
+    # (0.65 against 0.5, 2 seeds on validation: macro AUC at 5 detections 0.69 -> 0.74, whole curves ~0.92 both)
+    truncate_k: Literal["uniform", "log"] = "log"  # k uniform, or log-uniform (2-10 detections common, as
+    # early alerts are: whole-curve macro AUC 0.84 -> 0.88 and ECE 0.15 -> 0.04 on validation against uniform)
     min_detections: int = 2
     drop_point_prob: float = 0.1  # each observation dropped with this probability
     drop_band_prob: float = 0.1  # one band removed with this probability (when more than one is seen)

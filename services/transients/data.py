@@ -416,10 +416,12 @@ def augment(curve: Curve, cfg: TransientsConfig, rng: np.random.Generator) -> Cu
 # asinh(flux / FLUX_SOFT) (brightness on a fixed, survey-wide scale), asinh of the signal-to-noise, detected,
 # flux over the brightest flux seen so far (rising: 1, fading: < 1), log days since the previous observation in
 # the same band (0 for a band's first), a band's-first flag, signed log days from the brightest visible point,
-# log days since the first detection. Per object (N_GLOBALS): log10 of the scale (centred), redshift (0 when not
-# used or unknown), log of the number of detections and of the days they span (how far the alert stream is).
-N_VALUES = 10
+# log days since the first detection, the colour to the nearest observation in another band and the log days
+# to it. Per object (N_GLOBALS): log10 of the scale (centred), redshift (0 when not used or unknown), log of the
+# number of detections and of the days they span (how far along its alert stream the light curve is).
+N_VALUES = 12
 N_GLOBALS = 4
+COLOUR_NONE_DAYS = 1000.0  # the gap written when no other band is seen
 REDSHIFT_GLOBAL = 1  # the index of the redshift in the globals (masked when it is not used)
 FLUX_SCALE_CENTRE = 4.0  # log10 flux at magnitude 17.5 with zero point 27.5
 FLUX_SOFT = 1000.0  # asinh(flux / FLUX_SOFT): flux at magnitude 20 with zero point 27.5
@@ -428,6 +430,23 @@ VALUE_CLIP = 10.0
 
 def _slog(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _colour(t: np.ndarray, band: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per observation: the magnitude difference to the nearest-in-time observation in another band (its band
+    minus the other, in magnitudes / 2) and the log days to it (COLOUR_NONE_DAYS when no other band is seen)."""
+    n = len(t)
+    colour = np.zeros(n)
+    gap = np.full(n, np.log1p(COLOUR_NONE_DAYS) / 3.0)
+    mag = -2.5 * np.log10(np.maximum(flux, 1e-6))
+    for b in np.unique(band):
+        here, other = np.flatnonzero(band == b), np.flatnonzero(band != b)
+        if not len(other):
+            continue
+        nearest = other[np.argmin(np.abs(t[here, None] - t[None, other]), axis=1)]
+        colour[here] = (mag[here] - mag[nearest]) / 2.0
+        gap[here] = np.log1p(np.abs(t[here] - t[nearest])) / 3.0
+    return colour, gap
 
 
 def tokens(curve: Curve, use_redshift: bool) -> dict[str, np.ndarray]:
@@ -446,9 +465,10 @@ def tokens(curve: Curve, use_redshift: bool) -> dict[str, np.ndarray]:
         since_prev[idx[1:]] = np.diff(t[idx])
         first_in_band[idx[0]] = 1.0
     brightest = np.maximum.accumulate(np.maximum(flux, 1e-6))
+    colour, colour_gap = _colour(t, curve.passband, np.maximum(flux, err))
     values = np.stack([flux / scale, err / scale, np.arcsinh(flux / FLUX_SOFT) / 3.0, np.arcsinh(flux / err) / 3.0,
                        det.astype(np.float64), flux / brightest, np.log1p(since_prev) / 3.0, first_in_band,
-                       _slog(t - t_peak) / 4.0, _slog(t - t0) / 4.0], axis=1)  # (n, N_VALUES)
+                       _slog(t - t_peak) / 4.0, _slog(t - t0) / 4.0, colour, colour_gap], axis=1)  # (n, N_VALUES)
     redshift = curve.redshift if (use_redshift and curve.redshift is not None) else 0.0
     n_det = int(det.sum())
     span = float(t[det][-1] - t0) if det.any() else 0.0

@@ -5,8 +5,9 @@ its band's embedding, a continuous-time encoding of its date since the first det
 periods from 1 day to ``time_scale_max``) and the object's global features (brightness, redshift). A batch is
 packed: the tokens of all its light curves back to back (``cu_seqlens``), so the feed-forward layers and
 projections see no padding and attention runs per sequence (``shared.attention.varlen_attention``: flash-attn's
-varlen kernel on a GPU, groups of similar length on the CPU). Masked mean pooling, the globals again, a linear
-head. The same weights run a padded batch (``packing=pad``), the comparison of the benchmark and the tests.
+varlen kernel on a GPU, groups of similar length on the CPU). Masked mean pooling (or attention pooling: a
+learned score per token and head, softmaxed within each light curve; or both), the globals again, a small head.
+The same weights run a padded batch (``packing=pad``), the comparison of the benchmark and the tests.
 
 ``t2`` (Allam & McEwen 2023): the Gaussian-process grid (steps, bands), a kernel-1 convolution (a linear map of
 each step's band values), sinusoidal positions, encoder blocks, global average pooling, the globals, a head.
