@@ -32,9 +32,10 @@ GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# epochs 80 / patience 20 (were 60 / 15) go with dropout 0.2: the kept epoch comes later (37-50 against 27-39).
 @dataclass(frozen=True)
-class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine", weight_decay=0.01, epochs=60,
-                       patience=15, seed=0, precision="fp32"):
+class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine", weight_decay=0.01, epochs=80,
+                       patience=20, seed=0, precision="fp32"):
     model: str = "native"  # one of MODELS
     data: str | None = None  # light curves (CSV/Parquet, PLAsTiCC columns); None: synthetic light curves
     metadata: str | None = None  # object_id + label (+ redshift) table; None: found beside `data` by its name
@@ -52,12 +53,15 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
     n_heads: int = 4
     n_layers: int = 3
     d_ff: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.2  # BTS validation, 2 torch seeds on the seed-0 split, against 0.1: macro AUC the same
+    # (0.91/0.93), at 5 detections 0.75/0.77 (0.72/0.76), ECE 0.03/0.06 (0.06/0.08); d_model 96 / d_ff 256 was worse
     time_scale_max: float = 1000.0  # longest period (days) of the continuous-time encoding
     packing: Literal["pack", "pad"] = "pack"  # pack: tokens without padding, batches by length; pad: to the longest
     class_weighting: Literal["balanced", "sqrt", "none"] = "sqrt"  # cross-entropy weights: inverse class
     # frequency (balanced), its square root, or none. sqrt: on the BTS validation split macro AUC 0.92-0.93 and
     # ECE ~0.05 against balanced's 0.85-0.88 and 0.07-0.15, for a few points of balanced accuracy
+    class_weight_power: float | None = None  # when set, replaces class_weighting: the inverse class frequency
+    # to this power (0: none, 0.5: sqrt, 1: balanced)
     pooling: Literal["mean", "attention", "both"] = "mean"  # of the tokens: masked mean, attention pooling
     # (a learned score per token and head, softmax within each light curve) or both side by side
     label_smoothing: float = 0.0  # of the cross-entropy targets
@@ -92,6 +96,8 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.class_weight_power is not None and not 0.0 <= self.class_weight_power <= 1.0:
+            raise ValueError(f"class_weight_power={self.class_weight_power} must be in [0, 1]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         for name in ("window_days", "gp_wavelength_scale", "time_scale_max"):

@@ -44,14 +44,15 @@ class ContinuousTime(nn.Module):
         return self.proj(torch.cat([phase.sin(), phase.cos()], dim=-1))  # (..., d_model)
 
 
-def class_weights_for(counts: Tensor, weighting: str) -> Tensor:
-    """Cross-entropy weights (K,) from training counts: inverse frequency, its square root, or ones; mean 1 over
-    the training objects."""
-    if weighting == "none":
+def class_weights_for(counts: Tensor, weighting: str, power: float | None = None) -> Tensor:
+    """Cross-entropy weights (K,) from training counts: inverse frequency, its square root, or ones (or, when
+    ``power`` is given, the inverse frequency to that power); mean 1 over the training objects."""
+    if power is None:
+        power = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}[weighting]
+    if power == 0.0:
         return torch.ones_like(counts)
     weights = counts.sum() / (len(counts) * counts)
-    if weighting == "sqrt":
-        weights = weights.sqrt()
+    weights = weights.sqrt() if power == 0.5 else weights if power == 1.0 else weights.pow(power)
     return weights * counts.sum() / (weights * counts).sum()
 
 
@@ -69,7 +70,7 @@ class Classifier(nn.Module):
         self.label_smoothing = cfg.label_smoothing
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         counts = torch.tensor(class_counts or (1,) * n_classes, dtype=torch.float32).clamp(min=1)
-        weights = class_weights_for(counts, cfg.class_weighting)
+        weights = class_weights_for(counts, cfg.class_weighting, cfg.class_weight_power)
         self.register_buffer("class_weights", weights, persistent=False)  # (K,) cross-entropy weights
         mask = torch.ones(N_GLOBALS)
         if not cfg.use_redshift:
