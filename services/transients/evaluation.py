@@ -9,6 +9,7 @@ footing. Both are scored on whole light curves and cut to their first 3, 5 and 1
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -54,9 +55,11 @@ def model_proba(model: nn.Module, cfg: TransientsConfig, state: TransientsState,
     return classify(_Loaded(model, cfg, state), curves).probabilities
 
 
-def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int) -> dict[str, float]:
+def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int) -> dict[str, float | None]:
+    """The metrics, rounded; None where one cannot be computed (a ROC-AUC with one class present), so the last
+    line stays strict JSON."""
     found = classification_metrics(y, proba, classes, bins=bins)
-    return {k: round(float(found[k]), 5) for k in METRICS}
+    return {k: round(float(found[k]), 5) if np.isfinite(found[k]) else None for k in METRICS}
 
 
 def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: TransientsState, data: str | None,
@@ -99,8 +102,10 @@ def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: Transien
     figures = {"confusion.png": confusion_figure(test_y, proba["all"], classes),
                "reliability.png": reliability_figure(test_y, proba["all"], bins=settings.ece_bins,
                                                      title=f"{cfg.model}, {split} ({len(test)} objects)")}
-    curves_by_system = {name: {cut: {"macro_auc": metrics[name]["macro_auc"] if cut == "all"
-                                     else metrics[name]["early"][cut]["macro_auc"]} for cut in cuts}
-                        for name in systems}
+    def auc(name: str, cut: str) -> float:
+        value = metrics[name]["macro_auc"] if cut == "all" else metrics[name]["early"][cut]["macro_auc"]
+        return math.nan if value is None else float(value)
+
+    curves_by_system = {name: {cut: {"macro_auc": auc(name, cut)} for cut in cuts} for name in systems}
     figures["early_classification.png"] = early_figure(curves_by_system, metric="macro_auc")
     return EvaluationResult(metrics=metrics, figures=figures)
