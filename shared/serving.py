@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import bentoml
 from pydantic import BaseModel
@@ -269,6 +269,43 @@ class DomainService:
     @bentoml.on_shutdown
     def stop_polling(self) -> None:
         self.holder.close()
+
+
+class RunnerService(DomainService):
+    """Base of a runner: the service that holds the model, behind a :class:`FrontService` that checks requests
+    and formats answers (so that the runner's adaptive batches gather work from many requests)."""
+
+    @bentoml.api
+    def model_info(self) -> dict[str, Any]:
+        """``/model``'s answer, or ``{"error": reason}`` (an error travels badly between services)."""
+        try:
+            return self.model_card()
+        except ModelUnavailable as exc:
+            return {"error": str(exc)}
+
+
+class FrontService:
+    """Base of a domain's public service whose ``runner`` (``bentoml.depends`` on a :class:`RunnerService`) holds
+    the model: the runner's model card, cached until a caller asks for it afresh, and ``/model``."""
+
+    runner: Any
+    _meta: dict[str, Any] | None = None
+
+    async def model_meta(self, refresh: bool = False) -> dict[str, Any]:
+        """The runner's model card (a dropped connection retried, a runner that stays away or has no model yet
+        a 503)."""
+        if self._meta is None or refresh:
+            meta = cast(dict[str, Any], await call_runner(self.runner.to_async.model_info))
+            if "error" in meta:
+                raise ModelUnavailable(meta["error"])
+            self._meta = meta
+        return self._meta
+
+    @bentoml.api(route="/model")
+    @answers_errors
+    async def model(self) -> dict[str, Any]:
+        """The model this service answers with: name, version, run, architecture and the inputs it expects."""
+        return await self.model_meta(refresh=True)
 
 
 def packed_model(instance: Any) -> str | None:

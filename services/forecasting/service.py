@@ -7,7 +7,6 @@ Two services: ``Forecasting`` (public: validates requests, formats answers) and 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, cast
 
 import bentoml
 import numpy as np
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.forecasting import inference
 from services.forecasting.client import example_request
-from shared.serving import DomainService, ModelRef, ModelUnavailable, answers_errors, call_runner, guard, setting
+from shared.serving import FrontService, ModelRef, ModelUnavailable, RunnerService, answers_errors, guard, setting
 
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
@@ -48,7 +47,7 @@ class ForecastResponse(BaseModel):
 
 @bentoml.service(name="forecasting_runner", workers=1, resources={"cpu": "2"},
                  traffic={"timeout": 60, "max_concurrency": 256})
-class ForecastingRunner(DomainService):
+class ForecastingRunner(RunnerService):
     """Holds ``models:/forecasting@production`` and runs it on adaptive batches of packed requests."""
 
     domain = "forecasting"
@@ -61,37 +60,14 @@ class ForecastingRunner(DomainService):
             raise ServiceUnavailable(str(exc)) from None
         return inference.run(loaded, batch)
 
-    @bentoml.api
-    def model_info(self) -> dict[str, Any]:
-        """``/model``'s answer, or ``{"error": reason}`` (an error travels badly between services)."""
-        try:
-            return self.model_card()
-        except ModelUnavailable as exc:
-            return {"error": str(exc)}
-
 
 @bentoml.service(name="forecasting", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
-class Forecasting:
+class Forecasting(FrontService):
     """Multivariate forecasts from iTransformer or Autoformer: send the recent history (at least the model's
     lookback, with timestamps when it uses calendar features) to `/forecast` and get the next `horizon` steps
     of every column. (This front service validates and formats; a runner holds the model and batches calls.)"""
 
     runner = bentoml.depends(ForecastingRunner)
-
-    def __init__(self) -> None:
-        self._meta: dict[str, Any] | None = None
-
-    async def _model_meta(self, refresh: bool = False) -> dict[str, Any]:
-        if self._meta is None or refresh:
-            meta = await self._runner_model_info()
-            if "error" in meta:
-                raise ModelUnavailable(meta["error"])
-            self._meta = meta
-        return self._meta
-
-    async def _runner_model_info(self) -> dict[str, Any]:
-        """The runner's model card (a dropped connection retried, a runner that stays away a 503)."""
-        return cast(dict[str, Any], await call_runner(self.runner.to_async.model_info))
 
     @bentoml.api(route="/forecast")
     @answers_errors
@@ -100,7 +76,7 @@ class Forecasting:
         # Validate against the runner's model; if it was swapped for one of another shape meanwhile,
         # refresh and try once more.
         for attempt in (0, 1):
-            meta = await self._model_meta(refresh=attempt == 1)
+            meta = await self.model_meta(refresh=attempt == 1)
             packed, times, steps = inference.validate(meta, request.columns, request.values, request.timestamps,
                                                       request.horizon)
             try:
@@ -113,17 +89,11 @@ class Forecasting:
             if served == str(meta["version"]):
                 break
         if served != str(meta["version"]):
-            meta = await self._model_meta(refresh=True)
+            meta = await self.model_meta(refresh=True)
         future = inference.future_stamps(meta, times, steps)
         return ForecastResponse(columns=meta["columns"], values=out[:steps].tolist(), timestamps=future,
                                 model=ModelRef(name=meta["name"], version=served, run_id=meta["run_id"],
                                                architecture=meta.get("architecture")))
-
-    @bentoml.api(route="/model")
-    @answers_errors
-    async def model(self) -> dict[str, Any]:
-        """The model this service answers with (name, version, run, columns, lookback, horizon)."""
-        return await self._model_meta(refresh=True)
 
 
 guard(Forecasting, "forecasting")

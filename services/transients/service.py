@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
@@ -20,12 +20,12 @@ from services.transients import inference
 from services.transients.client import example_request
 from services.transients.curves import Curve
 from shared.serving import (
-    DomainService,
+    FrontService,
     ModelRef,
     ModelUnavailable,
     RequestError,
+    RunnerService,
     answers_errors,
-    call_runner,
     guard,
     setting,
 )
@@ -85,7 +85,7 @@ def _decode(item: dict[str, Any]) -> Curve:
 
 @bentoml.service(name="transients_runner", workers=1, resources={"cpu": "2"},
                  traffic={"timeout": 60, "max_concurrency": 256})
-class TransientsRunner(DomainService):
+class TransientsRunner(RunnerService):
     """Holds ``models:/transients@production`` and classifies adaptive batches of objects."""
 
     domain = "transients"
@@ -100,17 +100,9 @@ class TransientsRunner(DomainService):
         found = inference.answers(loaded, curves, inference.classify(loaded, curves))
         return [{**row, "version": str(loaded.version)} for row in found]
 
-    @bentoml.api
-    def model_info(self) -> dict[str, Any]:
-        """``/model``'s answer, or ``{"error": reason}`` (an error travels badly between services)."""
-        try:
-            return self.model_card()
-        except ModelUnavailable as exc:
-            return {"error": str(exc)}
-
 
 @bentoml.service(name="transients", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
-class Transients:
+class Transients(FrontService):
     """Calibrated classes of astronomical transients from their light curves: send objects (times, bands, fluxes
     and errors) to `/classify`, or upload a table in the PLAsTiCC columns to `/classify_table`, and get each
     object's class probabilities, its top class and an out-of-distribution score.
@@ -118,21 +110,10 @@ class Transients:
 
     runner = bentoml.depends(TransientsRunner)
 
-    def __init__(self) -> None:
-        self._meta: dict[str, Any] | None = None
-
-    async def _model_meta(self, refresh: bool = False) -> dict[str, Any]:
-        if self._meta is None or refresh:
-            meta = cast(dict[str, Any], await call_runner(self.runner.to_async.model_info))
-            if "error" in meta:
-                raise ModelUnavailable(meta["error"])
-            self._meta = meta
-        return self._meta
-
     async def _classify(self, curves_of: Any) -> ClassifyResponse:
         started = time.perf_counter()
         for attempt in (0, 1):  # a model swapped meanwhile for one with other bands: refresh, check again
-            meta = await self._model_meta(refresh=attempt == 1)
+            meta = await self.model_meta(refresh=attempt == 1)
             curves: list[Curve] = curves_of(meta)
             try:
                 rows = await self.runner.to_async.predict([_encode(c) for c in curves])
@@ -144,7 +125,7 @@ class Transients:
                 continue
             if all(row["version"] == str(meta["version"]) for row in rows):
                 break
-        meta = await self._model_meta(refresh=any(row["version"] != str(meta["version"]) for row in rows))
+        meta = await self.model_meta(refresh=any(row["version"] != str(meta["version"]) for row in rows))
         objects = [ObjectClasses(**{k: v for k, v in row.items() if k != "version"}) for row in rows]
         return ClassifyResponse(objects=objects, classes=list(meta["classes"]),
                                 latency_ms=(time.perf_counter() - started) * 1000,
@@ -174,12 +155,6 @@ class Transients:
             return inference.curves_from_table(frame, meta["bands"], int(meta["max_points"]))
 
         return await self._classify(curves_of)
-
-    @bentoml.api(route="/model")
-    @answers_errors
-    async def model(self) -> dict[str, Any]:
-        """The model this service answers with (name, version, run, classes, bands, limits)."""
-        return await self._model_meta(refresh=True)
 
 
 def _read_table(path: Path) -> Any:

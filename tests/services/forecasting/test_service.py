@@ -127,7 +127,7 @@ def test_a_dropped_connection_to_the_runner_is_retried_then_a_503() -> None:
 
     front = Forecasting.inner.__new__(Forecasting.inner)
     front.__dict__["runner"] = flaky = Runner(drops=2)
-    assert asyncio.run(front._runner_model_info()) == {"name": "forecasting", "version": "3"} and flaky.calls == 3
+    assert asyncio.run(front.model_meta()) == {"name": "forecasting", "version": "3"} and flaky.calls == 3
     front.__dict__["runner"] = Runner(drops=5)
     with pytest.raises(ModelUnavailable, match="the model runner could not answer"):
-        asyncio.run(front._runner_model_info())
+        asyncio.run(front.model_meta(refresh=True))
