@@ -1,7 +1,7 @@
 """``make demo``: start the local stack, train every domain's demo models on Ray, query every service.
 
 Trains on the synthetic default data, or on ``TESSERA_DATA`` when given (each domain takes it when the file is
-of a kind it reads, ``Domain.accepts_data``: a CSV/Parquet table, a netCDF/GRIB file, a Push-T replay buffer
+of a kind it reads best, ``Domain.data_match``: a CSV/Parquet table, a netCDF/GRIB file, a Push-T replay buffer
 ``.zarr``...), with each domain's short demo settings so the whole demo fits in a few minutes on 2 CPU cores;
 then sends each service the example input of its domain through the domain's own client (what
 ``tessera predict`` does) and leaves the stack running.
@@ -26,9 +26,13 @@ from shared.client import wait_for_model
 console = Console(width=max(110, Console().width))  # tables stay readable under make / CI logs
 
 
-def data_for(domain: registry.Domain, data: str | None) -> str | None:
-    """``TESSERA_DATA`` for the domains that read that kind of file; the others train on their synthetic data."""
-    return data if data and domain.accepts_data(data) else None
+def data_for(domain: registry.Domain, data: str | None, domains: list[registry.Domain]) -> str | None:
+    """``TESSERA_DATA`` for the domains of ``domains`` that match it best (``Domain.data_match``); the others
+    train on their synthetic data."""
+    if not data:
+        return None
+    best = max(d.data_match(data) for d in domains)
+    return data if best > 0 and domain.data_match(data) == best else None
 
 
 def _production(results: list[dict[str, Any]], domain: str) -> int | None:
@@ -53,7 +57,7 @@ def main() -> None:
     for domain in domains:
         for job in domain.demo_jobs:
             console.rule(f"train {domain.name}/{job.model}")
-            entrypoint = job_entrypoint("pipelines.train", domain.name, job.model, data_for(domain, data),
+            entrypoint = job_entrypoint("pipelines.train", domain.name, job.model, data_for(domain, data, domains),
                                         list(job.overrides))
             code, result = submit_and_follow(entrypoint, stack.dashboard_url(), None)
             if code != 0 or result is None:
@@ -68,7 +72,7 @@ def main() -> None:
                 continue
             url = stack.service_url(domain.name)
             wait_for_model(url, _production(results, domain.name))
-            source = domain.example_input(Path(tmp), data_for(domain, data))
+            source = domain.example_input(Path(tmp), data_for(domain, data, domains))
             prediction = domain.predict(url, source, output=Path(tmp) / f"{domain.name}-answer")
             console.print(prediction.summary)
             served[domain.name] = prediction.version

@@ -154,10 +154,11 @@ class Domain(abc.ABC):
         """Metrics over an iterable of batches."""
         return self.metrics_from(self.metric_sums(model, batches, device))
 
-    def accepts_data(self, path: str) -> bool:
-        """Whether ``path`` is data this domain trains on (``TESSERA_DATA`` in the demo): by default, a file of one
-        of its ``data_suffixes``."""
-        return bool(self.data_suffixes) and path.rstrip("/").lower().endswith(self.data_suffixes)
+    def data_match(self, path: str) -> int:
+        """How well ``path`` fits as this domain's training data (``TESSERA_DATA`` in the demo, which goes to the
+        domains that match it best): 0 not at all, 1 by its kind (by default: a file of one of the
+        ``data_suffixes``), 2 recognised by its content or companion files."""
+        return int(bool(self.data_suffixes) and path.rstrip("/").lower().endswith(self.data_suffixes))
 
     def collate(self, cfg: Any) -> Callable[[list[Any]], Any] | None:
         """How the trainer's loaders batch samples (a picklable function; None: torch's default collate, for

@@ -48,14 +48,6 @@ class ForecastingDomain(Domain):
                                           data=datapath.normalize(data) if data else None)
         return apply_overrides(cfg, overrides)
 
-    def accepts_data(self, path: str) -> bool:
-        """A CSV/Parquet table that is not a light-curve table (those go to transients)."""
-        from shared import registry
-
-        if not super().accepts_data(path):
-            return False
-        return "transients" not in registry.names() or not registry.get("transients").accepts_data(path)
-
     def load_data(self, cfg: ForecastingConfig) -> DataBundle:
         from .data import WindowDataset, load_frame, prepare
         from .streaming import in_memory_mb, prepare_streamed

@@ -41,11 +41,11 @@ class TransientsDomain(Domain):
     demo_jobs = (DemoJob("native", ("epochs=8", "synthetic_objects=600")),)
     max_body_bytes = 4 * 1024 * 1024
 
-    def accepts_data(self, path: str) -> bool:
-        """A light-curve table with its metadata file beside it (forecasting takes other tables)."""
+    def data_match(self, path: str) -> int:
+        """A table with a metadata file beside it is a light-curve set (2); a table alone is not ours (0)."""
         from .data import find_metadata
 
-        return super().accepts_data(path) and find_metadata(path) is not None
+        return 2 if super().data_match(path) and find_metadata(path) is not None else 0
 
     def load_data(self, cfg: TransientsConfig) -> DataBundle:
         import numpy as np
