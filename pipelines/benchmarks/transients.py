@@ -59,17 +59,22 @@ def _time(fn: Any, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def train_throughput(curves: list[Any], batch: int, steps: int) -> dict[str, float]:
-    from services.transients.data import collate_packed, collate_padded
+def _native_model() -> tuple[torch.nn.Module, Any, Any]:
+    """The default ``native`` model (fresh weights, seed 0) for five classes of ZTF g/r light curves."""
+    from services.transients.data import TransientsState
 
     domain = registry.get("transients")
     cfg = domain.make_config("native", None, {})
-    from services.transients.data import TransientsState
-
     state = TransientsState(data="bench", fingerprint="", classes=("a", "b", "c", "d", "e"), survey="ztf",
                             bands=("g", "r"), wavelengths=(4746.48, 6366.38), objects={}, class_counts=(1,) * 5)
     torch.manual_seed(0)
-    model = domain.build_model(cfg, state).train()
+    return domain.build_model(cfg, state), cfg, state
+
+
+def train_throughput(curves: list[Any], batch: int, steps: int) -> dict[str, float]:
+    from services.transients.data import collate_packed, collate_padded
+
+    model = _native_model()[0].train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     groups = _batches(curves, batch, steps, seed=0)
     labels = torch.randint(0, 5, (batch,))
@@ -121,14 +126,10 @@ def attention_alone(curves: list[Any], batch: int, steps: int, d_model: int = 64
 
 def serving_in_process(curves: list[Any]) -> dict[str, float]:
     from services.transients import inference
-    from services.transients.data import TransientsState
     from shared.tracking import LoadedModel
 
-    domain = registry.get("transients")
-    cfg = domain.make_config("native", None, {})
-    state = TransientsState(data="bench", fingerprint="", classes=("a", "b", "c", "d", "e"), survey="ztf",
-                            bands=("g", "r"), wavelengths=(4746.48, 6366.38), objects={}, class_counts=(1,) * 5)
-    loaded = LoadedModel(domain.build_model(cfg, state).eval(), cfg, state, "transients")
+    model, cfg, state = _native_model()
+    loaded = LoadedModel(model.eval(), cfg, state, "transients")
     sample = curves[:256]
     one = _time(lambda: [inference.classify(loaded, [c]) for c in sample[:64]], 2) / 64
     batched = _time(lambda: [inference.classify(loaded, sample[i:i + 64]) for i in range(0, len(sample), 64)], 2)
@@ -155,7 +156,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     curves, name = _curves(args.data)
     lengths = np.array([len(c) for c in curves])
     print(f"{name}: {len(curves)} light curves, points per curve median {int(np.median(lengths))}, "

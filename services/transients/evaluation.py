@@ -42,17 +42,12 @@ def subset(curves: list[Curve], labels: np.ndarray, ids: tuple[str, ...]) -> tup
     return [curves[i] for i in keep], labels[keep]
 
 
-class _Loaded:
-    """What :func:`services.transients.inference.classify` needs of a loaded model."""
-
-    def __init__(self, model: nn.Module, cfg: TransientsConfig, state: TransientsState) -> None:
-        self.model, self.cfg, self.state = model, cfg, state
-
-
 def model_proba(model: nn.Module, cfg: TransientsConfig, state: TransientsState, curves: list[Curve]) -> np.ndarray:
+    from shared.tracking import LoadedModel
+
     from .inference import classify
 
-    return classify(_Loaded(model, cfg, state), curves).probabilities
+    return classify(LoadedModel(model, cfg, state, "transients"), curves).probabilities
 
 
 def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int) -> dict[str, float | None]:

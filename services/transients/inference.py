@@ -17,7 +17,7 @@ import torch
 from shared.serving import RequestError
 
 from .curves import Curve
-from .data import collate_grids, collate_packed, to_curves, tokens
+from .data import collate_grids, collate_packed, tokens
 from .training import ood_scores
 
 MAX_OBJECTS = 256  # objects per request
@@ -165,6 +165,3 @@ def pyfunc_predict(loaded: Any, model_input: Any, params: dict[str, Any]) -> pd.
     return pd.DataFrame([{"object_id": a["object_id"], "top_class": a["top_class"], "ood_score": a["ood_score"],
                           **{f"p_{c}": v for c, v in a["probabilities"].items()}} for a in found])
 
-
-__all__ = ["MAX_OBJECTS", "answers", "check_object", "classify", "curves_from_table", "model_inputs",
-           "pyfunc_example", "pyfunc_predict", "to_curves"]

@@ -66,7 +66,6 @@ class Classifier(nn.Module):
     def __init__(self, cfg: TransientsConfig, n_classes: int, temperature: float,
                  class_counts: tuple[int, ...] = (), pooled_dim: int | None = None) -> None:
         super().__init__()
-        self.use_redshift = cfg.use_redshift
         self.label_smoothing = cfg.label_smoothing
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         counts = torch.tensor(class_counts or (1,) * n_classes, dtype=torch.float32).clamp(min=1)
