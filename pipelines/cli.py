@@ -265,16 +265,25 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version(mlflow: Any, name: str, version: str) -> Any | None:
+    """The registered version ``version`` (a number or an alias) of ``name``, or None after printing why not."""
+    from shared.tracking import resolve_version
+
+    try:
+        return resolve_version(mlflow, name, version)
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        return None
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     from shared import registry
-    from shared.tracking import PRODUCTION, move_alias, resolve_version
+    from shared.tracking import PRODUCTION, move_alias
 
     domain = registry.get(args.domain)
     mlflow = _registry(args)
-    try:
-        version = resolve_version(mlflow, domain.name, str(args.version))
-    except ValueError as exc:
-        console.print(f"[red]{exc}")
+    version = _version(mlflow, domain.name, str(args.version))
+    if version is None:
         return 2
     before = move_alias(mlflow, domain.name, str(version.version))
     mlflow.set_model_version_tag(domain.name, str(version.version), "promoted", "by hand (tessera promote)")
@@ -305,18 +314,14 @@ def _cmd_bento(args: argparse.Namespace) -> int:
 
     from shared import registry
     from shared.serving import bento_model_name
-    from shared.tracking import resolve_version
-
     domain = registry.get(args.domain)
     bentofile = PROJECT_ROOT / "services" / domain.name / "bentofile.yaml"
     if not bentofile.exists():
         console.print(f"[red]{bentofile} is missing: `python -m infra.bentofiles` writes it")
         return 2
     mlflow = _registry(args)
-    try:
-        version = resolve_version(mlflow, domain.name, str(args.version))
-    except ValueError as exc:
-        console.print(f"[red]{exc}")
+    version = _version(mlflow, domain.name, str(args.version))
+    if version is None:
         return 2
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri  # bentoml.mlflow reads models:/ URIs through it
     model = bentoml.mlflow.import_model(bento_model_name(domain.name), f"models:/{domain.name}/{version.version}",
