@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import MutableMapping
 
     import fsspec
+    import pandas as pd
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]+)://")
 _BACKENDS = {"s3": "s3fs (pip install 'tessera[s3]')", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
@@ -111,6 +112,29 @@ def open_file(value: str | os.PathLike[str], mode: str = "rb") -> IO[Any]:
         return open(normalize(value), mode)  # noqa: SIM115 - the caller closes it
     fs, path = filesystem(value)
     return fs.open(path, mode)
+
+
+def table_format(value: str | os.PathLike[str]) -> str:
+    """``parquet`` or ``csv`` (also gzipped) from the file name; ValueError for anything else."""
+    kind = suffix(value)
+    if kind in (".parquet", ".pq"):
+        return "parquet"
+    if kind in (".csv", ".txt", ".gz"):
+        return "csv"
+    raise ValueError(f"{name(value)}: unsupported format {kind!r} (use .csv or .parquet)")
+
+
+def read_table(value: str | os.PathLike[str]) -> pd.DataFrame:
+    """A CSV or Parquet table at a local path or a URI (needs pandas, which the domains that read tables
+    install); ValueError for another format, FileNotFoundError when it is absent."""
+    import pandas as pd
+
+    kind = table_format(value)
+    require(value, "data file")
+    with open_file(value) as handle:
+        if kind == "parquet":
+            return pd.read_parquet(handle)
+        return pd.read_csv(handle, compression="gzip" if suffix(value) == ".gz" else None)
 
 
 def mapper(value: str | os.PathLike[str]) -> str | MutableMapping[str, bytes]:

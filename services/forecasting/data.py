@@ -25,27 +25,10 @@ TIME_COLUMNS = ("date", "time", "timestamp", "datetime", "ds")
 HOURS_PER_MONTH = 30 * 24
 
 
-TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".txt", ".gz")
-
-
-def table_format(path: str | Path) -> str:
-    """``parquet`` or ``csv`` from the file name; ValueError for anything else."""
-    suffix = datapath.suffix(path)
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix in (".csv", ".txt", ".gz"):
-        return "csv"
-    raise ValueError(f"{datapath.name(path)}: unsupported format {suffix!r} (use .csv or .parquet)")
-
-
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV or Parquet file (a local path or a URI); ``ValueError`` with the reason when it is not a
     numeric table, ``FileNotFoundError`` when it is absent."""
-    kind = table_format(path)
-    datapath.require(path, "data file")
-    with datapath.open_file(path) as handle:
-        frame = pd.read_parquet(handle) if kind == "parquet" else pd.read_csv(
-            handle, compression="gzip" if datapath.suffix(path) == ".gz" else None)
+    frame = datapath.read_table(path)
     if frame.empty:
         raise ValueError(f"{datapath.name(path)}: no rows")
     return frame

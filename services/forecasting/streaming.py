@@ -46,7 +46,6 @@ from .data import (
     mark_names,
     split_borders,
     split_kind,
-    table_format,
     usable_std,
 )
 
@@ -57,7 +56,7 @@ CACHE_VERSION = 1
 def in_memory_mb(path: str) -> float:
     """What reading ``path`` whole would take as float64 values: rows x columns from a Parquet footer, the
     file size for CSV (a number in text takes about as many bytes as a float64)."""
-    if table_format(path) == "parquet":
+    if datapath.table_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         with datapath.open_file(path) as handle:
@@ -113,7 +112,7 @@ class MappedRows:
 
 def _batches(path: str) -> Iterator[pd.DataFrame]:
     """The file as pandas frames of at most ``BATCH_ROWS`` rows."""
-    if table_format(path) == "parquet":
+    if datapath.table_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         with datapath.open_file(path) as handle:

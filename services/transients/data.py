@@ -74,20 +74,9 @@ class ReadReport:
         return out
 
 
-def _read(path: str) -> pd.DataFrame:
-    suffix = datapath.suffix(path)
-    datapath.require(path, "data file")
-    with datapath.open_file(path) as handle:
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(handle)
-        if suffix in (".csv", ".gz", ".txt"):
-            return pd.read_csv(handle, compression="gzip" if suffix == ".gz" else None)
-    raise ValueError(f"{datapath.name(path)}: unsupported format {suffix!r} (use .csv or .parquet)")
-
-
 def read_light_curves(path: str) -> pd.DataFrame:
     """The observations of a PLAsTiCC-layout file: object_id (str), mjd, passband (int), flux, flux_err, detected."""
-    frame = _read(path)
+    frame = datapath.read_table(path)
     missing = [c for c in LIGHT_CURVE_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{datapath.name(path)}: missing columns {missing} (the PLAsTiCC layout: "
@@ -126,7 +115,7 @@ def _number(value: Any) -> float:
 
 def read_metadata(path: str, label_column: str = "auto") -> pd.DataFrame:
     """object_id (str), label (str) and redshift (float, NaN when unknown) of a metadata file."""
-    frame = _read(path)
+    frame = datapath.read_table(path)
     if "object_id" not in frame.columns:
         raise ValueError(f"{datapath.name(path)}: no object_id column")
     column = label_column
