@@ -58,9 +58,9 @@ class TransientsDomain(Domain):
             TransientsState,
             band_info,
             load_labelled,
+            object_globals,
             split_objects,
             synthetic_curves,
-            tokens,
         )
 
         if cfg.data:
@@ -85,7 +85,7 @@ class TransientsDomain(Domain):
 
             grids = gp_grids(labelled.curves, wavelengths, steps=cfg.gp_steps, window_days=cfg.window_days,
                              wavelength_scale=cfg.gp_wavelength_scale, progress=True)
-            globals_ = np.stack([tokens(c, cfg.use_redshift)["globals"] for c in labelled.curves])
+            globals_ = np.stack([object_globals(c, cfg.use_redshift) for c in labelled.curves])
             datasets: list[Any] = [GridDataset(grids[p], globals_[p], labelled.labels[p]) for p in parts]
         else:
             datasets = [CurveDataset([labelled.curves[i] for i in p], labelled.labels[p], cfg, train=k == 0)

@@ -438,14 +438,30 @@ def _colour(t: np.ndarray, band: np.ndarray, flux: np.ndarray) -> tuple[np.ndarr
     return colour, gap
 
 
+def _scale_and_start(curve: Curve) -> tuple[float, float]:
+    """The flux scale (peak |flux| of the detections) and the time of the first detection (days)."""
+    det = curve.detected
+    seen = curve.flux[det] if det.any() else curve.flux
+    return max(float(np.max(np.abs(seen))), 1e-6), float(curve.mjd[det][0] if det.any() else curve.mjd[0])
+
+
+def object_globals(curve: Curve, use_redshift: bool) -> np.ndarray:
+    """Per object (N_GLOBALS): log10 of the flux scale (centred), redshift (0 when not used or unknown), log of
+    the number of detections and of the days they span."""
+    scale, t0 = _scale_and_start(curve)
+    det = curve.detected
+    redshift = curve.redshift if (use_redshift and curve.redshift is not None) else 0.0
+    span = float(curve.mjd[det][-1] - t0) if det.any() else 0.0
+    return np.array([np.log10(scale) - FLUX_SCALE_CENTRE, redshift, np.log1p(int(det.sum())) / 3.0 - 1.0,
+                     np.log1p(span) / 3.0 - 1.0], dtype=np.float32)
+
+
 def tokens(curve: Curve, use_redshift: bool) -> dict[str, np.ndarray]:
     """The `native` model's input of one light curve: per observation its time since the first detection
     (days), band index and scaled values (N_VALUES); per object its global features (N_GLOBALS)."""
     det = curve.detected
     flux, err, t = curve.flux, curve.flux_err, curve.mjd
-    seen = flux[det] if det.any() else flux
-    scale = max(float(np.max(np.abs(seen))), 1e-6)
-    t0 = float(t[det][0]) if det.any() else float(t[0])
+    scale, t0 = _scale_and_start(curve)
     t_peak = float(t[det][np.argmax(flux[det])]) if det.any() else float(t[np.argmax(flux)])
     since_prev = np.zeros(len(curve))
     first_in_band = np.zeros(len(curve))
@@ -458,13 +474,9 @@ def tokens(curve: Curve, use_redshift: bool) -> dict[str, np.ndarray]:
     values = np.stack([flux / scale, err / scale, np.arcsinh(flux / FLUX_SOFT) / 3.0, np.arcsinh(flux / err) / 3.0,
                        det.astype(np.float64), flux / brightest, np.log1p(since_prev) / 3.0, first_in_band,
                        _slog(t - t_peak) / 4.0, _slog(t - t0) / 4.0, colour, colour_gap], axis=1)  # (n, N_VALUES)
-    redshift = curve.redshift if (use_redshift and curve.redshift is not None) else 0.0
-    n_det = int(det.sum())
-    span = float(t[det][-1] - t0) if det.any() else 0.0
     return {"time": (t - t0).astype(np.float32), "band": curve.passband.astype(np.int64),
             "values": np.clip(values, -VALUE_CLIP, VALUE_CLIP).astype(np.float32),
-            "globals": np.array([np.log10(scale) - FLUX_SCALE_CENTRE, redshift, np.log1p(n_det) / 3.0 - 1.0,
-                                 np.log1p(span) / 3.0 - 1.0], dtype=np.float32)}
+            "globals": object_globals(curve, use_redshift)}
 
 
 class CurveDataset(Dataset[dict[str, Any]]):

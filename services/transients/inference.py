@@ -17,7 +17,7 @@ import torch
 from shared.serving import RequestError
 
 from .curves import Curve
-from .data import collate_grids, collate_packed, tokens
+from .data import collate_grids, collate_packed, object_globals, tokens
 from .training import ood_scores
 
 MAX_OBJECTS = 256  # objects per request
@@ -104,7 +104,7 @@ def model_inputs(loaded: Any, curves: Sequence[Curve]) -> Any:
 
         grids = gp_grids(list(curves), state.wavelengths, steps=cfg.gp_steps, window_days=cfg.window_days,
                          wavelength_scale=cfg.gp_wavelength_scale, progress=False)
-        items = [{"grid": g, "globals": tokens(c, cfg.use_redshift)["globals"], "label": 0}
+        items = [{"grid": g, "globals": object_globals(c, cfg.use_redshift), "label": 0}
                  for g, c in zip(grids, curves, strict=True)]
         return collate_grids(items)
     return collate_packed([{**tokens(c, cfg.use_redshift), "label": 0} for c in curves])
