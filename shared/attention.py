@@ -446,7 +446,6 @@ def _grouped_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, groups:
 def _padded_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                    max_seqlen_k: int, *, causal: bool, dropout_p: float, scale: float | None, backend: str) -> Tensor:
     """Packed attention as one padded call with a key-padding mask."""
-    name = backend
     batch = cu_seqlens_q.numel() - 1
     seq_q, pos_q = _token_index(cu_seqlens_q, q.shape[0])
     seq_k, pos_k = _token_index(cu_seqlens_k, k.shape[0])
@@ -456,7 +455,7 @@ def _padded_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
     real_k = torch.zeros(batch, max_seqlen_k, dtype=torch.bool, device=k.device)
     real_k = real_k.index_put((seq_k, pos_k), torch.ones_like(pos_k, dtype=torch.bool))  # (B, Lk)
     out = attention(q_pad.transpose(1, 2), k_pad.transpose(1, 2), v_pad.transpose(1, 2), key_padding_mask=real_k,
-                    causal=causal, dropout_p=dropout_p, scale=scale, backend=name)  # (B, H, Lq, Dv)
+                    causal=causal, dropout_p=dropout_p, scale=scale, backend=backend)  # (B, H, Lq, Dv)
     return out.transpose(1, 2)[seq_q, pos_q]  # (total_q, H, Dv)
 
 
