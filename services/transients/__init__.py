@@ -147,7 +147,10 @@ class TransientsDomain(Domain):
             return {}
         proba = logits.softmax(-1).numpy()
         classes = list(data.state.classes)  # type: ignore[attr-defined]
-        return {"confusion_test.png": confusion_figure(np.asarray(labels), proba, classes),
+        from .training import decide
+
+        pred = decide(model, logits).numpy()
+        return {"confusion_test.png": confusion_figure(np.asarray(labels), proba, classes, pred),
                 "reliability_test.png": reliability_figure(np.asarray(labels), proba, title="test (calibrated)")}
 
     def evaluation(self, model: torch.nn.Module, cfg: TransientsConfig, state: TransientsState, data: str | None,
@@ -158,9 +161,11 @@ class TransientsDomain(Domain):
 
     def describe(self, cfg: TransientsConfig, state: TransientsState) -> dict[str, Any]:
         from .inference import MAX_OBJECTS
+        from .model import decision_bias
 
         return {"classes": list(state.classes), "bands": list(state.bands), "survey": state.survey,
                 "uses_redshift": cfg.use_redshift, "temperature": state.temperature,
+                "decision": cfg.decision, "decision_bias": decision_bias(cfg, state),
                 "ood_threshold": state.ood_threshold, "max_points": cfg.max_points, "max_objects": MAX_OBJECTS,
                 "data": state.data}
 

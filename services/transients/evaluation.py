@@ -42,18 +42,22 @@ def subset(curves: list[Curve], labels: np.ndarray, ids: tuple[str, ...]) -> tup
     return [curves[i] for i in keep], labels[keep]
 
 
-def model_proba(model: nn.Module, cfg: TransientsConfig, state: TransientsState, curves: list[Curve]) -> np.ndarray:
+def model_outputs(model: nn.Module, cfg: TransientsConfig, state: TransientsState,
+                  curves: list[Curve]) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities (N, K) and the model's top classes (N,) (its decision rule, as served)."""
     from shared.tracking import LoadedModel
 
     from .inference import classify
 
-    return classify(LoadedModel(model, cfg, state, "transients"), curves).probabilities
+    found = classify(LoadedModel(model, cfg, state, "transients"), curves)
+    return found.probabilities, found.decision
 
 
-def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int) -> dict[str, float | None]:
+def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int,
+           pred: np.ndarray | None = None) -> dict[str, float | None]:
     """The metrics, rounded; None where one cannot be computed (a ROC-AUC with one class present), so the last
     line stays strict JSON."""
-    found = classification_metrics(y, proba, classes, bins=bins)
+    found = classification_metrics(y, proba, classes, bins=bins, pred=pred)
     return {k: round(float(found[k]), 5) if np.isfinite(found[k]) else None for k in METRICS}
 
 
@@ -75,8 +79,10 @@ def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: Transien
     cuts: dict[str, list[Curve]] = {"all": test, **{str(k): [c.first_detections(k) for c in test]
                                                     for k in settings.early}}
     started = time.perf_counter()
-    proba = {cut: model_proba(model, cfg, state, curves) for cut, curves in cuts.items()}
+    outputs = {cut: model_outputs(model, cfg, state, curves) for cut, curves in cuts.items()}
     model_seconds = time.perf_counter() - started
+    proba = {cut: p for cut, (p, _) in outputs.items()}
+    picked: dict[str, dict[str, np.ndarray | None]] = {"model": {cut: d for cut, (_, d) in outputs.items()}}
     systems: dict[str, dict[str, np.ndarray]] = {"model": proba}
     if settings.baseline:
         from .baseline import FeatureBaseline
@@ -85,16 +91,18 @@ def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: Transien
         baseline = FeatureBaseline(len(classes), len(state.bands), seed=settings.seed,
                                    train_cuts=tuple(settings.early)).fit(train, train_y)
         systems["baseline"] = {cut: baseline.predict_proba(curves) for cut, curves in cuts.items()}
+        picked["baseline"] = dict.fromkeys(cuts)  # the argmax: trained with balanced weights, the balanced rule
     metrics: dict[str, Any] = {}
     for name, by_cut in systems.items():
-        found = {cut: scores(test_y, p, classes, settings.ece_bins) for cut, p in by_cut.items()}
+        found = {cut: scores(test_y, p, classes, settings.ece_bins, picked[name][cut]) for cut, p in by_cut.items()}
         metrics[name] = {**found["all"], "early": {str(k): found[str(k)] for k in settings.early}}
     metrics.update({"classes": classes, "n_objects": len(test), "split": split,
                     "class_counts": {c: int((test_y == i).sum()) for i, c in enumerate(classes)},
                     "model_ms_per_object": round(1000 * model_seconds / max(1, sum(len(c) for c in cuts.values())), 4)})
     if settings.baseline:
         metrics["baseline"]["name"] = "light-curve features + LightGBM"
-    figures = {"confusion.png": confusion_figure(test_y, proba["all"], classes),
+    metrics["model"]["decision"] = cfg.decision
+    figures = {"confusion.png": confusion_figure(test_y, proba["all"], classes, picked["model"]["all"]),
                "reliability.png": reliability_figure(test_y, proba["all"], bins=settings.ece_bins,
                                                      title=f"{cfg.model}, {split} ({len(test)} objects)")}
     def auc(name: str, cut: str) -> float:

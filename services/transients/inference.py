@@ -18,7 +18,7 @@ from shared.serving import RequestError
 
 from .curves import Curve
 from .data import collate_grids, collate_packed, object_globals, tokens
-from .training import ood_scores
+from .training import decide, ood_scores
 
 MAX_OBJECTS = 256  # objects per request
 CHUNK = 256  # objects per model call
@@ -94,6 +94,7 @@ def curves_from_table(frame: pd.DataFrame, bands: Sequence[str], max_points: int
 class Classified:
     probabilities: np.ndarray  # (N, K) calibrated
     ood_score: np.ndarray  # (N,)
+    decision: np.ndarray  # (N,) the top class (the model's decision rule, config ``decision``)
 
 
 def model_inputs(loaded: Any, curves: Sequence[Curve]) -> Any:
@@ -114,27 +115,28 @@ def model_inputs(loaded: Any, curves: Sequence[Curve]) -> Any:
 def classify(loaded: Any, curves: Sequence[Curve]) -> Classified:
     """Calibrated class probabilities and OOD scores of ``curves`` (in chunks of CHUNK objects)."""
     model = loaded.model.eval()
-    probs, scores = [], []
+    probs, scores, picked = [], [], []
     for start in range(0, len(curves), CHUNK):
         logits = model(model_inputs(loaded, curves[start:start + CHUNK])).float()  # (n, K), temperature-scaled
         probs.append(torch.softmax(logits, dim=-1).numpy())
         scores.append(ood_scores(logits).numpy())
+        picked.append(decide(model, logits).numpy())
     if not probs:
-        return Classified(np.zeros((0, len(loaded.state.classes))), np.zeros(0))
-    return Classified(np.concatenate(probs), np.concatenate(scores))
+        return Classified(np.zeros((0, len(loaded.state.classes))), np.zeros(0), np.zeros(0, dtype=np.int64))
+    return Classified(np.concatenate(probs), np.concatenate(scores), np.concatenate(picked))
 
 
 def answers(loaded: Any, curves: Sequence[Curve], result: Classified) -> list[dict[str, Any]]:
-    """Per object: its id, the probability of every class, the top class, the OOD score and whether it is above
-    the validation threshold."""
+    """Per object: its id, the probability of every class, the top class (the model's decision rule) and the
+    most probable one, the OOD score and whether it is above the validation threshold."""
     classes = list(loaded.state.classes)
     threshold = loaded.state.ood_threshold
     out = []
-    for curve, p, s in zip(curves, result.probabilities, result.ood_score, strict=True):
-        top = int(np.argmax(p))
+    for curve, p, s, top in zip(curves, result.probabilities, result.ood_score, result.decision, strict=True):
         probabilities = {c: float(v) for c, v in zip(classes, p, strict=True)}
         out.append({"object_id": curve.object_id, "probabilities": probabilities,
-                    "top_class": classes[top], "top_probability": float(p[top]), "ood_score": float(s),
+                    "top_class": classes[int(top)], "top_probability": float(p[int(top)]),
+                    "most_probable_class": classes[int(np.argmax(p))], "ood_score": float(s),
                     "out_of_distribution": bool(threshold is not None and s > threshold), "n_points": len(curve)})
     return out
 

@@ -114,14 +114,26 @@ def brier(y: np.ndarray, proba: np.ndarray) -> float:
     return float(((proba - onehot) ** 2).sum(axis=1).mean())
 
 
+def _check_pred(pred: np.ndarray | None, proba: np.ndarray) -> np.ndarray:
+    if pred is None:
+        return proba.argmax(axis=1) if proba.size else np.zeros(len(proba), dtype=np.int64)
+    pred = np.asarray(pred).astype(np.int64).reshape(-1)
+    if pred.shape[0] != proba.shape[0] or (pred.size and (pred.min() < 0 or pred.max() >= proba.shape[1])):
+        raise ValueError(f"pred must hold {proba.shape[0]} classes in 0..{proba.shape[1] - 1}")
+    return pred
+
+
 def _mean_or_nan(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str],
-                           bins: int = 15) -> dict[str, float]:
-    """The evaluation's scores of one system on one split (see the module docstring for absent classes)."""
+def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], bins: int = 15,
+                           pred: np.ndarray | None = None) -> dict[str, float]:
+    """The evaluation's scores of one system on one split (see the module docstring for absent classes).
+    ``pred`` (N,): the system's top classes, for balanced accuracy, macro-F1 and accuracy (default: the argmax of
+    ``proba``); the ranking, calibration and probability scores use ``proba``."""
     y, proba = _check(y, proba)
+    pred = _check_pred(pred, proba)
     n_classes = proba.shape[1]
     if len(classes) != n_classes:
         raise ValueError(f"{len(classes)} class names for {n_classes} probability columns")
@@ -143,7 +155,6 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
     flat = onehot.ravel()
     out["micro_auc"] = float(roc_auc_score(flat, proba.ravel())) if 0 < flat.sum() < flat.size else math.nan
     out["macro_pr_auc"] = _mean_or_nan(pr_aucs)
-    pred = proba.argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" when a class is absent
         out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
@@ -158,11 +169,13 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
 # ---------------------------------------------------------------- figures (Figure objects, no pyplot state: Agg)
 
 
-def confusion_figure(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> Figure:
-    """Row-normalised confusion matrix (true class per row), each cell annotated with its fraction and count."""
+def confusion_figure(y: np.ndarray, proba: np.ndarray, classes: Sequence[str],
+                     pred: np.ndarray | None = None) -> Figure:
+    """Row-normalised confusion matrix (true class per row) of the top classes ``pred`` (default: the argmax),
+    each cell annotated with its fraction and count."""
     y, proba = _check(y, proba)
     n_classes = proba.shape[1]
-    counts = confusion_matrix(y, proba.argmax(axis=1), labels=list(range(n_classes)))  # (K, K)
+    counts = confusion_matrix(y, _check_pred(pred, proba), labels=list(range(n_classes)))  # (K, K)
     rows = counts.sum(axis=1, keepdims=True)
     frac = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
     size = 1.2 + 0.75 * n_classes

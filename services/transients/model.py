@@ -44,11 +44,14 @@ class ContinuousTime(nn.Module):
         return self.proj(torch.cat([phase.sin(), phase.cos()], dim=-1))  # (..., d_model)
 
 
+POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}  # class_weighting -> exponent of the inverse frequency
+
+
 def class_weights_for(counts: Tensor, weighting: str, power: float | None = None) -> Tensor:
     """Cross-entropy weights (K,) from training counts: inverse frequency, its square root, or ones (or, when
     ``power`` is given, the inverse frequency to that power); mean 1 over the training objects."""
     if power is None:
-        power = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}[weighting]
+        power = POWERS[weighting]
     if power == 0.0:
         return torch.ones_like(counts)
     weights = counts.sum() / (len(counts) * counts)
@@ -56,11 +59,41 @@ def class_weights_for(counts: Tensor, weighting: str, power: float | None = None
     return weights * counts.sum() / (weights * counts).sum()
 
 
+def weight_power(cfg: TransientsConfig) -> float:
+    """The exponent of the inverse class frequency in the cross-entropy weights."""
+    if cfg.class_weight_power is not None:
+        return float(cfg.class_weight_power)
+    return POWERS[cfg.class_weighting]
+
+
+def decision_bias_for(counts: Tensor, cfg: TransientsConfig) -> Tensor:
+    """Added to the log-probabilities before the argmax that picks the top class (K,).
+
+    ``decision="balanced"``: the Bayes rule for balanced accuracy (every class's recall counts the same). A
+    cross-entropy with weights proportional to pi_c^-w (pi: the training class frequencies) is minimised by
+    q(c|x) proportional to pi_c^(1-w) p(x|c), so the class of highest likelihood p(x|c) is the argmax of
+    log q(c|x) - (1 - w) log pi_c. With balanced weights (w = 1) that is the plain argmax; with the default
+    sqrt weights it divides the probabilities by sqrt(pi_c) before the argmax. The probabilities themselves are
+    not changed. ``decision="probable"``: the plain argmax (the most probable class, best for accuracy).
+    """
+    if cfg.decision == "probable":
+        return torch.zeros_like(counts)
+    prior = counts / counts.sum()
+    return -(1.0 - weight_power(cfg)) * prior.log()
+
+
+def decision_bias(cfg: TransientsConfig, state: TransientsState) -> dict[str, float]:
+    """The decision bias per class name (what ``/info`` shows)."""
+    counts = torch.tensor(state.class_counts or (1,) * len(state.classes), dtype=torch.float32).clamp(min=1)
+    return {c: round(float(b), 6) for c, b in zip(state.classes, decision_bias_for(counts, cfg), strict=True)}
+
+
 class Classifier(nn.Module):
     """Shared parts: temperature, class weights, the head on pooled features and globals."""
 
     temperature: Tensor
     class_weights: Tensor
+    decision_bias: Tensor
     globals_mask: Tensor
 
     def __init__(self, cfg: TransientsConfig, n_classes: int, temperature: float,
@@ -71,6 +104,7 @@ class Classifier(nn.Module):
         counts = torch.tensor(class_counts or (1,) * n_classes, dtype=torch.float32).clamp(min=1)
         weights = class_weights_for(counts, cfg.class_weighting, cfg.class_weight_power)
         self.register_buffer("class_weights", weights, persistent=False)  # (K,) cross-entropy weights
+        self.register_buffer("decision_bias", decision_bias_for(counts, cfg), persistent=False)  # (K,)
         mask = torch.ones(N_GLOBALS)
         if not cfg.use_redshift:
             mask[REDSHIFT_GLOBAL] = 0.0
@@ -78,6 +112,10 @@ class Classifier(nn.Module):
         pooled_dim = cfg.d_model if pooled_dim is None else pooled_dim
         self.head = nn.Sequential(nn.Linear(pooled_dim + N_GLOBALS, cfg.d_model), nn.GELU(),
                                   nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, n_classes))
+
+    def decide(self, logits: Tensor) -> Tensor:
+        """The class picked for each row of (calibrated) logits (N, K): see :func:`decision_bias_for`."""
+        return (logits.float() + self.decision_bias.to(logits.device)).argmax(dim=-1)
 
     def globals_of(self, globals_: Tensor) -> Tensor:
         return globals_ * self.globals_mask.to(globals_.dtype)  # (B, N_GLOBALS)
@@ -175,9 +213,42 @@ class T2Classifier(Classifier):
         return self.classify(h.mean(dim=1), self.globals_of(batch["globals"]))
 
 
+class Ensemble(nn.Module):
+    """``members`` classifiers of the same settings, initialised apart and trained side by side on the same
+    batches, each on its own cross-entropy (a deep ensemble; their dropout masks differ too). The ensemble's
+    logits are the log of the members' mean probability, divided by one temperature fitted on validation after
+    training (the members keep temperature 1)."""
+
+    temperature: Tensor
+
+    def __init__(self, members: list[Classifier], temperature: float = 1.0) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        first = members[0]
+        self.class_weights, self.label_smoothing = first.class_weights, first.label_smoothing
+
+    def member_logits(self, batch: Any) -> Tensor:
+        """Each member's logits (M, B, K)."""
+        return torch.stack([m(batch) for m in self.members])
+
+    def forward(self, batch: Any) -> Tensor:
+        log_p = torch.log_softmax(self.member_logits(batch).float(), dim=-1)  # (M, B, K)
+        mean = torch.logsumexp(log_p, dim=0) - math.log(len(self.members))  # (B, K) log of the mean probability
+        return mean / self.temperature
+
+    def decide(self, logits: Tensor) -> Tensor:
+        first: Any = self.members[0]
+        return first.decide(logits)
+
+
 def build(cfg: TransientsConfig, state: TransientsState) -> nn.Module:
     cls: Any = NativeClassifier if cfg.model == "native" else T2Classifier
-    return cls(cfg, len(state.bands), len(state.classes), state.temperature, tuple(state.class_counts))
+    if cfg.members == 1:
+        return cls(cfg, len(state.bands), len(state.classes), state.temperature, tuple(state.class_counts))
+    members = [cls(cfg, len(state.bands), len(state.classes), 1.0, tuple(state.class_counts))
+               for _ in range(cfg.members)]
+    return Ensemble(members, state.temperature)
 
 
 def labels_of(batch: Batch | dict[str, Tensor]) -> Tensor:

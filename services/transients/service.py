@@ -55,8 +55,9 @@ class ClassifyRequest(BaseModel):
 class ObjectClasses(BaseModel):
     object_id: str
     probabilities: dict[str, float]  # calibrated, one per class
-    top_class: str
-    top_probability: float
+    top_class: str  # the model's decision (default "balanced": argmax of p_c / pi_c^(1-w), see the README)
+    top_probability: float  # the calibrated probability of top_class
+    most_probable_class: str  # argmax of the probabilities
     ood_score: float  # energy score: higher = less like any known class
     out_of_distribution: bool  # ood_score above the threshold 95 % of validation objects fall below
     n_points: int

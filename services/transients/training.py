@@ -18,12 +18,18 @@ OOD_QUANTILE = 0.95  # the OOD threshold: this quantile of the validation object
 
 def class_loss(model: nn.Module, batch: Any, device: torch.device) -> Tensor:
     """Cross-entropy with the model's class weights (balanced: inverse training frequency; sqrt: its root) and
-    label smoothing."""
+    label smoothing; for an ensemble, of every member's logits."""
     batch = to_device(batch, device)
-    logits = model(batch)  # (B, K)
     weights = getattr(model, "class_weights", None)
     smoothing = float(getattr(model, "label_smoothing", 0.0))
-    return F.cross_entropy(logits, labels_of(batch), weight=weights, label_smoothing=smoothing)
+    labels = labels_of(batch)
+    member_logits = getattr(model, "member_logits", None)
+    if callable(member_logits):  # an ensemble: the mean of the members' own losses (each trained on its own)
+        logits = member_logits(batch)  # (M, B, K)
+        m = logits.shape[0]
+        return F.cross_entropy(logits.flatten(0, 1), labels.repeat(m), weight=weights, label_smoothing=smoothing)
+    logits = model(batch)  # (B, K)
+    return F.cross_entropy(logits, labels, weight=weights, label_smoothing=smoothing)
 
 
 @torch.no_grad()
@@ -39,14 +45,21 @@ def logits_and_labels(model: nn.Module, batches: Iterable[Any], device: torch.de
     return torch.cat(out), torch.cat(labels)
 
 
+def decide(model: nn.Module, logits: Tensor) -> Tensor:
+    """The top class the model picks for each row of ``logits`` (its decision rule; argmax without one)."""
+    rule = getattr(model, "decide", None)
+    return rule(logits) if callable(rule) else logits.argmax(-1)
+
+
 def metric_sums(model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-    """Per class: objects, summed negative log-likelihood, correct top labels (added over workers)."""
+    """Per class: objects, summed negative log-likelihood, correct top classes (the model's decision rule; added
+    over workers)."""
     logits, labels = logits_and_labels(model, batches, device)
     sums: dict[str, float] = {}
     if not len(labels):
         return sums
     nll = F.cross_entropy(logits, labels, reduction="none")
-    correct = (logits.argmax(1) == labels).float()
+    correct = (decide(model, logits) == labels).float()
     for k in range(logits.shape[1]):
         members = labels == k
         sums[f"n_{k}"] = float(members.sum())

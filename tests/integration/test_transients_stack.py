@@ -53,11 +53,15 @@ def test_classify_answers_each_object_with_calibrated_probabilities(classifier: 
     answer = httpx.post(_url(), json={"objects": objects}, timeout=60)
     assert answer.status_code == 200, answer.text
     body = answer.json()
+    bias = httpx.get(_url("/model"), timeout=30).json()["decision_bias"]  # the balanced decision rule's
     assert [o["object_id"] for o in body["objects"]] == [o["object_id"] for o in objects]
     for row in body["objects"]:
-        assert set(row["probabilities"]) == set(body["classes"])
-        assert math.isclose(sum(row["probabilities"].values()), 1.0, abs_tol=1e-4)
-        assert row["top_class"] == max(row["probabilities"], key=row["probabilities"].get)
+        p = row["probabilities"]
+        assert set(p) == set(body["classes"]) == set(bias)
+        assert math.isclose(sum(p.values()), 1.0, abs_tol=1e-4)
+        assert row["most_probable_class"] == max(p, key=p.get)
+        assert row["top_class"] == max(p, key=lambda c: math.log(max(p[c], 1e-300)) + bias[c])
+        assert row["top_probability"] == pytest.approx(p[row["top_class"]])
         assert math.isfinite(row["ood_score"]) and isinstance(row["out_of_distribution"], bool)
     assert body["model"]["version"] == str(classifier["version"])
     # the same object alone and in a batch of others gets the same answer

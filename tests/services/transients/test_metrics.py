@@ -53,6 +53,22 @@ def test_matches_sklearn(sample: tuple[np.ndarray, np.ndarray]) -> None:
     assert m["brier"] == pytest.approx(((proba - np.eye(4)[y]) ** 2).sum(axis=1).mean())
 
 
+def test_given_top_classes_score_the_decisions_and_leave_the_probability_scores(
+        sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = sample
+    pred = np.roll(proba.argmax(axis=1), 3)  # any decisions, not the argmax
+    m = classification_metrics(y, proba, ["a", "b", "c", "d"], pred=pred)
+    plain = classification_metrics(y, proba, ["a", "b", "c", "d"])
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["balanced_accuracy"] != pytest.approx(plain["balanced_accuracy"])
+    assert all(m[k] == plain[k] for k in ("macro_auc", "micro_auc", "log_loss", "ece", "brier"))
+    with pytest.raises(ValueError, match="pred must hold"):
+        classification_metrics(y, proba, ["a", "b", "c", "d"], pred=pred[:-1])
+    with pytest.raises(ValueError, match="pred must hold"):
+        classification_metrics(y, proba, ["a", "b", "c", "d"], pred=pred + 4)
+
+
 def test_plasticc_weights() -> None:
     assert len(PLASTICC_WEIGHTS) == 15
     assert {c for c, w in PLASTICC_WEIGHTS.items() if w == 2.0} == {15, 64, 99}

@@ -94,3 +94,45 @@ def test_each_bad_object_is_refused_with_its_name_and_reason(changes: dict, mess
 def test_a_good_object_is_sorted_by_time_and_names_become_indices() -> None:
     curve = _check(mjd=[3.0, 1.0, 2.0])
     assert curve.mjd.tolist() == [1.0, 2.0, 3.0] and curve.passband.tolist() == [1, 0, 0]  # type: ignore[attr-defined]
+
+
+def test_the_balanced_decision_divides_by_the_prior_the_class_weights_leave() -> None:
+    from services.transients.model import decision_bias_for
+
+    domain = registry.get("transients")
+    counts = torch.tensor([400.0, 100.0, 25.0])
+    prior = counts / counts.sum()
+    for weighting, power in (("sqrt", 0.5), ("none", 0.0), ("balanced", 1.0)):
+        cfg = domain.make_config("native", None, {"class_weighting": weighting})
+        assert torch.allclose(decision_bias_for(counts, cfg), -(1 - power) * prior.log())
+    probable = domain.make_config("native", None, {"decision": "probable"})
+    assert torch.equal(decision_bias_for(counts, probable), torch.zeros(3))
+    # q(c|x) of a sqrt-weighted model is proportional to sqrt(pi_c) p(x|c): the rule recovers argmax p(x|c)
+    likelihood = torch.rand(500, 3)
+    q = prior.sqrt() * likelihood
+    q = q / q.sum(1, keepdim=True)
+    sqrt_cfg = domain.make_config("native", None, {"class_weighting": "sqrt"})
+    picked = (q.log() + decision_bias_for(counts, sqrt_cfg)).argmax(1)
+    assert torch.equal(picked, likelihood.argmax(1)) and not torch.equal(q.argmax(1), likelihood.argmax(1))
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_trains_each_on_its_own_loss() -> None:
+    from services.transients.model import Ensemble
+    from services.transients.training import class_loss
+
+    domain = registry.get("transients")
+    cfg = domain.make_config("native", None, {**domain.tiny, "dropout": 0.0, "members": 3, "label_smoothing": 0.1})
+    data = domain.load_data(cfg)
+    torch.manual_seed(0)
+    model = domain.build_model(cfg, data.state).eval()
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    batch = collate_packed(_items(10, seed=2))
+    model.temperature.fill_(1.7)
+    probs = torch.stack([torch.softmax(m(batch), -1) for m in model.members])  # (3, B, K)
+    assert not torch.allclose(probs[0], probs[1])  # initialised apart
+    assert torch.allclose(model(batch), probs.mean(0).log() / 1.7, atol=1e-5)
+    own = torch.stack([torch.nn.functional.cross_entropy(m(batch), batch.labels, weight=model.class_weights,
+                                                         label_smoothing=0.1) for m in model.members])
+    assert torch.allclose(class_loss(model, batch, torch.device("cpu")), own.mean(), atol=1e-6)
+    single = domain.build_model(domain.make_config("native", None, {**domain.tiny, "members": 1}), data.state)
+    assert not isinstance(single, Ensemble)
