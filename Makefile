@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TESSERA_HOME ?= $(CURDIR)/.tessera
 
-.PHONY: install demo test test-unit test-integration up down status lint bench bench-attention bench-train bench-serve bench-policy bench-weather bench-memory bench-transients clean
+.PHONY: install demo test test-unit test-integration up down status lint bench bench-attention bench-train bench-serve bench-policy bench-weather bench-memory bench-transients bench-segmentation clean
 
 install: $(STAMP)
 
@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check shared pipelines services infra tests
 	$(VENV)/bin/mypy
 
-bench: bench-attention bench-train bench-serve bench-policy bench-weather bench-memory bench-transients
+bench: bench-attention bench-train bench-serve bench-policy bench-weather bench-memory bench-transients bench-segmentation
 
 bench-attention: install
 	$(PY) -m pipelines.benchmarks.attention
@@ -57,6 +57,9 @@ bench-policy: install
 
 bench-transients: install
 	$(PY) -m pipelines.benchmarks.transients
+
+bench-segmentation: install
+	$(PY) -m pipelines.benchmarks.segmentation
 
 bench-weather: install
 	$(PY) -m pipelines.benchmarks.weather_rollout
