@@ -9,7 +9,7 @@ In one run, with the default segmentation settings (2 input channels and 5 class
    forward pass for the backward (saved-tensor hooks), for ``memory=reversible``, ``checkpoint`` and ``plain``,
    and the peak resident memory of the step (forward, backward, AdamW) above the process before it, each in a
    fresh process;
-2. the largest cubic patch (a multiple of 16) each mode trains within the same ``--budget-mib`` of step memory
+2. the largest cubic patch (a multiple of 8) each mode trains within the same ``--budget-mib`` of step memory
    (peak resident memory above the process before the step; a bisection, each try in a fresh process);
 3. sliding-window inference (96^3 windows, overlap 0.5, Gaussian blending, MONAI's ``sliding_window_inference``)
    on a whole 240 x 240 x 155 BraTS volume (``--brats``: a case folder; the first BraTS 2015 case of
@@ -146,20 +146,20 @@ def _run_child(*args: str) -> dict[str, Any]:
     return result
 
 
-def largest_patch(memory: str, budget: float, device: str, low: int = 16, high: int = 256) -> tuple[int, float]:
-    """The largest multiple of 16 whose step stays within ``budget`` MiB (bisection), and that step's MiB."""
+def largest_patch(memory: str, budget: float, device: str, low: int = 16, high: int = 192) -> tuple[int, float]:
+    """The largest multiple of 8 whose step stays within ``budget`` MiB (bisection), and that step's MiB."""
     best, best_mib = 0, float("nan")
-    lo, hi = low // 16, high // 16
+    lo, hi = low // 8, high // 8
     while lo <= hi:
         mid = (lo + hi) // 2
-        found = _run_child("step", memory, str(16 * mid), device)
+        found = _run_child("step", memory, str(8 * mid), device)
         if "error" not in found and found["step_mib"] <= budget:
-            best, best_mib = 16 * mid, float(found["step_mib"])
+            best, best_mib = 8 * mid, float(found["step_mib"])
             lo = mid + 1
         else:
             hi = mid - 1
-        print(f"  {memory}: patch {16 * mid}^3 -> "
-              f"{found.get('step_mib', float('nan')):.0f} MiB{' (over budget)' if best != 16 * mid else ''}",
+        print(f"  {memory}: patch {8 * mid}^3 -> "
+              f"{found.get('step_mib', float('nan')):.0f} MiB{' (over budget)' if best != 8 * mid else ''}",
               flush=True)
     return best, best_mib
 

@@ -44,7 +44,7 @@ class SegmentSummary(BaseModel):
     volumes_ml: dict[str, float]  # label name -> volume
     labels: dict[str, str]  # label value -> name
     shape: list[int]
-    mask: list[list[list[int]]] | None = None
+    mask: list[list[list[int]]] = []  # with include_mask: label values, X x Y x Z (empty otherwise)
     latency_ms: float
     model: ModelRef
 
@@ -110,7 +110,7 @@ def _summary(loaded: Any, found: Mask, started: float, include_mask: bool) -> Se
     return SegmentSummary(
         volumes_ml=found.volumes_ml,
         labels={str(v): n for v, n in zip(state.label_values, state.label_names, strict=True)},
-        shape=list(found.mask.shape), mask=found.mask.astype(int).tolist() if include_mask else None,
+        shape=list(found.mask.shape), mask=found.mask.astype(int).tolist() if include_mask else [],
         latency_ms=(time.perf_counter() - started) * 1000, model=ModelRef(**loaded.describe()))
 
 
