@@ -59,20 +59,13 @@ def child_step(memory: str, patch: int, device: str) -> dict[str, float]:
     import torch
 
     from services.segmentation.model import RevUNet
+    from shared.reversible import SavedBytes
 
     torch.manual_seed(0)
     net = RevUNet(_config(memory), in_channels=2, n_classes=5).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x = torch.randn(1, 2, patch, patch, patch, device=device)
     target = torch.randint(0, 5, (1, patch, patch, patch), device=device)
-    saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        if not isinstance(t, torch.nn.Parameter):
-            saved += t.numel() * t.element_size()
-        return t
-
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -81,7 +74,7 @@ def child_step(memory: str, patch: int, device: str) -> dict[str, float]:
         before = _rss_mib()
         baseline_peak = _peak_mib()
     started = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes() as saved:
         logits = net(x)
         loss = torch.nn.functional.cross_entropy(logits, target)
     loss.backward()
@@ -92,7 +85,7 @@ def child_step(memory: str, patch: int, device: str) -> dict[str, float]:
         peak = torch.cuda.max_memory_allocated() / 2**20 - before
     else:
         peak = max(_peak_mib(), baseline_peak) - before
-    return {"saved_mib": saved / 2**20, "step_mib": peak, "seconds": seconds,
+    return {"saved_mib": saved.total / 2**20, "step_mib": peak, "seconds": seconds,
             "params": float(sum(p.numel() for p in net.parameters()))}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.reversible import ReversibleBlock, ReversibleSequence
+from shared.reversible import ReversibleBlock, ReversibleSequence, SavedBytes
 
 
 def _branch(channels: int, dropout: float) -> nn.Module:
@@ -72,18 +72,10 @@ def test_inverse_recovers_the_input() -> None:
 
 def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the tensors autograd keeps from the forward ``net(x)`` for the backward pass."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if not isinstance(t, nn.Parameter):
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes() as saved:
         y = net(x.requires_grad_(True))
     y.sum().backward()  # (the backward's recomputation keeps one block's tensors at a time, freed as it goes)
-    return total
+    return saved.total
 
 
 def test_reversible_keeps_the_last_outputs_only_whatever_the_depth() -> None:

@@ -13,6 +13,7 @@ from services.segmentation.config import SegmentationConfig
 from services.segmentation.evaluation import region_scores
 from services.segmentation.model import RevUNet
 from services.segmentation.training import case_dice, metrics_from
+from shared.reversible import SavedBytes
 
 SMALL = {"channels": 4, "expansion": 2, "depth": 2, "d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32,
          "dropout": 0.1}
@@ -67,18 +68,10 @@ def test_the_whole_network_has_the_plain_runs_outputs_and_gradients(memory: str,
 
 
 def _saved_bytes(net: RevUNet, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if not isinstance(t, torch.nn.Parameter):
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes() as saved:
         y = net.train()(x)
     y.sum().backward()
-    return total
+    return saved.total
 
 
 def test_the_reversible_network_keeps_under_a_third_of_the_plain_activations() -> None:
