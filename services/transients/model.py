@@ -47,11 +47,9 @@ class ContinuousTime(nn.Module):
 POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}  # class_weighting -> exponent of the inverse frequency
 
 
-def class_weights_for(counts: Tensor, weighting: str, power: float | None = None) -> Tensor:
-    """Cross-entropy weights (K,) from training counts: inverse frequency, its square root, or ones (or, when
-    ``power`` is given, the inverse frequency to that power); mean 1 over the training objects."""
-    if power is None:
-        power = POWERS[weighting]
+def class_weights_for(counts: Tensor, power: float) -> Tensor:
+    """Cross-entropy weights (K,) from training counts: the inverse frequency to ``power`` (0: ones, 0.5: its
+    square root, 1: balanced); mean 1 over the training objects."""
     if power == 0.0:
         return torch.ones_like(counts)
     weights = counts.sum() / (len(counts) * counts)
@@ -102,7 +100,7 @@ class Classifier(nn.Module):
         self.label_smoothing = cfg.label_smoothing
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         counts = torch.tensor(class_counts or (1,) * n_classes, dtype=torch.float32).clamp(min=1)
-        weights = class_weights_for(counts, cfg.class_weighting, cfg.class_weight_power)
+        weights = class_weights_for(counts, weight_power(cfg))
         self.register_buffer("class_weights", weights, persistent=False)  # (K,) cross-entropy weights
         self.register_buffer("decision_bias", decision_bias_for(counts, cfg), persistent=False)  # (K,)
         mask = torch.ones(N_GLOBALS)
@@ -225,8 +223,13 @@ class Ensemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-        first = members[0]
-        self.class_weights, self.label_smoothing = first.class_weights, first.label_smoothing
+        self.label_smoothing = members[0].label_smoothing
+
+    @property
+    def class_weights(self) -> Tensor:
+        """The members' cross-entropy weights (a buffer of the first, so it follows ``.to(device)``)."""
+        first: Any = self.members[0]
+        return first.class_weights
 
     def member_logits(self, batch: Any) -> Tensor:
         """Each member's logits (M, B, K)."""
