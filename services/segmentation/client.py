@@ -15,13 +15,10 @@ EXAMPLE_SHAPE = (16, 16, 16)
 
 
 def _synthetic_volume(shape: tuple[int, int, int] = EXAMPLE_SHAPE, seed: int = 3) -> np.ndarray:
-    """One synthetic MR-like volume (the generator of the training data, without the files)."""
-    from .data import load_nifti, write_synthetic
+    """One synthetic MR-like volume (the training data's generator, no files written)."""
+    from .data import synthetic_case
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = write_synthetic(Path(tmp), 1, shape, seed=seed)
-        image = load_nifti(root / "imagesTr" / "synthetic_000.nii.gz")
-        return np.asarray(image.dataobj, dtype=np.float32)
+    return synthetic_case(shape, np.random.default_rng(seed))[0]
 
 
 def example_request() -> dict[str, Any]:
@@ -67,25 +64,32 @@ def example_input(folder: Path, data: str | None = None) -> Path:
 
 def predict_file(url: str, path: Path, *, output: Path | None = None, timeout: float = 120.0) -> Prediction:
     """Upload a NIfTI (one 4-D file, or a 3-D one for a one-channel model); the mask written to ``output``
-    (default: beside the input), the label volumes as a table."""
+    (default: beside the input), its label volumes as a table (one segmentation: the volumes are counted here,
+    from the mask and the label names of ``/model``)."""
+    import gzip
+
     import httpx
+    import nibabel as nib
 
     from shared.client import check
 
+    from .inference import label_volumes
+
     with path.open("rb") as handle:
-        answer = check(httpx.post(url, files=[("files", (path.name, handle, "application/gzip"))],
-                                  data={"format": "json"}, timeout=timeout)).json()
-    with path.open("rb") as handle:
-        mask = check(httpx.post(url, files=[("files", (path.name, handle, "application/gzip"))], timeout=timeout))
+        answer = check(httpx.post(url, files=[("files", (path.name, handle, "application/gzip"))], timeout=timeout))
+    info = check(httpx.get(f"{url.rsplit('/', 1)[0]}/model", timeout=30)).json()
     target = output or path.with_name(path.name.replace(".nii", "_mask.nii"))
-    target.write_bytes(mask.content)
-    model = answer["model"]
-    table = Table(title=f"POST {url} -> {model.get('architecture')} v{model['version']}: mask in {target}")
+    target.write_bytes(answer.content)
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(answer.content))
+    labels = {int(v): name for v, name in info["labels"].items()}
+    volumes = label_volumes(np.asarray(mask.dataobj), mask.header.get_zooms(), list(labels), list(labels.values()))
+    version = answer.headers.get("x-model-version", str(info.get("version")))
+    table = Table(title=f"POST {url} -> {info.get('architecture')} v{version}: mask in {target}")
     table.add_column("label")
     table.add_column("volume (mL)", justify="right")
-    for name, ml in answer["volumes_ml"].items():
+    for name, ml in volumes.items():
         table.add_row(name, f"{ml:.3f}")
-    return Prediction(version=str(model["version"]), summary=table, output=target)
+    return Prediction(version=str(version), summary=table, output=target)
 
 
 # --- the MLflow pyfunc model: {"image": (C, X, Y, Z) array on an RAS grid of the model's spacing} -> mask -----

@@ -191,33 +191,39 @@ def fingerprint(cases: Sequence[Case]) -> str:
 
 # --- synthetic volumes, written in the MSD layout -------------------------------------------------------------
 
+def synthetic_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One MR-like volume (float32) and its labels (uint8), both (X, Y, Z): an ellipsoid (label 1) and a smaller
+    blob touching it (label 2), intensity contrast, a smooth multiplicative bias field, Rician-like noise."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), axis=-1)  # (X, Y, Z, 3)
+    centre = rng.uniform(-0.25, 0.25, 3)
+    radii = rng.uniform(0.25, 0.45, 3)
+    body = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
+    offset = centre + rng.choice([-1, 1], 3) * radii * 0.7
+    blob = (((grid - offset) / (radii * 0.45)) ** 2).sum(-1) <= 1.0
+    label = np.zeros(tuple(shape), dtype=np.uint8)
+    label[body] = 1
+    label[blob] = 2
+    tissue = 0.3 + 0.1 * np.sin(3 * grid[..., 0] + rng.uniform(0, 6)) * np.cos(2 * grid[..., 1])
+    image = tissue + 0.45 * (label == 1) + 0.8 * (label == 2)
+    bias = np.exp(0.25 * (grid @ rng.normal(size=3)))  # a smooth multiplicative field
+    image = image * bias
+    noise = rng.normal(0, 0.08, (2, *shape))
+    image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2).astype(np.float32)  # Rician-like magnitude
+    return image, label
+
+
 def write_synthetic(root: Path, n_cases: int, shape: Sequence[int] = (48, 48, 48), seed: int = 0) -> Path:
-    """``n_cases`` MR-like volumes with two labelled structures (an ellipsoid, label 1, and a smaller blob
-    touching it, label 2), intensity contrast, Rician-like noise and a smooth multiplicative bias field, saved
-    in LPS orientation at 1.2 mm (so the preprocessing's reorientation and resampling are exercised)."""
+    """``n_cases`` volumes of :func:`synthetic_case` in the MSD layout, saved in LPS orientation at 1.2 mm (so
+    the preprocessing's reorientation and resampling are exercised)."""
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), axis=-1)  # (X, Y, Z, 3)
     affine = np.diag([-1.2, -1.2, 1.2, 1.0])  # LPS
     training = []
     for i in range(n_cases):
-        centre = rng.uniform(-0.25, 0.25, 3)
-        radii = rng.uniform(0.25, 0.45, 3)
-        body = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
-        offset = centre + rng.choice([-1, 1], 3) * radii * 0.7
-        blob = (((grid - offset) / (radii * 0.45)) ** 2).sum(-1) <= 1.0
-        label = np.zeros(shape, dtype=np.uint8)
-        label[body] = 1
-        label[blob] = 2
-        tissue = 0.3 + 0.1 * np.sin(3 * grid[..., 0] + rng.uniform(0, 6)) * np.cos(2 * grid[..., 1])
-        image = tissue + 0.45 * (label == 1) + 0.8 * (label == 2)
-        bias = np.exp(0.25 * (grid @ rng.normal(size=3)))  # a smooth multiplicative field
-        image = image * bias
-        noise = rng.normal(0, 0.08, (2, *shape))
-        image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2).astype(np.float32)  # Rician-like magnitude
+        image, label = synthetic_case(shape, rng)
         name = f"synthetic_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / name))
         nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / name))

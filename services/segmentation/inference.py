@@ -136,8 +136,14 @@ def segment(loaded: Any, inputs: Inputs) -> Mask:
     classes = predict_classes(loaded.model.eval(), state, inputs)
     values = np.asarray(state.label_values, dtype=np.int64)
     mask = values[classes]
-    zooms = np.asarray(inputs.reference.header.get_zooms()[:3], dtype=np.float64)
-    voxel_ml = float(np.prod(np.abs(zooms))) / 1000.0
-    volumes = {name: round(float((mask == v).sum()) * voxel_ml, 4)
-               for v, name in zip(state.label_values, state.label_names, strict=True) if v != 0}
+    volumes = label_volumes(mask, inputs.reference.header.get_zooms(), state.label_values, state.label_names)
     return Mask(mask, np.asarray(inputs.reference.affine), inputs.reference.header, volumes)
+
+
+def label_volumes(mask: np.ndarray, zooms: Sequence[float], values: Sequence[int],
+                  names: Sequence[str]) -> dict[str, float]:
+    """Label name -> volume in mL of a mask of label values with voxel sizes ``zooms`` (mm; background left
+    out)."""
+    voxel_ml = float(np.prod(np.abs(np.asarray(zooms[:3], dtype=np.float64)))) / 1000.0
+    return {name: round(float((mask == v).sum()) * voxel_ml, 4)
+            for v, name in zip(values, names, strict=True) if v != 0}

@@ -16,15 +16,13 @@ import pytest
 
 from services.segmentation.data import write_synthetic
 from shared import registry
-from tests.integration.conftest import submit_job
+from tests.integration.conftest import submit_job, url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-def _url(route: str = "/segment") -> str:
-    from infra import stack
-
-    return stack.service_url("segmentation") + route
+def _url(route: str | None = None) -> str:
+    return url("segmentation", route)
 
 
 @pytest.fixture(scope="module")
