@@ -99,10 +99,10 @@ def read_msd(root: Path) -> Collection:
     spec = json.loads((root / "dataset.json").read_text())
     modality = spec.get("modality") or spec.get("channel_names") or {"0": "image"}
     channels = tuple(str(modality[k]) for k in sorted(modality, key=int))
-    labels = {int(k): str(v) for k, v in (spec.get("labels") or {}).items()}
-    if labels and all(isinstance(v, int | str) and str(v).isdigit() for v in (spec.get("labels") or {}).values()) \
-            and not all(str(k).isdigit() for k in spec["labels"]):  # nnU-Net v2: name -> value
-        labels = {int(v): str(k) for k, v in spec["labels"].items()}
+    raw_labels = spec.get("labels") or {}
+    if not all(str(k).isdigit() for k in raw_labels):  # nnU-Net v2 maps names to values, and lists no cases
+        raise LayoutError(f"{root}/dataset.json: labels {dict(raw_labels)} are not the MSD form (label value -> name)")
+    labels = {int(k): str(v) for k, v in raw_labels.items()}
     labels.setdefault(0, "background")
     cases, notes = [], []
     for entry in spec.get("training", []):

@@ -79,6 +79,9 @@ def test_a_folder_in_no_known_layout_is_refused(tmp_path: Path) -> None:
         read_collection(str(tmp_path))
     with pytest.raises(LayoutError, match="not a folder"):
         read_collection(str(tmp_path / "scan.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumour": 1}, "training": []}))
+    with pytest.raises(LayoutError, match="not the MSD form"):
+        read_collection(str(tmp_path))
 
 
 def test_synthetic_volumes_in_the_msd_layout(tmp_path: Path) -> None:
