@@ -43,6 +43,7 @@ class SegmentationDomain(Domain):
                                      "synthetic_shape=32,32,32", "patch=32,32,32", "d_model=32", "n_layers=2",
                                      "d_ff=64")),)
     max_body_bytes = 256 * 1024 * 1024
+    max_in_flight = 4
 
     def data_match(self, path: str) -> int:
         """A folder in the MSD or a BraTS layout (2); anything else is not ours (0)."""
@@ -65,6 +66,7 @@ class SegmentationDomain(Domain):
             VolumeDataset,
             augmentation,
             auto_patch,
+            case_repeats,
             fingerprint,
             read_collection,
             regions_for,
@@ -90,7 +92,8 @@ class SegmentationDomain(Domain):
             regions=regions_for(collection, cfg.regions), spacing=tuple(float(s) for s in cfg.spacing),
             patch=auto_patch(chosen[0], cfg),
             cases={k: tuple(c.case_id for c in p) for k, p in zip(("train", "val", "test"), chosen, strict=True)})
-        train = VolumeDataset(chosen[0], state, augment=augmentation(state, cfg))
+        train = VolumeDataset(chosen[0], state, augment=augmentation(state, cfg),
+                              repeats=case_repeats(len(chosen[0]), cfg))
         return DataBundle(train=train, val=VolumeDataset(chosen[1], state), test=VolumeDataset(chosen[2], state),
                           state=state)
 

@@ -40,6 +40,8 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
     # a multiple of 8, each side at most max_patch (MSD hippocampus: 32 x 48 x 32; BraTS: 96^3)
     max_patch: int = 96
     samples_per_case: int = 2  # random patches per case per epoch (a step sees batch_size x samples_per_case)
+    patches_per_epoch: int = 0  # > 0: an epoch revisits the training cases until it has drawn at least this many
+    # patches (a few large volumes, as BraTS: one pass over 2 cases is one step); 0: each case once per epoch
     foreground_fraction: float = 0.67  # of patches centred on a labelled voxel (nnU-Net oversamples foreground)
 
     # the network: reversible mobile inverted bottlenecks at 1, 1/2 and 1/4 resolution, a transformer at 1/8
@@ -63,7 +65,7 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
             raise ValueError(f"model={self.model!r}: expected one of {list(MODELS)}")
         require_at_least(self, 1, ("synthetic_cases", "samples_per_case", "channels", "depth", "expansion",
                                    "d_model", "n_heads", "n_layers", "d_ff", "sw_batch_size", "max_patch"))
-        require_at_least(self, 0, ("max_cases",))
+        require_at_least(self, 0, ("max_cases", "patches_per_epoch"))
         if self.channels % 2 or self.d_model % self.n_heads:
             raise ValueError(f"channels={self.channels} must be even and d_model={self.d_model} a multiple of "
                              f"n_heads={self.n_heads}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -276,6 +277,13 @@ def split_cases(n: int, val_fraction: float, test_fraction: float, seed: int) ->
     return sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist())
 
 
+def case_repeats(n_cases: int, cfg: SegmentationConfig) -> int:
+    """How many times an epoch visits each training case to draw at least ``cfg.patches_per_epoch`` patches."""
+    if not cfg.patches_per_epoch or not n_cases:
+        return 1
+    return max(1, math.ceil(cfg.patches_per_epoch / (n_cases * cfg.samples_per_case)))
+
+
 def auto_patch(cases: Sequence[Case], cfg: SegmentationConfig) -> tuple[int, int, int]:
     """The median shape of the cases after resampling to ``cfg.spacing``, rounded down to multiples of 8 (at
     least 8, at most ``max_patch``): patches a little smaller than the typical volume, so that random crops move."""
@@ -349,18 +357,22 @@ def augmentation(state: SegmentationState, cfg: SegmentationConfig) -> Any:
 
 class VolumeDataset(torch.utils.data.Dataset[Any]):
     """Preprocessed volumes (cached after the first read); with ``augment``, each access draws random patches
-    (a list of ``samples_per_case`` dicts)."""
+    (a list of ``samples_per_case`` dicts). ``repeats`` > 1 lists every case that many times (an epoch of a few
+    large volumes then has more than one step); index ``i`` is case ``i % len(cases)``."""
 
     def __init__(self, cases: Sequence[Case], state: SegmentationState, augment: Callable[[Any], Any] | None = None,
-                 ) -> None:
-        self.cases, self.state, self.augment = list(cases), state, augment
+                 repeats: int = 1) -> None:
+        if repeats < 1 or (repeats > 1 and augment is None):
+            raise ValueError(f"repeats={repeats}: at least 1, and more than 1 only for random patches")
+        self.cases, self.state, self.augment, self.repeats = list(cases), state, augment, repeats
         self._pre = preprocessing(state)
         self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self.cases) * self.repeats
 
     def volume(self, index: int) -> dict[str, Any]:
+        index %= len(self.cases)
         if index not in self._cache:
             case = self.cases[index]
             item = self._pre({"image": list(case.images) if len(case.images) > 1 else case.images[0],

@@ -184,3 +184,25 @@ def test_the_patch_follows_the_data() -> None:
     found = read_collection(str(_needs("msd_task04_hippocampus")))
     assert auto_patch(found.cases, SegmentationConfig()) == (32, 48, 32)
     assert auto_patch(found.cases, SegmentationConfig(patch=(16, 16, 16))) == (16, 16, 16)
+
+
+def test_an_epoch_of_a_few_cases_revisits_them_to_draw_its_patches(tmp_path: Path) -> None:
+    from services.segmentation.data import VolumeDataset, augmentation, case_repeats
+
+    assert case_repeats(2, SegmentationConfig(patches_per_epoch=128)) == 32  # BraTS: 2 cases x 2 patches
+    assert case_repeats(146, SegmentationConfig(patches_per_epoch=128)) == 1  # hippocampus: one pass is enough
+    assert case_repeats(3, SegmentationConfig()) == 1  # 0: off
+    root = write_synthetic(tmp_path, 2, (16, 16, 16), seed=2)
+    found = read_collection(str(root))
+    cfg = SegmentationConfig(patch=(8, 8, 8), samples_per_case=3, patches_per_epoch=12)
+    state = SegmentationState(data="s", fingerprint="f", layout="msd", channels=found.channels,
+                              label_values=found.label_values, label_names=found.label_names,
+                              regions=regions_for(found, "auto"), spacing=(1.0, 1.0, 1.0), patch=(8, 8, 8),
+                              cases={"train": ("a", "b"), "val": (), "test": ()})
+    data = VolumeDataset(found.cases, state, augment=augmentation(state, cfg), repeats=case_repeats(2, cfg))
+    assert len(data) == 4 and len(data._cache) == 0
+    patches = [data[i] for i in range(len(data))]
+    assert all(len(p) == 3 and p[0]["image"].shape[1:] == (8, 8, 8) for p in patches)
+    assert sorted(data._cache) == [0, 1]  # each case read once, however often it is visited
+    with pytest.raises(ValueError, match="only for random patches"):
+        VolumeDataset(found.cases, state, repeats=2)  # whole volumes (validation) are never repeated
