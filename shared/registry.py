@@ -108,6 +108,9 @@ class Domain(abc.ABC):
     demo_jobs: ClassVar[tuple[DemoJob, ...]] = ()  # what `make demo` trains, in order
     data_suffixes: ClassVar[tuple[str, ...]] = ()  # file kinds the domain reads (TESSERA_DATA in the demo)
     max_body_bytes: ClassVar[int] = 8 * 1024 * 1024  # request bodies above this get a 413
+    # requests on its endpoints a service works on at once; more get a 429 with Retry-After
+    # (TESSERA_<DOMAIN>_MAX_IN_FLIGHT overrides it)
+    max_in_flight: ClassVar[int] = 256
 
     @property
     def state_cls(self) -> type[SavedState]:

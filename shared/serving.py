@@ -155,6 +155,20 @@ def load_bento_model(tag: str, device: str = "cpu") -> LoadedModel:
     return loaded
 
 
+# A service asks the registry every few seconds and must say "registry unavailable" within seconds, not after
+# the MLflow client's default retries (7 with exponential backoff: about 4 minutes for a refused connection).
+# Training keeps the long defaults: there a retry outlasts an MLflow restart.
+REGISTRY_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bound_registry_calls() -> None:
+    """Short MLflow client retries and timeouts for this process (a service's), unless the environment sets
+    its own."""
+    for key, value in REGISTRY_HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+
+
 class ModelHolder:
     """The served model of one domain (alias ``production`` by default), reloaded when the alias moves. With a
     ``packed`` BentoML model tag (a Bento built by ``tessera bento``), that model instead: one fixed version, no
@@ -186,27 +200,36 @@ class ModelHolder:
         version = production_version(client(), name, self.alias)
         return str(version.version) if version is not None else None
 
-    def refresh(self) -> bool:
-        """Load the production version if it differs from the one held; True when a new model came in."""
-        with self._lock:
-            self._last_check = time.monotonic()
-            try:
-                wanted = self._version_of(self.domain)
-                if wanted is None or (self._current is not None and self._current.version == wanted):
-                    self._error = None if wanted is not None else how_to_train(self.domain)
-                    return False
-                loaded = self._loader(self.domain)
-            except Exception as exc:  # registry down or a broken artifact: keep serving what we have
-                self._error = f"model registry unavailable: {type(exc).__name__}: {exc}"
-                log.warning("refresh of %s failed: %s", self.domain, self._error)
+    def refresh(self, wait: bool = True) -> bool:
+        """Load the production version if it differs from the one held; True when a new model came in. With
+        ``wait=False``, return False at once while another refresh is under way (a request does not queue
+        behind the poller's call to a slow or unreachable registry)."""
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
+            return self._refresh()
+        finally:
+            self._lock.release()
+
+    def _refresh(self) -> bool:
+        self._last_check = time.monotonic()
+        try:
+            wanted = self._version_of(self.domain)
+            if wanted is None or (self._current is not None and self._current.version == wanted):
+                self._error = None if wanted is not None else how_to_train(self.domain)
                 return False
-            if loaded is None:
-                self._error = how_to_train(self.domain)
-                return False
-            previous = self._current.version if self._current else None
-            self._current, self._error = loaded, None
-            log.info("%s: now serving version %s (was %s)", self.domain, loaded.version, previous)
-            return True
+            loaded = self._loader(self.domain)
+        except Exception as exc:  # registry down or a broken artifact: keep serving what we have
+            self._error = f"model registry unavailable: {type(exc).__name__}: {exc}"
+            log.warning("refresh of %s failed: %s", self.domain, self._error)
+            return False
+        if loaded is None:
+            self._error = how_to_train(self.domain)
+            return False
+        previous = self._current.version if self._current else None
+        self._current, self._error = loaded, None
+        log.info("%s: now serving version %s (was %s)", self.domain, loaded.version, previous)
+        return True
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -221,7 +244,7 @@ class ModelHolder:
         current = self._current
         if current is None:
             if time.monotonic() - self._last_check > 1.0:  # a first model: don't wait for the poll
-                self.refresh()
+                self.refresh(wait=False)
                 current = self._current
             if current is None:
                 raise ModelUnavailable(self._error or how_to_train(self.domain))
@@ -242,6 +265,7 @@ class DomainService:
     domain: ClassVar[str]
 
     def __init__(self) -> None:
+        bound_registry_calls()
         self.holder = ModelHolder(self.domain, packed=os.environ.get(BENTO_MODEL_ENV) or packed_model(self))
 
     def __is_ready__(self) -> bool:
@@ -335,6 +359,10 @@ def declared_cpus(instance: Any, default: int = 1) -> int:
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON = "application/json"
+RETRY_AFTER_SECONDS = 1  # what a 429 (more requests in flight than the service's limit) asks a caller to wait
+# BentoML's own concurrency gate (traffic max_concurrency) answers 429 without Retry-After: every service sets it
+# far above its RequestGuard limit, so that the guard alone sheds load
+BENTO_MAX_CONCURRENCY = 4096
 MULTIPART = "multipart/form-data"
 MODEL_ROUTE = "/model"
 
@@ -353,15 +381,35 @@ class RequestGuard:
     Other paths (health, docs, metrics) pass untouched.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, routes: Mapping[str, tuple[str, tuple[str, ...]]]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: Mapping[str, tuple[str, tuple[str, ...]]],
+                 max_in_flight: int = 0, limit_name: str = "") -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.routes = dict(routes)
+        self.max_in_flight = max_in_flight  # 0: no limit
+        self.limit_name = limit_name
+        self.in_flight = 0  # endpoint requests being worked on (one event loop per worker: no lock needed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = str(scope.get("path", "")).rstrip("/") or "/"
+        if not self.max_in_flight or path not in self.routes or path == MODEL_ROUTE:
+            await self._handle(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await _refuse(send, 429, f"busy: {self.in_flight} requests in flight, this service's limit "
+                                     f"({self.limit_name}={self.max_in_flight}); retry after {RETRY_AFTER_SECONDS} s",
+                          headers=[(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
+            return
+        self.in_flight += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -477,12 +525,13 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _refuse(send: Send, status: int, reason: str) -> None:
+async def _refuse(send: Send, status: int, reason: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     import json
 
     body = json.dumps({"error": reason}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -503,6 +552,8 @@ ERROR_ANSWERS = {  # what every endpoint answers besides 200, with {"error": rea
     "413": "the body is larger than the domain's limit (TESSERA_<DOMAIN>_MAX_BODY_BYTES)",
     "415": "a content type the endpoint does not take",
     "422": "a valid body that does not fit the served model (its columns, grid, shapes, horizon...)",
+    "429": "more requests in flight than the service's limit (TESSERA_<DOMAIN>_MAX_IN_FLIGHT); the Retry-After "
+           "header says when to try again",
     "503": "no model holds the served alias yet (the answer says how to train one), or the registry is down",
 }
 
@@ -519,7 +570,9 @@ def guard(service: Any, domain: str, answers: Mapping[str, tuple[str, Mapping[st
         spec = api.input_spec
         routes[api.route.rstrip("/") or "/"] = (spec.mime_type(), tuple(getattr(spec, "multipart_fields", ())))
     limit = setting(domain, "MAX_BODY_BYTES", registry.get(domain).max_body_bytes)
-    service.add_asgi_middleware(RequestGuard, max_bytes=limit, routes=routes)
+    in_flight = setting(domain, "MAX_IN_FLIGHT", registry.get(domain).max_in_flight)
+    service.add_asgi_middleware(RequestGuard, max_bytes=limit, routes=routes, max_in_flight=in_flight,
+                                limit_name=f"TESSERA_{domain.upper()}_MAX_IN_FLIGHT")
     _describe(service, domain, limit, dict(answers or {}))
 
 

@@ -15,7 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.forecasting import inference
 from services.forecasting.client import example_request
-from shared.serving import FrontService, ModelRef, ModelUnavailable, RunnerService, answers_errors, guard, setting
+from shared.serving import (
+    BENTO_MAX_CONCURRENCY,
+    FrontService,
+    ModelRef,
+    ModelUnavailable,
+    RunnerService,
+    answers_errors,
+    guard,
+    setting,
+)
 
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
@@ -46,7 +55,7 @@ class ForecastResponse(BaseModel):
 
 
 @bentoml.service(name="forecasting_runner", workers=1, resources={"cpu": "2"},
-                 traffic={"timeout": 60, "max_concurrency": 256})
+                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class ForecastingRunner(RunnerService):
     """Holds ``models:/forecasting@production`` and runs it on adaptive batches of packed requests."""
 
@@ -61,7 +70,7 @@ class ForecastingRunner(RunnerService):
         return inference.run(loaded, batch)
 
 
-@bentoml.service(name="forecasting", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
+@bentoml.service(name="forecasting", workers=1, traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class Forecasting(FrontService):
     """Multivariate forecasts from iTransformer or Autoformer: send the recent history (at least the model's
     lookback, with timestamps when it uses calendar features) to `/forecast` and get the next `horizon` steps

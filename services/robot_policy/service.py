@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.robot_policy.client import example_request
 from services.robot_policy.config import ACTION_DIM, STATE_DIM, WORKSPACE
 from services.robot_policy.model import PolicyBase
-from shared.serving import DomainService, ModelRef, RequestError, answers_errors, guard
+from shared.serving import BENTO_MAX_CONCURRENCY, DomainService, ModelRef, RequestError, answers_errors, guard
 
 MAX_DESCENT_STEPS = 16
 MAX_CANDIDATES = 64
@@ -71,7 +71,8 @@ def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str,
     return values.astype(np.float32)
 
 
-@bentoml.service(name="robot_policy", workers=1, resources={"cpu": "1"}, traffic={"timeout": 30, "max_concurrency": 64})
+@bentoml.service(name="robot_policy", workers=1, resources={"cpu": "1"},
+                 traffic={"timeout": 30, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class RobotPolicy(DomainService):
     """Push-T action chunks from EBT-Policy: send the observation history (oldest first) to `/act` and get the
     planned chunk, how many of its actions to execute, and its final energy (higher: less familiar)."""

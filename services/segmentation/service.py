@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.segmentation.client import example_request, write_channels
 from services.segmentation.inference import MAX_VOXELS, Mask, check_inputs, segment
-from shared.serving import JSON, DomainService, ModelRef, RequestError, answers_errors, guard
+from shared.serving import BENTO_MAX_CONCURRENCY, JSON, DomainService, ModelRef, RequestError, answers_errors, guard
 
 MAX_JSON_VOXELS = 96**3  # per channel in the JSON form; larger volumes go through NIfTI uploads
 
@@ -50,7 +50,7 @@ class SegmentSummary(BaseModel):
 
 
 @bentoml.service(name="segmentation", workers=1, resources={"cpu": "2"},
-                 traffic={"timeout": 600, "max_concurrency": 4})
+                 traffic={"timeout": 600, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class Segmentation(DomainService):
     """3-D segmentation of medical volumes: upload one NIfTI per channel (or one 4-D NIfTI) to `/segment` and get
     the mask back as NIfTI on the input's own grid, affine and header (or label volumes with `format=json`);

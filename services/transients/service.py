@@ -20,6 +20,7 @@ from services.transients import inference
 from services.transients.client import example_request
 from services.transients.curves import Curve
 from shared.serving import (
+    BENTO_MAX_CONCURRENCY,
     FrontService,
     ModelRef,
     ModelUnavailable,
@@ -85,7 +86,7 @@ def _decode(item: dict[str, Any]) -> Curve:
 
 
 @bentoml.service(name="transients_runner", workers=1, resources={"cpu": "2"},
-                 traffic={"timeout": 60, "max_concurrency": 256})
+                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class TransientsRunner(RunnerService):
     """Holds ``models:/transients@production`` and classifies adaptive batches of objects."""
 
@@ -102,7 +103,7 @@ class TransientsRunner(RunnerService):
         return [{**row, "version": str(loaded.version)} for row in found]
 
 
-@bentoml.service(name="transients", workers=1, traffic={"timeout": 60, "max_concurrency": 256})
+@bentoml.service(name="transients", workers=1, traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class Transients(FrontService):
     """Calibrated classes of astronomical transients from their light curves: send objects (times, bands, fluxes
     and errors) to `/classify`, or upload a table in the PLAsTiCC columns to `/classify_table`, and get each

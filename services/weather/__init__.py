@@ -36,6 +36,7 @@ class WeatherDomain(Domain):
             "max_steps_per_epoch": 4}
     demo_jobs = (DemoJob("wxformer", ("epochs=2", "max_steps_per_epoch=30", "synthetic_days=20")),)
     max_body_bytes = 32 * 1024 * 1024
+    max_in_flight = 8
 
     def load_data(self, cfg: WeatherConfig) -> DataBundle:
         from .data import prepare

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.weather.client import example_request
 from services.weather.data import WeatherState
 from services.weather.inference import StateError, forecast, lead_times, rollout_dataset, to_model_units
-from shared.serving import JSON, DomainService, ModelRef, RequestError, answers_errors, guard
+from shared.serving import BENTO_MAX_CONCURRENCY, JSON, DomainService, ModelRef, RequestError, answers_errors, guard
 from shared.tracking import LoadedModel
 
 MAX_STEPS = 120  # 30 days of 6-hourly steps
@@ -61,7 +61,8 @@ def _utc(value: datetime) -> np.datetime64:
     return np.datetime64(value, "ns")
 
 
-@bentoml.service(name="weather", workers=1, resources={"cpu": "2"}, traffic={"timeout": 300, "max_concurrency": 8})
+@bentoml.service(name="weather", workers=1, resources={"cpu": "2"},
+                 traffic={"timeout": 300, "max_concurrency": BENTO_MAX_CONCURRENCY})
 class Weather(DomainService):
     """Weather forecasts from WXFormer, rolled out step by step from an initial state: upload the state as
     netCDF (or GRIB) to `/forecast` and get the rollout back as netCDF in the data's own layout, or send a small

@@ -191,3 +191,93 @@ def test_every_service_documents_itself_and_its_error_answers() -> None:
     assert answers["application/x-netcdf"]["schema"]["format"] == "binary"  # the file, and the JSON summary
     assert answers["application/json"] == weather["/forecast_json"]["post"]["responses"][200]["content"][
         "application/json"]
+
+
+def test_requests_above_the_in_flight_limit_get_a_429_with_retry_after_and_none_below_it() -> None:
+    release = asyncio.Event()
+    started = 0
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal started
+        started += 1
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = RequestGuard(slow_app, max_bytes=5000, routes=ROUTES, max_in_flight=3, limit_name="TESSERA_X_MAX_IN_FLIGHT")
+
+    async def one(path: str = "/act") -> tuple[int, dict[bytes, bytes], bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await guard({"type": "http", "headers": JSON, "path": path, "method": "POST"}, receive, send)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def scenario() -> None:
+        held = [asyncio.create_task(one()) for _ in range(3)]  # exactly the limit: all admitted
+        while started < 3:
+            await asyncio.sleep(0)
+        status, headers, body = await one()  # one more: refused at once, with the limit's name
+        assert status == 429 and headers[b"retry-after"] == b"1"
+        assert b"3 requests in flight" in body and b"TESSERA_X_MAX_IN_FLIGHT=3" in body
+        model = asyncio.create_task(one("/model"))  # /model is not an endpoint request: never counted
+        while started < 4:
+            await asyncio.sleep(0)
+        release.set()
+        assert [(await t)[0] for t in held] == [200, 200, 200] and (await model)[0] == 200
+        assert guard.in_flight == 0 and (await one())[0] == 200  # the slots come back
+
+    asyncio.run(scenario())
+
+
+def test_a_request_does_not_wait_behind_a_refresh_already_under_way() -> None:
+    import threading
+    import time
+
+    entered, leave = threading.Event(), threading.Event()
+    fake = FakeRegistry()
+
+    def slow_version_of(name: str) -> str | None:
+        if fake.fail:  # the poller's call to a registry that hangs
+            entered.set()
+            leave.wait(10)
+            raise TimeoutError("registry timed out")
+        return None
+
+    holder = ModelHolder("forecasting", poll_seconds=3600, loader=fake.load, version_of=slow_version_of)
+    try:
+        fake.fail = True
+        poller = threading.Thread(target=holder.refresh)
+        poller.start()
+        assert entered.wait(5)
+        holder._last_check = 0.0  # due for a check: get() tries one, but must not queue behind the poller's
+        started = time.monotonic()
+        with pytest.raises(ModelUnavailable):
+            holder.get()
+        assert time.monotonic() - started < 1.0
+        leave.set()
+        poller.join(5)
+        with pytest.raises(ModelUnavailable, match="registry unavailable: TimeoutError"):
+            holder.get()
+    finally:
+        leave.set()
+        holder.close()
+
+
+def test_services_bound_the_registry_client_unless_the_environment_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.serving import REGISTRY_HTTP_BOUNDS, bound_registry_calls
+
+    for key in REGISTRY_HTTP_BOUNDS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    bound_registry_calls()
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
