@@ -132,12 +132,18 @@ def _ray_temp_dir() -> Path:
     return Path(os.environ.get("TESSERA_RAY_TMP", home() / "ray"))
 
 
+def mlflow_backend_uri() -> str:
+    """MLflow's backend store: ``TESSERA_MLFLOW_BACKEND_URI`` (e.g. ``postgresql+psycopg2://user@host:5432/mlflow``,
+    the compose stack's), else the SQLite database under TESSERA_HOME."""
+    return os.environ.get("TESSERA_MLFLOW_BACKEND_URI") or f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
+
+
 def start_mlflow(component: Component) -> None:
     state = home() / "mlflow"
     (state / "artifacts").mkdir(parents=True, exist_ok=True)
     _spawn(component, [
         _bin("mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+        "--backend-store-uri", mlflow_backend_uri(),
         "--artifacts-destination", str(state / "artifacts"), "--serve-artifacts",
         "--host", "127.0.0.1", "--port", str(port("mlflow", 5000)), "--workers", "1",
     ])
@@ -163,6 +169,51 @@ def start_ray(component: Component, num_cpus: int | None) -> None:
     component.pid_file.write_text(str(gcs[0] if gcs else ""))
 
 
+def ray_worker_temp_dir(name: str) -> Path:
+    """Temp dir of the extra Ray node ``name``: beside the head's and named after it, so that the head's
+    :func:`_ray_processes` (and :func:`down`) include this node's processes too."""
+    return Path(f"{_ray_temp_dir()}-{name}")
+
+
+def start_ray_worker(name: str = "worker", *, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
+    """One more Ray node on this machine (``ray start --address`` the head), with its own CPUs, custom resources
+    and temp dir: a second node of the cluster as the compose ``ray-worker`` is, on loopback. Its dashboard
+    agent listens on ``TESSERA_<NAME>_AGENT_PORT`` (the head's default one, 52365, is taken by the head or by
+    another Ray); its other ports are picked by Ray."""
+    import json
+
+    temp = ray_worker_temp_dir(name)
+    temp.mkdir(parents=True, exist_ok=True)
+    argv = [
+        _bin("ray"), "start", f"--address=127.0.0.1:{port('ray', 6379)}", f"--temp-dir={temp}",
+        "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources or {})}",
+        f"--dashboard-agent-listen-port={port(f'{name}_agent', 52366)}",
+    ]
+    env = child_env()
+    if "RAY_AUTH_MODE" not in env and _ray_token_available():
+        env["RAY_AUTH_MODE"] = "token"  # the head switched token auth on by itself; a joining node does not
+    log_file = home() / "logs" / f"ray-{name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                       cwd=PROJECT_ROOT, check=True, timeout=180)
+
+
+def _ray_token_available() -> bool:
+    """Whether a Ray auth token is at hand (``RAY_AUTH_TOKEN``, its path, ``~/.ray/auth_token``): ``ray start
+    --head`` then starts the cluster with token authentication, and every other node must use it too."""
+    try:
+        from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
+    except ImportError:  # a Ray without token authentication
+        return False
+    return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
+
+
+def stop_ray_worker(name: str = "worker") -> None:
+    """Stop the processes of the extra Ray node ``name`` only (the head and any other Ray keep running)."""
+    _terminate(_ray_processes(ray_worker_temp_dir(name)))
+
+
 def start_service(component: Component) -> None:
     domain = registry.get(component.name)
     _spawn(component, [
@@ -171,18 +222,24 @@ def start_service(component: Component) -> None:
     ])
 
 
-def _ray_processes() -> list[int]:
-    """PIDs of the Ray processes of this stack (their command lines name our temp dir)."""
+def _ray_processes(temp_dir: Path | None = None) -> list[int]:
+    """PIDs of the Ray processes of this stack (their command lines name our temp dir, or ``temp_dir``; the
+    head's Ray Client server names none, only the head's GCS address, and outlives the GCS: it is found by that).
+    """
+    import re
+
     import psutil
 
-    marker = str(_ray_temp_dir())
+    marker = str(temp_dir or _ray_temp_dir())
+    client = re.compile(rf"ray\.util\.client\.server .*--address=\S+:{port('ray', 6379)}(\s|$)")
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if marker in cmdline and proc.info["pid"] != os.getpid():
+        ours = marker in cmdline or (temp_dir is None and client.search(cmdline) is not None)
+        if ours and proc.info["pid"] != os.getpid():
             found.append(proc.info["pid"])
     return sorted(found)
 
