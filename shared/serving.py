@@ -363,6 +363,11 @@ RETRY_AFTER_SECONDS = 1  # what a 429 (more requests in flight than the service'
 # BentoML's own concurrency gate (traffic max_concurrency) answers 429 without Retry-After: every service sets it
 # far above its RequestGuard limit, so that the guard alone sheds load
 BENTO_MAX_CONCURRENCY = 4096
+# How a front service's client of its runner (``bentoml.depends``) renews its connection pool: BentoML's
+# default replaces the session every 100 requests or 300 s and closes the old one with requests still in flight
+# on it, which they see as "Server disconnected" (a 503 here: a third of the answers at 100 clients). Runners are
+# on a local socket: one session for the process's life.
+RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e12}
 MULTIPART = "multipart/form-data"
 MODEL_ROUTE = "/model"
 

@@ -17,6 +17,7 @@ from services.forecasting import inference
 from services.forecasting.client import example_request
 from shared.serving import (
     BENTO_MAX_CONCURRENCY,
+    RUNNER_CONNECTION,
     FrontService,
     ModelRef,
     ModelUnavailable,
@@ -55,7 +56,8 @@ class ForecastResponse(BaseModel):
 
 
 @bentoml.service(name="forecasting_runner", workers=1, resources={"cpu": "2"},
-                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
+                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY},
+                 runner_connection=RUNNER_CONNECTION)
 class ForecastingRunner(RunnerService):
     """Holds ``models:/forecasting@production`` and runs it on adaptive batches of packed requests."""
 

@@ -21,6 +21,7 @@ from services.transients.client import example_request
 from services.transients.curves import Curve
 from shared.serving import (
     BENTO_MAX_CONCURRENCY,
+    RUNNER_CONNECTION,
     FrontService,
     ModelRef,
     ModelUnavailable,
@@ -86,7 +87,8 @@ def _decode(item: dict[str, Any]) -> Curve:
 
 
 @bentoml.service(name="transients_runner", workers=1, resources={"cpu": "2"},
-                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
+                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY},
+                 runner_connection=RUNNER_CONNECTION)
 class TransientsRunner(RunnerService):
     """Holds ``models:/transients@production`` and classifies adaptive batches of objects."""
 
