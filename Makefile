@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TESSERA_HOME ?= $(CURDIR)/.tessera
 
-.PHONY: install demo test test-unit test-integration up down status lint bench bench-attention bench-train bench-serve bench-policy bench-weather bench-memory bench-transients bench-segmentation clean
+.PHONY: install demo test test-unit test-integration up down status lint bench bench-attention bench-train bench-serve bench-load bench-policy bench-weather bench-memory bench-transients bench-segmentation clean
 
 install: $(STAMP)
 
@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check shared pipelines services infra tests
 	$(VENV)/bin/mypy
 
-bench: bench-attention bench-train bench-serve bench-policy bench-weather bench-memory bench-transients bench-segmentation
+bench: bench-attention bench-train bench-serve bench-load bench-policy bench-weather bench-memory bench-transients bench-segmentation
 
 bench-attention: install
 	$(PY) -m pipelines.benchmarks.attention
@@ -51,6 +51,9 @@ bench-train: install
 
 bench-serve: install
 	$(PY) -m pipelines.benchmarks.serve_throughput
+
+bench-load: install
+	$(PY) -m pipelines.benchmarks.load
 
 bench-policy: install
 	$(PY) -m pipelines.benchmarks.robot_policy
