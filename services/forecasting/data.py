@@ -65,20 +65,23 @@ def mark_names(step: pd.Timedelta) -> list[str]:
     return ["day_of_month", "week_of_year", "month_of_year"]
 
 
+CALENDAR = {  # feature name -> its value in [0, 1] for each time (computed only when a model uses it)
+    "minute_of_hour": lambda t: t.minute / 59.0,
+    "hour_of_day": lambda t: t.hour / 23.0,
+    "day_of_week": lambda t: t.dayofweek / 6.0,
+    "day_of_month": lambda t: (t.day - 1) / 30.0,
+    "day_of_year": lambda t: (t.dayofyear - 1) / 365.0,
+    "week_of_year": lambda t: (t.isocalendar().week.to_numpy() - 1) / 52.0,
+    "month_of_year": lambda t: (t.month - 1) / 11.0,
+}
+
+
 def calendar_features(times: pd.DatetimeIndex, names: Sequence[str]) -> np.ndarray:
     """(T, F) features scaled to [-0.5, 0.5]."""
-    columns = {
-        "minute_of_hour": times.minute / 59.0,
-        "hour_of_day": times.hour / 23.0,
-        "day_of_week": times.dayofweek / 6.0,
-        "day_of_month": (times.day - 1) / 30.0,
-        "day_of_year": (times.dayofyear - 1) / 365.0,
-        "week_of_year": (times.isocalendar().week.to_numpy() - 1) / 52.0,
-        "month_of_year": (times.month - 1) / 11.0,
-    }
     if not names:
         return np.zeros((len(times), 0), dtype=np.float32)
-    return np.stack([np.asarray(columns[n], dtype=np.float64) - 0.5 for n in names], axis=1).astype(np.float32)
+    return np.stack([np.asarray(CALENDAR[n](times), dtype=np.float64) - 0.5 for n in names],
+                    axis=1).astype(np.float32)
 
 
 def request_body(frame: pd.DataFrame) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def request_body(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def future_times(last: pd.Timestamp, step: pd.Timedelta, horizon: int) -> pd.DatetimeIndex:
-    return pd.DatetimeIndex([last + step * (i + 1) for i in range(horizon)])
+    return pd.DatetimeIndex(last + step * np.arange(1, horizon + 1))
 
 
 def synthetic_frame(steps: int = 6000, n_vars: int = 7, seed: int = 0) -> pd.DataFrame:
