@@ -5,7 +5,8 @@
 Needs the stack up with models served (``make demo``, or ``tessera up`` and ``tessera train``). For each domain,
 ``--clients`` clients each send the domain's example request (``Domain.example_request``, the Swagger example),
 wait for the answer and send the next, for ``--seconds``. Every answer is counted by status (429s with and
-without ``Retry-After``) and every failed exchange by transport error (a dropped or refused connection, a
+without ``Retry-After``; a client waits as Retry-After says before it asks again, unless
+``--ignore-retry-after``) and every failed exchange by transport error (a dropped or refused connection, a
 timeout); latencies (p50, p99) are of the 2xx answers, and answers/s counts 2xx only. Then the same load goes to
 a no-op BentoML service (``pipelines.benchmarks.noop_service``) with the same request and response schemas
 and the answer recorded from the real endpoint: the serving overhead's ceiling, measured in the same run. The
@@ -79,10 +80,10 @@ class Tally:
 
 
 async def closed_loop(url: str, body: dict[str, Any], clients: int, seconds: float,
-                      timeout: float = 120.0) -> Tally:
-    """``clients`` clients, each posting ``body`` to ``url`` and waiting for the answer, for ``seconds``. A 429
-    is counted and followed by the next request at once (a client that ignores Retry-After: the harshest
-    case)."""
+                      timeout: float = 120.0, honour_retry_after: bool = True) -> Tally:
+    """``clients`` clients, each posting ``body`` to ``url`` and waiting for the answer, for ``seconds``. After
+    a 429 a client waits as its Retry-After says (``honour_retry_after=False``: it asks again at once, the
+    harshest case, where refusing takes the service's CPU)."""
     import aiohttp
 
     tally = Tally(clients=clients, seconds=seconds)
@@ -99,7 +100,8 @@ async def closed_loop(url: str, body: dict[str, Any], clients: int, seconds: flo
                     async with session.post(url, data=payload, headers=headers) as response:
                         text = await response.read()
                         status = response.status
-                        if status == 429 and "Retry-After" not in response.headers:
+                        retry_after = response.headers.get("Retry-After")
+                        if status == 429 and retry_after is None:
                             tally.retry_after_missing += 1
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     tally.transport[type(exc).__name__] += 1
@@ -110,6 +112,8 @@ async def closed_loop(url: str, body: dict[str, Any], clients: int, seconds: flo
                     tally.latencies.append(time.perf_counter() - started)
                 elif status >= 500 and tally.first_error is None:
                     tally.first_error = f"{status}: {text[:300].decode(errors='replace')}"
+                elif status == 429 and honour_retry_after and retry_after is not None:
+                    await asyncio.sleep(min(float(retry_after), max(0.0, deadline - time.perf_counter())))
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -171,7 +175,7 @@ def in_flight_limit(domain: str) -> int:
 
 
 def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop: bool = True,
-        noop_port: int = NOOP_PORT) -> dict[str, Any]:
+        noop_port: int = NOOP_PORT, honour_retry_after: bool = True) -> dict[str, Any]:
     """Load each domain's endpoint, then (``noop``) the no-op twins of those that answered; the figures."""
     results: dict[str, Any] = {}
     bodies, answers = {}, {}
@@ -186,7 +190,7 @@ def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop
         bodies[name], answers[json_route(name)] = body, answer
         asyncio.run(closed_loop(url, body, min(clients, 8), 2.0))  # warm-up
         print(f"{name}: {clients} clients for {seconds:.0f} s on {url} ...", flush=True)
-        tally = asyncio.run(closed_loop(url, body, clients, seconds))
+        tally = asyncio.run(closed_loop(url, body, clients, seconds, honour_retry_after=honour_retry_after))
         results[name] = {"route": json_route(name), "in_flight_limit": in_flight_limit(name), **tally.summary()}
     if noop and bodies:
         with tempfile.TemporaryDirectory() as folder:
@@ -196,7 +200,8 @@ def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop
                     url = f"http://127.0.0.1:{noop_port}{json_route(name)}"
                     asyncio.run(closed_loop(url, body, min(clients, 8), 2.0))
                     print(f"{name}: the same load on the no-op twin ...", flush=True)
-                    tally = asyncio.run(closed_loop(url, body, clients, seconds))
+                    tally = asyncio.run(closed_loop(url, body, clients, seconds,
+                                                    honour_retry_after=honour_retry_after))
                     results[name]["noop"] = tally.summary()
                     if tally.ok:
                         results[name]["ratio_to_noop"] = round(results[name]["answers_per_s"]
@@ -229,11 +234,14 @@ def main() -> None:
     parser.add_argument("--domains", default=",".join(registry.names()), help="comma-separated (default: all)")
     parser.add_argument("--no-noop", action="store_true", help="skip the no-op comparison")
     parser.add_argument("--noop-port", type=int, default=NOOP_PORT)
+    parser.add_argument("--ignore-retry-after", action="store_true",
+                        help="clients ask again at once after a 429 (default: they wait as Retry-After says)")
     args = parser.parse_args()
     from infra.stack import service_url
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    results = run(domains, args.clients, args.seconds, service_url, noop=not args.no_noop, noop_port=args.noop_port)
+    results = run(domains, args.clients, args.seconds, service_url, noop=not args.no_noop, noop_port=args.noop_port,
+                  honour_retry_after=not args.ignore_retry_after)
     print(table(results))
     failed = [n for n, r in results.items() if "skipped" not in r and (r["server_errors"] or r["dropped"])]
     if failed:
