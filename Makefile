@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TESSERA_HOME ?= $(CURDIR)/.tessera
 
-.PHONY: install demo test test-unit test-integration up down status lint bench bench-attention bench-train bench-serve bench-load bench-policy bench-weather bench-memory bench-transients bench-segmentation clean
+.PHONY: install demo test test-unit test-integration up down status lint bench bench-attention bench-train bench-serve bench-load bench-policy bench-weather bench-memory bench-transients bench-segmentation bench-peers clean
 
 install: $(STAMP)
 
@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check shared pipelines services infra tests
 	$(VENV)/bin/mypy
 
-bench: bench-attention bench-train bench-serve bench-load bench-policy bench-weather bench-memory bench-transients bench-segmentation
+bench: bench-attention bench-train bench-serve bench-load bench-policy bench-weather bench-memory bench-transients bench-segmentation bench-peers
 
 bench-attention: install
 	$(PY) -m pipelines.benchmarks.attention
@@ -69,6 +69,11 @@ bench-weather: install
 
 bench-memory: install
 	$(PY) -m pipelines.benchmarks.forecasting_memory
+
+# Reference code from TESSERA_REFERENCE_ITRANSFORMER / TESSERA_REFERENCE_AUTOFORMER (git clones of
+# thuml/iTransformer and thuml/Autoformer); without them only Tessera's models are timed.
+bench-peers: install
+	$(PY) -m pipelines.benchmarks.peers
 
 clean:
 	rm -rf .pytest_cache .ruff_cache .mypy_cache
