@@ -31,6 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.forecasting.config import ForecastingConfig
+from services.forecasting.model_itransformer import fast_dropout, linear
+
+
+def _drop(dropout: nn.Dropout, x: Tensor) -> Tensor:
+    """``dropout(x)`` with :func:`~services.forecasting.model_itransformer.fast_dropout`'s cheaper CPU mask."""
+    return fast_dropout(x, dropout.p, dropout.training)
 
 
 def moving_average(x: Tensor, kernel_size: int) -> Tensor:
@@ -114,13 +120,13 @@ class AutoCorrelation(nn.Module):
     def forward(self, queries: Tensor, memory: Tensor | None = None) -> Tensor:
         """Self-correlation of ``queries`` (B, L, D), or cross-correlation with ``memory`` (B, S, D)."""
         if memory is None:
-            q, k, v = self.qkv(queries).chunk(3, dim=-1)  # (B, L, D) each, D = H * E
+            q, k, v = linear(queries, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)  # (B, L, D) each, D = H * E
         else:
             d_model = queries.shape[-1]
-            q = F.linear(queries, self.qkv.weight[:d_model], self.qkv.bias[:d_model])  # (B, L, D)
-            kv = F.linear(memory, self.qkv.weight[d_model:], self.qkv.bias[d_model:])  # (B, S, 2D)
+            q = linear(queries, self.qkv.weight[:d_model], self.qkv.bias[:d_model])  # (B, L, D)
+            kv = linear(memory, self.qkv.weight[d_model:], self.qkv.bias[d_model:])  # (B, S, 2D)
             k, v = kv.chunk(2, dim=-1)
-        return self.out(self.correlate(q, k, v))  # (B, L, D)
+        return linear(self.correlate(q, k, v), self.out.weight, self.out.bias)  # (B, L, D)
 
     def correlate(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Auto-Correlation of projected (B, Lq, D) queries with (B, Lk, D) keys/values -> (B, Lq, D)."""
@@ -162,7 +168,7 @@ class CircularConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out_channels = self.weight.shape[0]
-        taps = x @ self.weight.permute(1, 2, 0).reshape(x.shape[-1], 3 * out_channels)  # (B, L, 3 * C_out)
+        taps = linear(x, self.weight.permute(2, 0, 1).reshape(3 * out_channels, x.shape[-1]))  # (B, L, 3 * C_out)
         prev, centre, nxt = taps.split(out_channels, dim=-1)  # tap j reads x[t - 1 + j]
         return prev.roll(1, dims=1) + centre + nxt.roll(-1, dims=1)  # (B, L, C_out)
 
@@ -180,8 +186,8 @@ class DataEmbedding(nn.Module):
     def forward(self, x: Tensor, x_mark: Tensor | None) -> Tensor:
         out = self.token(x)  # (B, L, D)
         if self.marks is not None and x_mark is not None:
-            out = out + self.marks(x_mark)
-        return self.dropout(out)
+            out = out + linear(x_mark, self.marks.weight)
+        return _drop(self.dropout, out)
 
 
 class FeedForward(nn.Module):
@@ -195,7 +201,8 @@ class FeedForward(nn.Module):
         self.activation = F.gelu if activation == "gelu" else F.relu
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(self.dropout(self.activation(self.up(x)))))  # (B, L, D)
+        h = _drop(self.dropout, self.activation(linear(x, self.up.weight)))  # (B, L, d_ff)
+        return _drop(self.dropout, linear(h, self.down.weight))  # (B, L, D)
 
 
 class EncoderLayer(nn.Module):
@@ -209,7 +216,7 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x, _ = self.decomp(x + self.dropout(self.attention(x)))
+        x, _ = self.decomp(x + _drop(self.dropout, self.attention(x)))
         x, _ = self.decomp(x + self.ffn(x))
         return x
 
@@ -227,8 +234,8 @@ class DecoderLayer(nn.Module):
         self.trend_projection = CircularConv(cfg.d_model, n_vars)
 
     def forward(self, x: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
-        x, trend1 = self.decomp(x + self.dropout(self.self_attention(x)))
-        x, trend2 = self.decomp(x + self.dropout(self.cross_attention(x, memory)))
+        x, trend1 = self.decomp(x + _drop(self.dropout, self.self_attention(x)))
+        x, trend2 = self.decomp(x + _drop(self.dropout, self.cross_attention(x, memory)))
         x, trend3 = self.decomp(x + self.ffn(x))
         return x, self.trend_projection(trend1 + trend2 + trend3)  # (B, L, D), (B, L, N)
 
@@ -268,5 +275,5 @@ class Autoformer(nn.Module):
         for dec_layer in self.decoder:
             out, residual_trend = dec_layer(out, memory)
             trend = trend + residual_trend
-        out = self.projection(self.decoder_norm(out))  # (B, S+P, N)
+        out = linear(self.decoder_norm(out), self.projection.weight, self.projection.bias)  # (B, S+P, N)
         return (trend + out)[:, -pred_len:]  # (B, P, N)

@@ -7,15 +7,160 @@ to; only the variate tokens are projected to the horizon (Linear(d_model, pred_l
 normalization (mean/std over time of each variate, undone at the output) handles non-stationary levels.
 
 Built from :mod:`shared.layers`; the published model uses post-norm layers (``norm_first=False``), the default.
+
+Two savings over the plain composition of those layers (:meth:`ITransformer.forward_plain`, kept as the ground
+truth of the tests), measured by ``python -m pipelines.benchmarks.peers``; the parameters and the state_dict
+are the same:
+- the calendar tokens only serve as keys and values: in the last layer only the variate tokens are queried,
+  and that layer's output projection, feed-forward block and norms, the final norm and the head run on the
+  variate rows alone (the ETTh1 setting has 7 variate and 4 calendar tokens). The forecast is the same
+  function (eval outputs and gradients agree to float rounding);
+- on CPU, dropout masks are drawn 16 random bits per element from torch's generator (four elements per
+  64-bit draw, :func:`fast_dropout`) instead of ``bernoulli_``, which costs as much as a d_model x d_model
+  matmul per mask here. The drop probability is rounded to a multiple of 1/65536 (0.1 -> 0.100006) and the
+  kept values are scaled by the exact 1 / (1 - p) of that probability, so the expectation is unchanged; the
+  masks are other random draws than ``nn.Dropout``'s. The attention-weight dropout stays in
+  :func:`shared.attention.attention`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.forecasting.config import ForecastingConfig
-from shared.layers import Encoder, EncoderLayer
+from shared.attention import MultiHeadAttention, attention
+from shared.layers import Encoder, EncoderLayer, FeedForward
+
+_MASK_BITS = 16  # random bits per dropout-mask element
+_MASK_LEVELS = 1 << _MASK_BITS
+
+
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout as ``F.dropout(x, p, training)``, with a cheaper mask on CPU (see the module docstring).
+
+    Falls back to ``F.dropout`` off CPU (CUDA's fused kernel is fast) and for a ``p`` that 16 bits round by more
+    than 0.1 % of itself (p < 0.0076 or so).
+    """
+    if not training or p == 0.0:
+        return x
+    threshold = round(p * _MASK_LEVELS)
+    if x.device.type != "cpu" or abs(threshold / _MASK_LEVELS - p) > 1e-3 * p or threshold >= _MASK_LEVELS:
+        return F.dropout(x, p, training)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # every 64-bit pattern
+    uniform = bits.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+    keep = uniform >= threshold - _MASK_LEVELS // 2  # P(drop) = threshold / 65536
+    return x * keep.to(x.dtype).mul_(_MASK_LEVELS / (_MASK_LEVELS - threshold))
+
+
+def _onednn_linear_op() -> Callable[..., Tensor] | None:
+    """oneDNN's fp32 matmul (``torch.ops.mkldnn._linear_pointwise``, what inductor lowers Linear to on CPU), or
+    None where this torch build has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+
+
+def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)ᵀ + bias on oneDNN; either operand may be a strided view."""
+    assert _ONEDNN_LINEAR is not None
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with the forward and both backward matmuls on oneDNN (fp32, no reduced precision)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_matmul(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_matmul(grad, weight.t(), None)  # (M, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_matmul(grad.t(), x.t(), None)  # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; fp32 on CPU runs its matmuls on oneDNN (see the module docstring).
+
+    On the AMD EPYC CPUs of this project's machines MKL's sgemm, behind ``F.linear``, reaches about half the
+    throughput of oneDNN's kernels. Elsewhere (CUDA, bf16 autocast, reduced dtypes, torch builds without
+    oneDNN, ``torch.backends.mkldnn.enabled = False``) this is ``F.linear``.
+    """
+    if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
+            or x.numel() == 0 or not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        out = _OneDNNLinear.apply(flat, weight, bias)
+    else:
+        out = _onednn_matmul(flat, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_module(module: nn.Linear, x: Tensor) -> Tensor:
+    return linear(x, module.weight, module.bias)
+
+
+def _self_attention(attn: MultiHeadAttention, x: Tensor, n_queries: int | None, training: bool) -> Tensor:
+    """``MultiHeadAttention.forward(x)`` (its fused QKV weights, :func:`shared.attention.attention`) with the
+    projections on :func:`linear`; with ``n_queries`` only ``x[:, :n_queries]`` is queried -> (B, n_queries, D)."""
+    batch, length, d_model = x.shape
+    heads, head_dim = attn.n_heads, attn.head_dim
+    assert attn.qkv is not None
+    if n_queries is None:
+        n_queries = length
+        qkv = _linear_module(attn.qkv, x).view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, L, Dh) each
+    else:
+        w_q, w_kv = attn.qkv.weight.split([d_model, 2 * d_model])
+        b_q, b_kv = (None, None) if attn.qkv.bias is None else attn.qkv.bias.split([d_model, 2 * d_model])
+        q = linear(x[:, :n_queries], w_q, b_q).view(batch, n_queries, heads, head_dim).transpose(1, 2)
+        k, v = linear(x, w_kv, b_kv).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q, k, v, dropout_p=attn.dropout if training else 0.0)  # (B, H, n_queries, Dh)
+    return _linear_module(attn.out_proj, out.transpose(1, 2).reshape(batch, n_queries, d_model))
+
+
+def _feed_forward(ff: FeedForward, x: Tensor, training: bool) -> Tensor:
+    """``FeedForward.forward`` with :func:`fast_dropout`."""
+    h = _linear_module(ff.w_in, x)
+    if ff.glu:
+        value, gate = h.chunk(2, dim=-1)
+        h = value * ff.act(gate)
+    else:
+        h = ff.act(h)
+    return _linear_module(ff.w_out, fast_dropout(h, ff.dropout.p, training))
+
+
+def _encoder_layer(layer: EncoderLayer, x: Tensor, n_queries: int | None, training: bool) -> Tensor:
+    """``EncoderLayer.forward`` (pre- or post-norm) with :func:`fast_dropout`; with ``n_queries`` only the first
+    ``n_queries`` tokens are queried (all tokens are keys and values) and only their rows are returned."""
+    p = layer.dropout.p
+    rows = x if n_queries is None else x[:, :n_queries]
+    if layer.norm_first:
+        x = rows + fast_dropout(_self_attention(layer.attn, layer.norm1(x), n_queries, training), p, training)
+        return x + fast_dropout(_feed_forward(layer.ff, layer.norm2(x), training), p, training)
+    x = layer.norm1(rows + fast_dropout(_self_attention(layer.attn, x, n_queries, training), p, training))
+    return layer.norm2(x + fast_dropout(_feed_forward(layer.ff, x, training), p, training))
 
 
 class ITransformer(nn.Module):
@@ -45,20 +190,47 @@ class ITransformer(nn.Module):
             raise ValueError(f"x_mark must be (B={x.shape[0]}, seq_len={self.seq_len}, n_marks={self.n_marks}), "
                              f"got {tuple(x_mark.shape)}")
 
-    def forward(self, x: Tensor, x_mark: Tensor | None = None, y_mark: Tensor | None = None) -> Tensor:
-        """Forecast ``pred_len`` steps of every variate; ``y_mark`` (future calendar features) is unused."""
-        self._check(x, x_mark)
-        if self.use_norm:
-            mean = x.mean(dim=1, keepdim=True).detach()  # (B, 1, N)
-            x = x - mean
-            std = torch.sqrt(torch.var(x, dim=1, keepdim=True, unbiased=False) + 1e-5)  # (B, 1, N)
-            x = x / std
+    def _normalize(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if not self.use_norm:
+            return x, None, None
+        mean = x.mean(dim=1, keepdim=True).detach()  # (B, 1, N)
+        x = x - mean
+        std = torch.sqrt(torch.var(x, dim=1, keepdim=True, unbiased=False) + 1e-5)  # (B, 1, N)
+        return x / std, mean, std
+
+    def _tokens(self, x: Tensor, x_mark: Tensor | None) -> Tensor:
         tokens = x.transpose(1, 2)  # (B, N, L)
         if x_mark is not None and self.n_marks > 0:
             tokens = torch.cat([tokens, x_mark.to(x.dtype).transpose(1, 2)], dim=1)  # (B, N + F, L)
-        h = self.embed_dropout(self.embed(tokens))  # (B, N + F, d_model)
+        return tokens
+
+    def forward(self, x: Tensor, x_mark: Tensor | None = None, y_mark: Tensor | None = None) -> Tensor:
+        """Forecast ``pred_len`` steps of every variate; ``y_mark`` (future calendar features) is unused."""
+        self._check(x, x_mark)
+        x, mean, std = self._normalize(x)
+        tokens = self._tokens(x, x_mark)  # (B, N + F, L)
+        h = fast_dropout(_linear_module(self.embed, tokens), self.embed_dropout.p, self.training)  # (B, N + F, d_model)
+        layers = self.encoder.layers
+        marks = tokens.shape[1] > self.n_vars  # calendar tokens are keys and values, never forecast
+        for i, layer in enumerate(layers):
+            last = marks and i == len(layers) - 1
+            h = _encoder_layer(layer, h, self.n_vars if last else None, self.training)  # type: ignore[arg-type]
+        h = h[:, : self.n_vars]  # (B, N, d_model); a no-op after a pruned last layer
+        if self.encoder.norm is not None:
+            h = self.encoder.norm(h)
+        out = _linear_module(self.head, h).transpose(1, 2)  # (B, pred_len, N)
+        if std is not None and mean is not None:
+            out = out * std + mean
+        return out
+
+    def forward_plain(self, x: Tensor, x_mark: Tensor | None = None, y_mark: Tensor | None = None) -> Tensor:
+        """The same model as the plain composition of :mod:`shared.layers` modules (every token through every
+        layer, ``nn.Dropout``): the ground truth that :meth:`forward` is tested against."""
+        self._check(x, x_mark)
+        x, mean, std = self._normalize(x)
+        h = self.embed_dropout(self.embed(self._tokens(x, x_mark)))  # (B, N + F, d_model)
         h = self.encoder(h)  # (B, N + F, d_model)
         out = self.head(h)[:, : self.n_vars].transpose(1, 2)  # (B, pred_len, N)
-        if self.use_norm:
+        if std is not None and mean is not None:
             out = out * std + mean
         return out

@@ -1,0 +1,179 @@
+"""The forecasting models' fast paths compute what the plain ones do: oneDNN linear, cheap dropout masks,
+iTransformer's pruned last layer; and the peer benchmark's loader of reference code."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import services.forecasting.model_autoformer as autoformer_module
+from pipelines.benchmarks import peers
+from services.forecasting.config import ForecastingConfig
+from services.forecasting.model_autoformer import Autoformer
+from services.forecasting.model_itransformer import ITransformer, fast_dropout, linear
+
+
+def _cfg(**overrides: object) -> ForecastingConfig:
+    settings: dict[str, object] = {"seq_len": 24, "pred_len": 12, "d_model": 32, "n_heads": 4, "e_layers": 2,
+                                   "d_ff": 64, "dropout": 0.1, "label_len": 12}
+    settings.update(overrides)
+    return ForecastingConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_with_gradients(bias: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 9, 16)[:, :, ::2].requires_grad_()  # strided input
+    w = torch.randn(24, 16, requires_grad=True)
+    b = torch.randn(24, requires_grad=True) if bias else None
+    grad = torch.randn(4, 7, 5, 24)
+    ours = linear(x, w, b)
+    ours.backward(grad)
+    got = [t.grad.clone() for t in (x, w, b) if t is not None]  # type: ignore[union-attr]
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    expected = F.linear(x, w, b)
+    expected.backward(grad)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    for g, t in zip(got, [t for t in (x, w, b) if t is not None], strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w, b), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_falls_back_for_other_dtypes_and_autocast() -> None:
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x.float(), w.float()).dtype == torch.bfloat16  # autocast applies, as to F.linear
+
+
+def test_fast_dropout_keeps_the_expectation_and_its_gradient_is_the_mask() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    out = fast_dropout(x, 0.1, training=True)
+    kept = out != 0
+    drop_rate = 1.0 - kept.float().mean().item()
+    assert abs(drop_rate - 0.1) < 2e-3
+    assert abs(out.mean().item() - 1.0) < 3e-3  # E[out] = x
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 65536 / (65536 - 6554)))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())  # d out / d x = the scaled mask
+    assert fast_dropout(x, 0.1, training=False) is x
+    assert fast_dropout(x, 0.0, training=True) is x
+
+
+def test_fast_dropout_is_reproducible_and_falls_back_for_tiny_p() -> None:
+    x = torch.randn(64, 33)
+    torch.manual_seed(3)
+    a = fast_dropout(x, 0.25, True)
+    torch.manual_seed(3)
+    torch.testing.assert_close(fast_dropout(x, 0.25, True), a)
+    torch.manual_seed(3)
+    tiny = fast_dropout(x, 0.001, True)  # 0.001 * 65536 = 65.5 rounds by 0.8 %: F.dropout's own mask
+    torch.manual_seed(3)
+    torch.testing.assert_close(tiny, F.dropout(x, 0.001))
+
+
+@pytest.mark.parametrize(("n_marks", "norm_first"), [(4, False), (0, False), (3, True)])
+def test_itransformer_fast_forward_is_the_plain_forward(n_marks: int, norm_first: bool) -> None:
+    torch.manual_seed(0)
+    model = ITransformer(_cfg(dropout=0.0), n_vars=5, n_marks=n_marks, norm_first=norm_first)
+    x = 3.0 * torch.randn(6, 24, 5) + 1.0
+    x_mark = torch.randn(6, 24, n_marks) if n_marks else None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, x_mark), model.forward_plain(x, x_mark), rtol=1e-5, atol=1e-5)
+    model.train()  # dropout 0: the training graphs are the same function, so are the gradients
+    grads = []
+    for forward in (model.forward, model.forward_plain):
+        model.zero_grad()
+        forward(x, x_mark).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() == {n for n, _ in model.named_parameters()}
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_itransformer_training_forward_has_dropout_of_the_configured_rate() -> None:
+    torch.manual_seed(0)
+    model = ITransformer(_cfg(dropout=0.1), n_vars=5, n_marks=2).train()
+    x, x_mark = torch.randn(4, 24, 5), torch.randn(4, 24, 2)
+    assert not torch.allclose(model(x, x_mark), model(x, x_mark))  # fresh masks every call
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(x, x_mark), model.forward_plain(x, x_mark), rtol=1e-5, atol=1e-5)
+
+
+def test_autoformer_onednn_path_is_the_f_linear_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    cfg = ForecastingConfig(model="autoformer", seq_len=32, label_len=16, pred_len=8, d_model=16, n_heads=2,
+                            d_ff=32, dropout=0.0, moving_avg=5)
+    model = Autoformer(cfg, n_vars=3, n_marks=2)
+    x, x_mark, y_mark = torch.randn(4, 32, 3), torch.randn(4, 32, 2), torch.randn(4, 24, 2)
+    outs = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(autoformer_module, "linear", F.linear)
+        model.train()
+        model.zero_grad()
+        out = model(x, x_mark, y_mark)
+        out.pow(2).mean().backward()
+        outs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(grad, outs[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_peers_loads_reference_code_from_a_checkout_and_leaves_sys_modules_clean(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers" / "__init__.py").write_text("")
+    (tmp_path / "layers" / "blocks.py").write_text("from reformer_pytorch import LSHSelfAttention\nSCALE = 2.0\n")
+    (tmp_path / "model" / "__init__.py").write_text("")
+    (tmp_path / "model" / "iTransformer.py").write_text(
+        "import torch\nfrom layers.blocks import SCALE\n\n"
+        "class Model(torch.nn.Module):\n"
+        "    def __init__(self, configs):\n"
+        "        super().__init__()\n"
+        "        self.pred_len = configs.pred_len\n"
+        "    def forward(self, x, x_mark, x_dec, y_mark):\n"
+        "        return SCALE * x[:, -self.pred_len:]\n")
+    root, why = peers.reference_dir("itransformer", str(tmp_path))
+    assert root == tmp_path and not why
+    model_cls = peers.load_reference("itransformer", tmp_path)
+    ref = model_cls(types.SimpleNamespace(pred_len=3))
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(ref(x, None, None, None), 2.0 * x[:, -3:])
+    assert not any(name.split(".")[0] in peers.REFERENCE_PACKAGES for name in sys.modules)
+    assert not list(tmp_path.rglob("__pycache__"))  # imported from a temporary copy
+
+
+def test_peers_says_why_a_reference_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(peers.ENV_VARS["autoformer"], raising=False)
+    root, why = peers.reference_dir("autoformer", None)
+    assert root is None and "git clone https://github.com/thuml/Autoformer" in why
+    root, why = peers.reference_dir("autoformer", str(tmp_path))
+    assert root is None and "models/Autoformer.py not found" in why
+
+
+def test_peer_weight_maps_cover_every_parameter_of_ours() -> None:
+    it_cfg, af_cfg = peers.our_config("itransformer"), peers.our_config("autoformer")
+    ours_it = peers.build_ours("itransformer", it_cfg)
+    assert set(peers.itransformer_weights(_FakeStateDict(), it_cfg.e_layers)) == set(ours_it.state_dict())
+    ours_af = peers.build_ours("autoformer", af_cfg)
+    assert set(peers.autoformer_weights(_FakeStateDict(), af_cfg.e_layers, af_cfg.d_layers)) == set(
+        ours_af.state_dict())
+
+
+class _FakeStateDict(dict[str, torch.Tensor]):
+    """Any key maps to a small tensor (the maps' key names are what is checked)."""
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        return torch.zeros(1, 1, 1)
