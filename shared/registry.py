@@ -218,6 +218,11 @@ class Domain(abc.ABC):
         """A JSON body for ``endpoint`` that a model trained with the demo or tiny settings answers (the
         Swagger example)."""
 
+    @property
+    def example_path(self) -> str:
+        """The route :meth:`example_request` is a body for: ``example_route``, else ``endpoint``."""
+        return self.example_route or self.endpoint
+
     def example_input(self, folder: Path, data: str | None = None) -> Path:
         """A file :meth:`predict` accepts, written under ``folder`` (from ``data`` when given, else synthetic):
         by default the example request as JSON."""

@@ -401,7 +401,7 @@ class RequestGuard:
             return
         path = str(scope.get("path", "")).rstrip("/") or "/"
         if not self.max_in_flight or path not in self.routes or path == MODEL_ROUTE:
-            await self._handle(scope, receive, send)
+            await self._handle(scope, receive, send, path)
             return
         if self.in_flight >= self.max_in_flight:
             await _refuse(send, 429, f"busy: {self.in_flight} requests in flight, this service's limit "
@@ -410,17 +410,16 @@ class RequestGuard:
             return
         self.in_flight += 1
         try:
-            await self._handle(scope, receive, send)
+            await self._handle(scope, receive, send, path)
         finally:
             self.in_flight -= 1
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(send)
             return
-        path = str(scope.get("path", "")).rstrip("/") or "/"
         if path == MODEL_ROUTE and scope.get("method") in ("GET", "HEAD") and path in self.routes:
             # GET /model: the same answer as BentoML's POST /model (its APIs take POST only), with no body
             headers_out = [(k, v) for k, v in scope.get("headers") or [] if k not in (b"content-length",

@@ -137,7 +137,7 @@ def check_service(domain: Domain) -> None:
     assert service.name == domain.name
     apis = {api.route: api for api in service.apis.values()}
     assert domain.endpoint in apis and "/model" in apis
-    route = domain.example_route or domain.endpoint
+    route = domain.example_path
     example = domain.example_request()
     apis[route].input_spec.model_validate(example)  # a body the schema takes
     schema = service.openapi_spec.asdict()

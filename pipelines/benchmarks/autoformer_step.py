@@ -17,7 +17,6 @@ import copy
 import math
 import os
 import statistics
-import time
 import types
 from collections.abc import Callable
 
@@ -93,15 +92,9 @@ def with_reference_correlation(model: Autoformer) -> Autoformer:
 
 def _median_ms(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
     """Median wall time per call of each function; calls are interleaved so load drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    from pipelines.benchmarks.peers import interleaved
+
+    times = interleaved(fns, warmup, repeats)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 

@@ -122,8 +122,7 @@ async def closed_loop(url: str, body: dict[str, Any], clients: int, seconds: flo
 
 
 def json_route(domain: str) -> str:
-    described = registry.get(domain)
-    return described.example_route or described.endpoint
+    return registry.get(domain).example_path
 
 
 def record_answer(url: str, body: dict[str, Any]) -> tuple[int, Any]:

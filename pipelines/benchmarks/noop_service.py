@@ -29,8 +29,7 @@ def json_api(domain: str) -> Any:
     described = registry.get(domain)
     module, cls = described.service.split(":")
     service = getattr(importlib.import_module(module), cls)
-    route = described.example_route or described.endpoint
-    return next(api for api in service.apis.values() if api.route == route)
+    return next(api for api in service.apis.values() if api.route == described.example_path)
 
 
 def _answers() -> dict[str, Any]:

@@ -27,7 +27,7 @@ FUZZ_REQUESTS = 1000  # at least this many requests per service
 
 def _example(name: str) -> tuple[str, dict]:
     domain = registry.get(name)
-    return url(name, domain.example_route or domain.endpoint), domain.example_request()
+    return url(name, domain.example_path), domain.example_request()
 
 
 @pytest.mark.parametrize("name", DOMAINS)
@@ -173,7 +173,7 @@ def test_bentoml_python_client_answers_the_example(trained: object, name: str) -
 
     result = trained(name)  # type: ignore[operator]
     domain = registry.get(name)
-    route = domain.example_route or domain.endpoint
+    route = domain.example_path
     api = next(a.name for a in service_of(domain).apis.values() if a.route == route)
     with bentoml.SyncHTTPClient(service_url(name), timeout=60) as client:
         answer = getattr(client, api)(domain.example_request())

@@ -252,7 +252,7 @@ def test_the_service_serves_that_version(two_node_job: dict[str, Any]) -> None:
     info = httpx.get(url("forecasting", "/model"), timeout=30).json()
     assert info["version"] == str(two_node_job["version"]) and info["run_id"] == two_node_job["run_id"]
     domain = registry.get("forecasting")
-    response = httpx.post(url("forecasting", domain.example_route or domain.endpoint),
+    response = httpx.post(url("forecasting", domain.example_path),
                           json=domain.example_request(), timeout=60)
     assert response.status_code == 200, response.text
     answer = response.json()
