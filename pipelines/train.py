@@ -93,13 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _train_here(domain: registry.Domain, cfg: Any, run_id: str, uri: str, init_weights: bytes | None) -> None:
-    """The plain trainer in this process (``--no-ray``), logging to the same MLflow run."""
+    """The plain trainer in this process (``--no-ray``), logging to the same MLflow run; on this machine's first
+    GPU with ``use_gpu=true``."""
+    import torch
     from safetensors.torch import load as load_safetensors
 
     from pipelines.trainer import Trainer
     from shared.tracking import MlflowTracker
 
     trainer = Trainer(domain, cfg, tracker=MlflowTracker(uri, run_id),
+                      device=torch.device("cuda") if cfg.use_gpu else None,
                       init_weights=load_safetensors(init_weights) if init_weights else None)
     trainer.fit()
 
@@ -120,6 +123,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise UsageError(str(exc)) from None
     if args.no_ray and cfg.ray_workers != 1:
         raise UsageError(f"--no-ray trains in one process; ray_workers={cfg.ray_workers} needs Ray")
+    if args.no_ray and cfg.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--no-ray with use_gpu=true trains on this machine's GPU, and torch sees none here")
     if getattr(cfg, "data", None):
         try:
             datapath.require(cfg.data)

@@ -11,13 +11,18 @@ function picks the fastest kernel that supports its inputs:
 
 One set of semantics holds for every backend:
 
-* layout (B, H, L, D) as in SDPA; ``v`` may have its own head dim Dv (not on flash-attn);
+* layout (B, H, L, D) as in SDPA; ``v`` may have its own head dim Dv (not on flash-attn); ``k`` and ``v`` may
+  have fewer heads than ``q`` (grouped-query or multi-query attention: H a multiple of Hkv, query head i
+  reading key/value head ``i // (H // Hkv)``);
 * ``attn_mask`` is bool (True = may attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk);
 * ``key_padding_mask`` is (B, Lk) bool with True = a real token;
 * ``causal`` is top-left aligned (query i sees keys j <= i), SDPA's ``is_causal``, also when Lq != Lk;
   flash-attn aligns bottom-right, so those cases go to SDPA;
 * a query row that may attend to no key at all returns zeros (and zero gradients), never NaN;
-* ``dropout_p`` is applied whenever it is > 0: callers pass 0 in eval mode (:class:`MultiHeadAttention` does).
+* ``dropout_p`` is applied whenever it is > 0: callers pass 0 in eval mode (:class:`MultiHeadAttention` does);
+* masks live on the device of ``q``; inputs with nothing to compute (no elements, or no real key in the whole
+  batch) are answered without a fused kernel (the kernels cannot launch on an empty grid);
+* under ``torch.use_deterministic_algorithms(True)`` flash-attn runs its deterministic backward.
 
 Backend choice: the ``backend`` argument, else the ``TESSERA_ATTENTION_BACKEND`` environment variable, else
 automatic. A forced backend that cannot run the inputs raises ``ValueError`` rather than silently falling back.
@@ -25,7 +30,15 @@ automatic. A forced backend that cannot run the inputs raises ``ValueError`` rat
 Second-order gradients: the fused kernels (flash-attn, SDPA's flash kernels) have no double backward. Code that
 differentiates through a gradient (``torch.autograd.grad(..., create_graph=True)``, as energy-based models do
 when they train through their own gradient descent) runs inside :func:`twice_differentiable`: there SDPA is
-restricted to its composite "math" kernel, and flash-attn is never chosen.
+restricted to its composite "math" kernel, and flash-attn is never chosen. Outside that block a double
+backward through flash-attn raises (flash-attn's backward is not differentiable; PyTorch would otherwise drop
+the second-order terms without a word), as SDPA's fused kernels do.
+
+flash-attn's limits that are checked before its kernels are called: a build for the GPU's architecture (probed
+once per device), head dims <= 256, no dropout with head dims above 192 on GPUs with less than 144 KB of shared
+memory per block (sm86/sm87/sm89: flash-attn 2 has no backward kernel for it and would return garbage
+gradients), and at most 65,535 sequences per kernel launch (the CUDA grid's y limit; larger batches are split,
+also for SDPA on CUDA).
 """
 
 from __future__ import annotations
@@ -46,6 +59,14 @@ from torch import Tensor, nn
 BACKENDS = ("flash_attn", "sdpa", "reference")
 ENV_VAR = "TESSERA_ATTENTION_BACKEND"
 FLASH_MAX_HEAD_DIM = 256
+# flash-attn 2's backward for head dims 193-256 (its hdim256 kernels) with dropout needs this much shared memory
+# per block (csrc/flash_attn/src/flash_bwd_launch_template.h: A100/H100 have it; sm86/sm87/sm89 do not and
+# launch nothing).
+_FLASH_HDIM256_DROPOUT_SMEM = 144 * 1024
+_FLASH_HDIM256_SMALL_SMEM = {(8, 6), (8, 7), (8, 9)}  # when the device properties do not say
+# CUDA grids are at most 65,535 blocks in y and z; flash-attn's grid is (query blocks, batch, heads) and SDPA's
+# memory-efficient kernel's (query blocks, heads, batch): more sequences than this go in several launches.
+MAX_GRID_BATCH = 65535
 _HALF = (torch.float16, torch.bfloat16)
 # Devices whose SDPA kernels return zeros for fully-masked rows (PyTorch >= 2.5 on CPU; checked by the tests).
 # Elsewhere (CUDA's memory-efficient kernel has returned NaN for them) such rows are patched around the call.
@@ -61,12 +82,70 @@ def _flash_module() -> ModuleType | None:
         return None
 
 
-def _flash_device_ok(t: Tensor) -> bool:
-    """True when ``t`` is an fp16/bf16 tensor on a CUDA GPU that FlashAttention-2 supports (Ampere or newer)."""
+def _capability(device: torch.device) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
+
+
+@functools.cache
+def _flash_runs_on(device: torch.device) -> str | None:
+    """None when the installed flash-attn has kernels for ``device``, else the error its first kernel gave.
+
+    A build carries code for the architectures it was compiled for (``FLASH_ATTN_CUDA_ARCHS``), and a cubin runs
+    on its own major version with an equal or higher minor only; one tiny call per device finds out.
+    """
+    fa = _flash_module()
+    if fa is None:
+        return "the flash_attn package is not installed"
+    probe = torch.zeros(1, 1, 1, 8, dtype=torch.float16, device=device)
+    try:
+        with torch.no_grad():
+            fa.flash_attn_func(probe, probe, probe)
+    except RuntimeError as error:  # "no kernel image is available for execution on the device" (not sticky)
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return None
+
+
+def _flash_device_problem(t: Tensor) -> str | None:
+    """Why flash-attn cannot run on ``t``'s dtype and device, or None (fp16/bf16 on a CUDA GPU it was built for)."""
     if not t.is_cuda or t.dtype not in _HALF:
-        return False
-    major, _ = torch.cuda.get_device_capability(t.device)
-    return major >= 8
+        return "flash_attn needs fp16/bf16 tensors on a CUDA GPU of compute capability >= 8.0"
+    major, minor = _capability(t.device)
+    if major < 8:
+        return f"flash_attn needs a CUDA GPU of compute capability >= 8.0 (this one is sm_{major}{minor})"
+    failed = _flash_runs_on(t.device)
+    if failed is not None:
+        return (f"the installed flash_attn has no kernels for this GPU (sm_{major}{minor}; build it with "
+                f"FLASH_ATTN_CUDA_ARCHS including {major}{minor}): {failed}")
+    return None
+
+
+def _small_shared_memory(t: Tensor) -> bool:
+    """True on GPUs with less shared memory per block than flash-attn's hdim-256 backward with dropout needs."""
+    try:
+        props = torch.cuda.get_device_properties(t.device)
+    except (RuntimeError, AssertionError, ValueError):  # not a CUDA tensor (the CPU test double)
+        return _capability(t.device) in _FLASH_HDIM256_SMALL_SMEM
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        return _capability(t.device) in _FLASH_HDIM256_SMALL_SMEM
+    return int(optin) < _FLASH_HDIM256_DROPOUT_SMEM
+
+
+def _flash_shape_problem(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str | None:
+    """Why flash-attn cannot run these head dims (and dropout), or None. Layout-agnostic: D is the last dim."""
+    d = q.shape[-1]
+    if d > FLASH_MAX_HEAD_DIM or v.shape[-1] != d:
+        return f"flash_attn needs one head dim <= {FLASH_MAX_HEAD_DIM} for q, k and v"
+    padded = -(-d // 8) * 8  # flash-attn pads head dims to a multiple of 8, then picks the kernel for 192 or 256
+    if dropout_p > 0.0 and padded > 192 and _needs_grad(q, k, v) and _small_shared_memory(q):
+        return (f"flash_attn 2 has no backward kernel for head dim {d} with dropout on this GPU (less than "
+                f"{_FLASH_HDIM256_DROPOUT_SMEM // 1024} KB of shared memory per block: sm86/sm87/sm89)")
+    return None
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 _TWICE_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("twice_differentiable", default=False)
@@ -118,8 +197,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, _) = q.shape, k.shape, v.shape
     if not b == bk == bv:
         raise ValueError(f"attention: batch sizes differ: q {b}, k {bk}, v {bv}")
-    if not h == hk == hv:
-        raise ValueError(f"attention: numbers of heads differ: q {h}, k {hk}, v {hv} (shapes are (B, H, L, D))")
+    if hk != hv or hk < 1 or h % hk:
+        raise ValueError(f"attention: k and v must have the same number of heads, and q's must be a multiple of "
+                         f"it (grouped-query attention): q {h}, k {hk}, v {hv} (shapes are (B, H, L, D))")
     if dk != d:
         raise ValueError(f"attention: q and k head dims differ: {d} vs {dk}")
     if lv != lk:
@@ -132,6 +212,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
         if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
             raise ValueError(f"attention: attn_mask of shape {_shape(attn_mask)} does not broadcast to "
                              f"(B, H, Lq, Lk) = {target}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attention: attn_mask is on {attn_mask.device} but q on {q.device}")
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(f"attention: key_padding_mask must be bool (True = real token), got "
@@ -139,19 +221,20 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
         if _shape(key_padding_mask) != (b, lk):
             raise ValueError(f"attention: key_padding_mask must have shape (B, Lk) = {(b, lk)}, got "
                              f"{_shape(key_padding_mask)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q on {q.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p={dropout_p} must be in [0, 1)")
 
 
 def _flash_unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                       key_padding_mask: Tensor | None, causal: bool) -> str | None:
+                       key_padding_mask: Tensor | None, causal: bool, dropout_p: float = 0.0) -> str | None:
     """Why flash-attn cannot run these inputs, or None when it can."""
     if _flash_module() is None:
         return "the flash_attn package is not installed"
-    if not all(_flash_device_ok(t) for t in (q, k, v)):
-        return "flash_attn needs fp16/bf16 tensors on a CUDA GPU of compute capability >= 8.0"
-    if q.shape[-1] > FLASH_MAX_HEAD_DIM or v.shape[-1] != q.shape[-1]:
-        return f"flash_attn needs one head dim <= {FLASH_MAX_HEAD_DIM} for q, k and v"
+    problem = _flash_device_problem(q) or _flash_shape_problem(q, k, v, dropout_p)
+    if problem is not None:
+        return problem
     if attn_mask is not None:
         return "flash_attn takes no arbitrary attn_mask (key_padding_mask is fine)"
     if causal and (q.shape[-2] != k.shape[-2] or key_padding_mask is not None):
@@ -179,12 +262,12 @@ def _select(requested: str | None, flash_reason: str | None) -> str:
 
 
 def select_backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
-                   key_padding_mask: Tensor | None = None, causal: bool = False,
+                   key_padding_mask: Tensor | None = None, causal: bool = False, dropout_p: float = 0.0,
                    backend: str | None = None) -> str:
     """The backend :func:`attention` uses for these arguments (the argument, else the env var, else auto)."""
-    _check_inputs(q, k, v, attn_mask, key_padding_mask, 0.0)
+    _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p)
     requested = _requested_backend(backend)
-    return _select(requested, _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal))
+    return _select(requested, _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal, dropout_p))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,6 +313,8 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: 
     out_dtype = q.dtype
     compute = torch.float32 if out_dtype in _HALF else out_dtype
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves H // Hkv query heads
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
     if mask is not None:
@@ -243,34 +328,91 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
           causal: bool, dropout_p: float, scale: float | None) -> Tensor:
+    gqa = k.shape[1] != q.shape[1]
     if attn_mask is None and key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                              enable_gqa=gqa)
     mask = _combined_mask(q, k, attn_mask, key_padding_mask, causal)
     assert mask is not None
     if q.device.type in _SDPA_SAFE_DEVICES:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
     # Let dead rows attend everywhere (finite values and gradients), then zero them.
     live = _live_rows(mask)
     mask = mask | ~live if mask.dtype == torch.bool else mask.masked_fill(~live, 0.0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     return out.masked_fill(~live, 0.0)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the inputs of a flash-attn call whose backward refuses to build a graph (create_graph=True).
+
+    flash-attn's backward is a CUDA kernel with no derivative of its own and no ``once_differentiable``: without
+    this, a double backward through it would silently leave out its second-order terms.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor,
+                v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 *grads: Tensor) -> tuple[Tensor, ...]:
+        if torch.is_grad_enabled():  # backward runs with grad mode on only when create_graph=True
+            raise RuntimeError("attention: flash-attn has no double backward (create_graph=True went through it); "
+                               "run code that differentiates through a gradient inside "
+                               "shared.attention.twice_differentiable()")
+        return grads
+
+
+def _first_order_only(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if _needs_grad(q, k, v):
+        q, k, v = _FirstOrderOnly.apply(q, k, v)
+    return q, k, v
+
+
+def _grid_limited(t: Tensor) -> bool:
+    """True where fused kernels launch one CUDA grid per call (MAX_GRID_BATCH sequences at most)."""
+    return t.is_cuda
+
+
+def _batch_slices(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                  size: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """The inputs cut into batches of at most ``size`` (masks cut along B where they have it)."""
+    mask4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + _shape(attn_mask))
+    for start in range(0, q.shape[0], size):
+        part = slice(start, start + size)
+        mask = None if mask4 is None else (mask4 if mask4.shape[0] == 1 else mask4[part])
+        padding = None if key_padding_mask is None else key_padding_mask[part]
+        yield q[part], k[part], v[part], mask, padding
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, dropout_p: float,
            scale: float | None) -> Tensor:
+    """flash-attn on (B, H, L, D) inputs of at most MAX_GRID_BATCH sequences, with at least one query and key."""
     fa = _flash_module()
     assert fa is not None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    given = q, k, v
+    q, k, v = _first_order_only(q, k, v)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, L, H, D): flash-attn's layout
+    if key_padding_mask is not None:
+        k_packed, cu_k, max_k = pack(k, key_padding_mask)  # (total_k, Hkv, D); max_k syncs with the GPU once
+        if max_k == 0:  # no real key anywhere: flash-attn's backward would launch an empty grid; zeros it is
+            return _sdpa(*given, None, key_padding_mask, False, dropout_p, scale)
     if key_padding_mask is None:
-        out = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)  # (B, Lq, H, D)
+        out = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
+                                 deterministic=deterministic)  # (B, Lq, H, D)
         return out.transpose(1, 2)  # (B, H, Lq, D)
     # Padded keys: pack the real keys, keep every query (a cross-attention query side may have no padding).
     batch, lq, heads, dim = q.shape
-    k_packed, cu_k, max_k = pack(k, key_padding_mask)  # (total_k, H, D)
-    v_packed = v[key_padding_mask]  # (total_k, H, D)
+    v_packed = v[key_padding_mask]  # (total_k, Hkv, D)
     cu_q = torch.arange(0, (batch + 1) * lq, lq, dtype=torch.int32, device=q.device)
-    out = fa.flash_attn_varlen_func(q.reshape(batch * lq, heads, dim), k_packed, v_packed, cu_q, cu_k, lq, max_k,
-                                    dropout_p=dropout_p, softmax_scale=scale, causal=False)  # (B * Lq, H, D)
+    out = fa.flash_attn_varlen_func(q.reshape(batch * lq, heads, dim), k_packed, v_packed, cu_q,
+                                    cu_k.to(device=q.device, dtype=torch.int32).contiguous(), lq, max_k,
+                                    dropout_p=dropout_p, softmax_scale=scale, causal=False,
+                                    deterministic=deterministic)  # (B * Lq, H, D)
     return out.view(batch, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
 
 
@@ -282,7 +424,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
     See the module docstring for the mask conventions and how the backend is chosen.
     """
     _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p)
-    name = _select(_requested_backend(backend), _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal))
+    name = _select(_requested_backend(backend),
+                   _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal, dropout_p))
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:  # nothing to compute: no kernel can launch on it
+        return _reference(q, k, v, _combined_mask(q, k, attn_mask, key_padding_mask, causal), dropout_p, scale)
+    if name != "reference" and q.shape[0] > MAX_GRID_BATCH and _grid_limited(q):
+        return torch.cat([attention(*part[:3], attn_mask=part[3], key_padding_mask=part[4], causal=causal,
+                                    dropout_p=dropout_p, scale=scale, backend=name)
+                          for part in _batch_slices(q, k, v, attn_mask, key_padding_mask, MAX_GRID_BATCH)])
     if name == "flash_attn":
         return _flash(q, k, v, key_padding_mask, causal, dropout_p, scale)
     if name == "sdpa":
@@ -335,9 +484,9 @@ def _check_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"varlen_attention: {name} must be 3-D (total_tokens, H, D), got shape {_shape(t)}")
-    if not q.shape[1] == k.shape[1] == v.shape[1]:
-        raise ValueError(f"varlen_attention: numbers of heads differ: q {q.shape[1]}, k {k.shape[1]}, "
-                         f"v {v.shape[1]}")
+    if k.shape[1] != v.shape[1] or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"varlen_attention: k and v must have the same number of heads, and q's must be a "
+                         f"multiple of it (grouped-query attention): q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"varlen_attention: q and k head dims differ: {q.shape[2]} vs {k.shape[2]}")
     if k.shape[0] != v.shape[0]:
@@ -360,36 +509,63 @@ def _check_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False, dropout_p: float = 0.0,
                      scale: float | None = None, backend: str | None = None) -> Tensor:
-    """Attention over packed sequences: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv) -> (total_q, H, Dv).
+    """Attention over packed sequences: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) ->
+    (total_q, H, Dv), H a multiple of Hkv.
 
     Sequence b holds tokens ``cu_seqlens[b]:cu_seqlens[b + 1]`` and attends only within itself. flash-attn runs
     it as is; otherwise the batch is padded to (B, H, Lmax, D), run through :func:`attention` with a key-padding
-    mask and re-packed. ``causal`` is top-left per sequence, like :func:`attention`.
+    mask and re-packed (on the CPU in groups of similar length). ``causal`` is top-left per sequence, like
+    :func:`attention`. ``cu_seqlens_*`` are integer tensors on any device; ``max_seqlen_*`` bound the lengths.
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p)
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)  # flash-attn takes Python ints only
+    same = cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k.to(cu_seqlens_q.device))
     flash_reason = None
     if _flash_module() is None:
         flash_reason = "the flash_attn package is not installed"
-    elif not all(_flash_device_ok(t) for t in (q, k, v)):
-        flash_reason = "flash_attn needs fp16/bf16 tensors on a CUDA GPU of compute capability >= 8.0"
-    elif q.shape[-1] > FLASH_MAX_HEAD_DIM or v.shape[-1] != q.shape[-1]:
-        flash_reason = f"flash_attn needs one head dim <= {FLASH_MAX_HEAD_DIM} for q, k and v"
-    elif causal and cu_seqlens_q is not cu_seqlens_k and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+    else:
+        flash_reason = _flash_device_problem(q) or _flash_shape_problem(q, k, v, dropout_p)
+    if flash_reason is None and causal and not same:
         flash_reason = "flash_attn aligns the causal mask bottom-right; Tessera's causal is top-left"
     name = _select(_requested_backend(backend), flash_reason)
+    if q.shape[0] == 0 or k.shape[0] == 0:  # no query or no key at all: zeros, without a kernel launch
+        return _padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q if q.shape[0] else 0,
+                              max_seqlen_k if k.shape[0] else 0, causal=causal, dropout_p=dropout_p, scale=scale,
+                              backend="reference")
     if name == "flash_attn":
-        fa = _flash_module()
-        assert fa is not None
-        return fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                         max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, softmax_scale=scale,
-                                         causal=causal)
-    if (cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)) and q.device.type == "cpu":
+        return _flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                             dropout_p=dropout_p, scale=scale)
+    if same and q.device.type == "cpu":
         groups = _length_groups(cu_seqlens_q)
         if len(groups) > 1:  # sequences of similar length together: little padding in each attention call
             return _grouped_varlen(q, k, v, cu_seqlens_q, groups, causal=causal, dropout_p=dropout_p, scale=scale,
                                    backend=name)
     return _padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                           dropout_p=dropout_p, scale=scale, backend=name)
+
+
+def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                  max_seqlen_k: int, *, causal: bool, dropout_p: float, scale: float | None) -> Tensor:
+    """flash-attn's varlen kernel: int32 contiguous cu_seqlens on q's device, MAX_GRID_BATCH sequences a launch."""
+    fa = _flash_module()
+    assert fa is not None
+    cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
+    batch = cu_q.numel() - 1
+    if batch > MAX_GRID_BATCH:  # rare: the boundaries come to the host once
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        parts = []
+        for s in range(0, batch, MAX_GRID_BATCH):
+            e = min(s + MAX_GRID_BATCH, batch)
+            rows_q, rows_k = slice(bounds_q[s], bounds_q[e]), slice(bounds_k[s], bounds_k[e])
+            parts.append(varlen_attention(q[rows_q], k[rows_k], v[rows_k], cu_q[s:e + 1] - bounds_q[s],
+                                          cu_k[s:e + 1] - bounds_k[s], max_seqlen_q, max_seqlen_k, causal=causal,
+                                          dropout_p=dropout_p, scale=scale, backend="flash_attn"))
+        return torch.cat(parts)
+    q, k, v = _first_order_only(q, k, v)
+    return fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+                                     softmax_scale=scale, causal=causal,
+                                     deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 # Grouping for the CPU varlen path: sequences sorted by length are cut into groups whose padded size exceeds

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.train import UsageError, run
 from shared import registry
@@ -65,6 +66,9 @@ def test_jobs_that_cannot_start_as_asked_stop_with_the_reason(local_mlflow: str)
         run(["toy", "--no-ray", *TOY, "features=3", "--init-from", "1"])
     with pytest.raises(UsageError, match="ray_workers=2 needs Ray"):
         run(["toy", "--no-ray", *TOY, "ray_workers=2", "batch_size=16"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="use_gpu=true trains on this machine's GPU, and torch sees none"):
+            run(["toy", "--no-ray", *TOY, "use_gpu=true"])
     with pytest.raises(UsageError, match="data /nonexistent/ETTh1.csv does not exist on this machine"):
         run(["toy", "--no-ray", "--data", "/nonexistent/ETTh1.csv", *TOY])
 

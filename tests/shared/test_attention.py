@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,8 +22,11 @@ from shared.attention import (
     unpack,
     varlen_attention,
 )
+from tests.shared.flash_double import FlashDouble, FlashRuleError
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
+HALF_TOL = {"atol": 2e-2, "rtol": 2e-2}  # bf16 results of two orders of summation
+HALF = (torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +35,11 @@ def _no_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _qkv(b: int = 2, h: int = 3, lq: int = 7, lk: int = 7, d: int = 16, dv: int | None = None,
-         seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+         seed: int = 0, dtype: torch.dtype = torch.float32, hk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, lq, d, generator=g, dtype=dtype)
-    k = torch.randn(b, h, lk, d, generator=g, dtype=dtype)
-    v = torch.randn(b, h, lk, dv or d, generator=g, dtype=dtype)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hk or h, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hk or h, lk, dv or d, generator=g).to(dtype)
     return q, k, v
 
 
@@ -200,43 +202,20 @@ def test_module_dropout_only_in_training() -> None:
 # dispatch
 
 
-def _reference_flash_module(calls: list[str]) -> SimpleNamespace:
-    """A stand-in for the flash_attn package with its layout and bottom-right causal convention, on CPU."""
-
-    def one(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool) -> Tensor:  # (L, H, D) each
-        lq, lk = q.shape[0], k.shape[0]
-        mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq) if causal else None
-        out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                        attn_mask=mask, scale=scale, backend="reference")
-        return out[0].transpose(0, 1)  # (Lq, H, D)
-
-    def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
-                        causal: bool = False) -> Tensor:
-        calls.append("flash_attn_func")
-        return torch.stack([one(q[i], k[i], v[i], softmax_scale, causal) for i in range(q.shape[0])])
-
-    def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                               dropout_p: float = 0.0, softmax_scale: float | None = None,
-                               causal: bool = False) -> Tensor:
-        calls.append("flash_attn_varlen_func")
-        assert cu_q.dtype == cu_k.dtype == torch.int32
-        parts = []
-        for i in range(cu_q.numel() - 1):
-            sq, sk = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
-            parts.append(one(q[sq], k[sk], v[sk], softmax_scale, causal))
-        return torch.cat(parts)
-
-    return SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
-
-
 @pytest.fixture
-def fake_flash(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Pretend flash-attn is installed and the CPU tensors are on a supported GPU; returns the call log."""
-    calls: list[str] = []
-    fake = _reference_flash_module(calls)
-    monkeypatch.setattr(attn_mod, "_flash_module", lambda: fake)
-    monkeypatch.setattr(attn_mod, "_flash_device_ok", lambda t: True)
-    return calls
+def fake_flash(monkeypatch: pytest.MonkeyPatch) -> FlashDouble:
+    """Pretend flash-attn is installed and CPU fp16/bf16 tensors are on a GPU it supports; returns the double
+    (which enforces flash-attn's own input rules) with its call log."""
+    double = FlashDouble()
+    monkeypatch.setattr(attn_mod, "_flash_module", lambda: double)
+    monkeypatch.setattr(attn_mod, "_flash_device_problem",
+                        lambda t: None if t.dtype in HALF else "flash_attn needs fp16/bf16 tensors")
+    monkeypatch.setattr(attn_mod, "_small_shared_memory", lambda t: False)
+    return double
+
+
+def _half(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.to(torch.bfloat16) for t in tensors)
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
@@ -270,19 +249,21 @@ def test_flash_attn_is_skipped_for_cpu_tensors() -> None:
     assert "sdpa" in available_backends() and "reference" in available_backends()
 
 
-def test_auto_uses_flash_when_present_and_supported(fake_flash: list[str]) -> None:
+def test_auto_uses_flash_when_present_and_supported(fake_flash: FlashDouble) -> None:
     assert available_backends()[0] == "flash_attn"
-    q, k, v = _qkv()
+    q, k, v = _qkv(dtype=torch.bfloat16)
     assert select_backend(q, k, v) == "flash_attn"
     assert select_backend(q, k, v, causal=True) == "flash_attn"
     padding = _padding(2, 7, [7, 3])
     assert select_backend(q, k, v, key_padding_mask=padding) == "flash_attn"
-    # not expressible in flash-attn: arbitrary masks, top-left causal on Lq != Lk, big or mixed head dims
+    assert select_backend(*_qkv(h=4, hk=2, dtype=torch.bfloat16)) == "flash_attn"  # grouped-query attention
+    # not expressible in flash-attn: arbitrary masks, top-left causal on Lq != Lk, big or mixed head dims, fp32
     assert select_backend(q, k, v, torch.ones(7, 7, dtype=torch.bool)) == "sdpa"
     assert select_backend(q, k, v, key_padding_mask=padding, causal=True) == "sdpa"
-    assert select_backend(*_qkv(lq=3, lk=7), causal=True) == "sdpa"
-    assert select_backend(*_qkv(d=320)) == "sdpa"
-    assert select_backend(*_qkv(dv=8)) == "sdpa"
+    assert select_backend(*_qkv(lq=3, lk=7, dtype=torch.bfloat16), causal=True) == "sdpa"
+    assert select_backend(*_qkv(d=320, dtype=torch.bfloat16)) == "sdpa"
+    assert select_backend(*_qkv(dv=8, dtype=torch.bfloat16)) == "sdpa"
+    assert select_backend(*_qkv()) == "sdpa"
     with pytest.raises(ValueError, match="attn_mask"):
         select_backend(q, k, v, torch.ones(7, 7, dtype=torch.bool), backend="flash_attn")
 
@@ -308,8 +289,8 @@ def test_twice_differentiable_gives_second_order_gradients_equal_to_reference() 
         grad_q.sum().backward()
 
 
-def test_twice_differentiable_never_picks_flash(fake_flash: list[str]) -> None:
-    q, k, v = _qkv()
+def test_twice_differentiable_never_picks_flash(fake_flash: FlashDouble) -> None:
+    q, k, v = _qkv(dtype=torch.bfloat16)
     with twice_differentiable():
         assert select_backend(q, k, v) == "sdpa"
         with pytest.raises(ValueError, match="double backward"):
@@ -318,14 +299,19 @@ def test_twice_differentiable_never_picks_flash(fake_flash: list[str]) -> None:
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "key_padding", "cross", "cross_padding", "scale"])
-def test_flash_path_layout_and_varlen_routing(fake_flash: list[str], case: str) -> None:
+def test_flash_path_layout_and_varlen_routing(fake_flash: FlashDouble, case: str) -> None:
     shape, make_kwargs = CASES[case]
-    q, k, v = _qkv(**shape)
+    q, k, v = (t.requires_grad_() for t in _qkv(**shape, dtype=torch.bfloat16))
     kwargs = make_kwargs(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out = attention(q, k, v, **kwargs)
     expected_call = "flash_attn_varlen_func" if "key_padding_mask" in kwargs else "flash_attn_func"
-    assert fake_flash == [expected_call]
-    torch.testing.assert_close(out, attention(q, k, v, backend="reference", **kwargs), **TOL)
+    assert fake_flash.names() == [expected_call]
+    assert fake_flash.calls[0]["deterministic"] is False
+    grads = torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))
+    want = attention(q, k, v, backend="reference", **kwargs)
+    torch.testing.assert_close(out, want, **HALF_TOL)
+    for got, ref in zip(grads, torch.autograd.grad(want.float().pow(2).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, ref, **HALF_TOL)
 
 
 def test_env_var_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -411,17 +397,18 @@ def test_varlen_self_attention_of_very_different_lengths_runs_in_groups_and_matc
         torch.testing.assert_close(got, ref, **TOL)
 
 
-def test_varlen_uses_flash_when_present(fake_flash: list[str]) -> None:
+def test_varlen_uses_flash_when_present(fake_flash: FlashDouble) -> None:
     lengths = [4, 7, 2]
-    q, k, v = (_packed(lengths, seed=s) for s in range(3))
+    q, k, v = _half(*(_packed(lengths, seed=s) for s in range(3)))
     cu = _cu(lengths)
     out = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True)
-    assert fake_flash == ["flash_attn_varlen_func"]
-    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, backend="reference"), **TOL)
+    assert fake_flash.names() == ["flash_attn_varlen_func"]
+    want = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, backend="reference")
+    torch.testing.assert_close(out, want, **HALF_TOL)
     # causal with different query/key lengths: flash-attn would align bottom-right, so it is not used
-    k2, v2 = _packed([5, 7, 3], seed=5), _packed([5, 7, 3], seed=6)
+    k2, v2 = _half(_packed([5, 7, 3], seed=5), _packed([5, 7, 3], seed=6))
     varlen_attention(q, k2, v2, cu, _cu([5, 7, 3]), 7, 7, causal=True)
-    assert fake_flash == ["flash_attn_varlen_func"]
+    assert fake_flash.names() == ["flash_attn_varlen_func"]
 
 
 def test_pack_unpack_round_trip() -> None:
@@ -471,7 +458,8 @@ def test_mha_cross_attention_shapes_and_masks() -> None:
 
 @pytest.mark.parametrize(("build", "message"), [
     (lambda q, k, v: (q[0], k, v, {}), r"q must be 4-D \(B, H, L, D\)"),
-    (lambda q, k, v: (q, k[:, :2], v[:, :2], {}), "numbers of heads differ: q 3, k 2"),
+    (lambda q, k, v: (q, k[:, :2], v[:, :2], {}), r"multiple of it \(grouped-query attention\): q 3, k 2"),
+    (lambda q, k, v: (q, k, v[:, :1], {}), "the same number of heads"),
     (lambda q, k, v: (q, k[..., :8], v, {}), "head dims differ"),
     (lambda q, k, v: (q, k, v[:, :, :3], {}), "k and v lengths differ"),
     (lambda q, k, v: (q[:1], k, v, {}), "batch sizes differ"),
@@ -494,11 +482,230 @@ def test_bad_varlen_inputs_raise() -> None:
     cu = _cu([3, 4])
     with pytest.raises(ValueError, match="3-D"):
         varlen_attention(q[None], q, q, cu, cu, 4, 4)
-    with pytest.raises(ValueError, match="heads differ"):
-        varlen_attention(q, q[:, :1], q[:, :1], cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="multiple of it"):
+        varlen_attention(q[:, :1], q, q, cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="same number of heads"):
+        varlen_attention(q, q, q[:, :1], cu, cu, 4, 4)
     with pytest.raises(ValueError, match="different batch sizes"):
         varlen_attention(q, q, q, cu, _cu([7]), 4, 7)
     with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] = 6"):
         varlen_attention(q, q, q, cu, _cu([3, 3]), 4, 4)
     with pytest.raises(ValueError, match="integer"):
         varlen_attention(q, q, q, cu.float(), cu, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flash-attn's input rules (the double enforces them; these are the cases a GPU would have failed on)
+
+
+def test_masks_must_be_on_the_device_of_q() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="key_padding_mask is on meta but q on cpu"):
+        attention(q, k, v, key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="attn_mask is on meta but q on cpu"):
+        attention(q, k, v, attn_mask=torch.ones(7, 7, dtype=torch.bool, device="meta"))
+
+
+def test_flash_varlen_gets_int32_contiguous_cu_seqlens_and_int_lengths(fake_flash: FlashDouble) -> None:
+    lengths = [4, 7, 2]
+    q, k, v = _half(*(_packed(lengths, seed=s) for s in range(3)))
+    cu = _cu(lengths)
+    strided = torch.stack([cu, cu], dim=1)[:, 0]  # int32 but not contiguous
+    assert not strided.is_contiguous()
+    with pytest.raises(FlashRuleError, match="contiguous"):  # what the real kernel says to such a call
+        fake_flash.flash_attn_varlen_func(q, k, v, strided, strided, 7, 7)
+    with pytest.raises(FlashRuleError, match="int32"):
+        fake_flash.flash_attn_varlen_func(q, k, v, cu.long(), cu.long(), 7, 7)
+    varlen_attention(q, k, v, cu.long(), cu.long(), 7, 7)
+    out = varlen_attention(q, k, v, strided, strided, torch.tensor(7), torch.tensor(7))  # type: ignore[arg-type]
+    assert fake_flash.names() == ["flash_attn_varlen_func"] * 2
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, 7, 7, backend="reference"), **HALF_TOL)
+
+
+@pytest.mark.parametrize("shape", [{"lq": 0}, {"lk": 0}, {"b": 0}])
+def test_inputs_with_no_elements_never_reach_flash(fake_flash: FlashDouble, shape: dict[str, int]) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(**shape, dtype=torch.bfloat16))
+    with pytest.raises(FlashRuleError):  # the rule the double enforces, as the real kernel would
+        fake_flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = attention(q, k, v, backend="flash_attn")
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3]) and not out.any()
+    out.float().sum().backward()
+    assert fake_flash.names() == []
+    assert q.grad is not None and not q.grad.any()
+
+
+def test_varlen_with_no_query_or_no_key_never_reaches_flash(fake_flash: FlashDouble) -> None:
+    q, k, v = (t.requires_grad_() for t in _half(_packed([3, 2]), _packed([0, 0], seed=1), _packed([0, 0], seed=2)))
+    out = varlen_attention(q, k, v, _cu([3, 2]), _cu([0, 0]), 3, 0, backend="flash_attn")
+    assert out.shape == q.shape and not out.any()
+    out.float().sum().backward()
+    assert q.grad is not None and not q.grad.any()
+    empty = _half(_packed([0, 0]))[0]
+    assert varlen_attention(empty, k, v, _cu([0, 0]), _cu([0, 0]), 0, 0).shape == (0, 2, 8)
+    assert fake_flash.names() == []
+
+
+def test_no_real_key_in_the_batch_gives_zeros_and_zero_gradients_without_flash(fake_flash: FlashDouble) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(dtype=torch.bfloat16))
+    nothing = torch.zeros(2, 7, dtype=torch.bool)
+    out = attention(q, k, v, key_padding_mask=nothing, backend="flash_attn")
+    assert not out.any()
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(g is not None and not g.any() for g in grads)
+    assert fake_flash.names() == []
+    # what flash-attn itself would have done: the forward runs, the backward's launch fails
+    packed = _half(_packed([2, 3]))[0].requires_grad_()
+    empty = packed[:0]
+    forward = fake_flash.flash_attn_varlen_func(packed, empty, empty, _cu([2, 3]), _cu([0, 0]), 3, 0)
+    with pytest.raises(FlashRuleError, match="backward"):
+        forward.float().sum().backward()
+
+
+def test_head_dims_above_192_with_dropout_avoid_flash_where_its_backward_has_no_kernel(
+        fake_flash: FlashDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attn_mod, "_small_shared_memory", lambda t: True)  # an sm86/sm89 GPU
+    q, k, v = (t.requires_grad_() for t in _qkv(d=200, dtype=torch.bfloat16))
+    assert select_backend(q, k, v, dropout_p=0.1) == "sdpa"
+    with pytest.raises(ValueError, match="no backward kernel for head dim 200 with dropout"):
+        attention(q, k, v, dropout_p=0.1, backend="flash_attn")
+    assert select_backend(q, k, v) == "flash_attn"  # no dropout
+    with torch.no_grad():
+        assert select_backend(q, k, v, dropout_p=0.1) == "flash_attn"  # no backward
+    q192, k192, v192 = (t.requires_grad_() for t in _qkv(d=192, dtype=torch.bfloat16))
+    assert select_backend(q192, k192, v192, dropout_p=0.1) == "flash_attn"
+    packed = _half(_packed([3, 4], d=256))[0].requires_grad_()
+    varlen_attention(packed, packed, packed, _cu([3, 4]), _cu([3, 4]), 4, 4, dropout_p=0.1)
+    assert fake_flash.names() == []
+    monkeypatch.setattr(attn_mod, "_small_shared_memory", lambda t: False)  # A100, H100
+    assert select_backend(q, k, v, dropout_p=0.1) == "flash_attn"
+
+
+def test_small_shared_memory_reads_the_device_properties(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from shared.attention import _small_shared_memory
+
+    t = torch.zeros(1)
+    for optin, small in ((99 * 1024, True), (163 * 1024, False), (227 * 1024, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, o=optin: SimpleNamespace(shared_memory_per_block_optin=o))
+        assert _small_shared_memory(t) is small
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace())
+    for capability, small in (((8, 6), True), ((8, 9), True), ((8, 0), False), ((9, 0), False)):
+        monkeypatch.setattr(attn_mod, "_capability", lambda device, c=capability: c)
+        assert _small_shared_memory(t) is small
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_more_sequences_than_a_cuda_grid_holds_go_in_several_launches(
+        fake_flash: FlashDouble, monkeypatch: pytest.MonkeyPatch, padded: bool) -> None:
+    monkeypatch.setattr(attn_mod, "MAX_GRID_BATCH", 3)
+    monkeypatch.setattr(attn_mod, "_grid_limited", lambda t: True)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=7, dtype=torch.bfloat16))
+    kwargs = {"key_padding_mask": _padding(7, 7, [7, 3, 5, 1, 7, 2, 4])} if padded else {}
+    with pytest.raises(FlashRuleError, match="grid"):
+        fake_flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = attention(q, k, v, **kwargs)
+    assert [call["batch"] for call in fake_flash.calls] == [3, 3, 1]
+    torch.testing.assert_close(out, attention(q, k, v, backend="reference", **kwargs), **HALF_TOL)
+    out.float().sum().backward()  # autograd through the pieces
+    assert q.grad is not None and q.grad.shape == q.shape
+
+
+def test_varlen_batches_larger_than_a_cuda_grid_go_in_several_launches(
+        fake_flash: FlashDouble, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attn_mod, "MAX_GRID_BATCH", 3)
+    lengths = [4, 7, 2, 1, 5, 3, 6]
+    q, k, v = _half(*(_packed(lengths, seed=s) for s in range(3)))
+    cu = _cu(lengths)
+    out = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True)
+    assert [call["batch"] for call in fake_flash.calls] == [3, 3, 1]
+    want = varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, backend="reference")
+    torch.testing.assert_close(out, want, **HALF_TOL)
+
+
+def test_sdpa_on_a_cuda_grid_is_split_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attn_mod, "MAX_GRID_BATCH", 2)
+    monkeypatch.setattr(attn_mod, "_grid_limited", lambda t: True)
+    calls = _count_calls(monkeypatch, "_sdpa")
+    q, k, v = _qkv(b=5)
+    mask = torch.rand(5, 1, 7, 7) > 0.3
+    out = attention(q, k, v, attn_mask=mask)
+    assert len(calls) == 3
+    torch.testing.assert_close(out, attention(q, k, v, attn_mask=mask, backend="reference"), **TOL)
+
+
+def test_a_double_backward_through_flash_raises_instead_of_dropping_terms(fake_flash: FlashDouble) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(dtype=torch.bfloat16))
+    out = attention(q, k, v)
+    assert fake_flash.names() == ["flash_attn_func"]
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.float().pow(2).sum(), q, create_graph=True)
+    packed = _half(_packed([3, 4]))[0].requires_grad_()
+    out = varlen_attention(packed, packed, packed, _cu([3, 4]), _cu([3, 4]), 4, 4)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.float().pow(2).sum(), packed, create_graph=True)
+    with twice_differentiable():  # the way to train through a gradient
+        (grad_q,) = torch.autograd.grad(attention(q, k, v).float().pow(2).sum(), q, create_graph=True)
+        grad_q.float().sum().backward()
+    assert fake_flash.names() == ["flash_attn_func", "flash_attn_varlen_func"]
+
+
+def test_flash_follows_torch_deterministic_algorithms(fake_flash: FlashDouble) -> None:
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    packed = _half(_packed([3, 4]))[0]
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        attention(q, k, v)
+        attention(q, k, v, key_padding_mask=_padding(2, 7, [7, 3]))
+        varlen_attention(packed, packed, packed, _cu([3, 4]), _cu([3, 4]), 4, 4)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    attention(q, k, v)
+    assert [call["deterministic"] for call in fake_flash.calls] == [True, True, True, False]
+
+
+def test_the_flash_probe_reports_a_build_without_kernels_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.attention import _flash_runs_on
+
+    class NoKernels:
+        def flash_attn_func(self, *args: Any, **kwargs: Any) -> Tensor:
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+
+    device = torch.device("cpu")
+    try:
+        _flash_runs_on.cache_clear()
+        monkeypatch.setattr(attn_mod, "_flash_module", lambda: NoKernels())
+        assert _flash_runs_on(device) == "CUDA error: no kernel image is available for execution on the device"
+        _flash_runs_on.cache_clear()
+        monkeypatch.setattr(attn_mod, "_flash_module", lambda: FlashDouble())
+        assert _flash_runs_on(device) is None
+    finally:
+        _flash_runs_on.cache_clear()
+
+
+@pytest.mark.parametrize("backend", [*_cpu_backends(), "flash_attn"])
+@pytest.mark.parametrize("case", ["plain", "key_padding", "causal", "cross_padding"])
+def test_grouped_query_attention_equals_repeated_key_value_heads(
+        backend: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = torch.float32
+    if backend == "flash_attn":
+        double = FlashDouble()
+        monkeypatch.setattr(attn_mod, "_flash_module", lambda: double)
+        monkeypatch.setattr(attn_mod, "_flash_device_problem", lambda t: None)
+        dtype = torch.bfloat16
+    shape, make_kwargs = CASES[case]
+    q, k, v = _qkv(h=6, hk=2, dtype=dtype, **shape)
+    kwargs = make_kwargs(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = attention(q, k, v, backend=backend, **kwargs)
+    want = attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), backend="reference", **kwargs)
+    torch.testing.assert_close(out, want, **(HALF_TOL if dtype == torch.bfloat16 else TOL))
+    packed_q, packed_kv = _packed([3, 5], h=4), _packed([3, 5], h=1, seed=1)
+    cu = _cu([3, 5])
+    out = varlen_attention(*(t.to(dtype) for t in (packed_q, packed_kv, packed_kv)), cu, cu, 5, 5, causal=True,
+                           backend=backend)
+    want = varlen_attention(*(t.to(dtype) for t in (packed_q, packed_kv.expand(-1, 4, -1),
+                                                    packed_kv.expand(-1, 4, -1))),
+                            cu, cu, 5, 5, causal=True, backend="reference")
+    torch.testing.assert_close(out, want, **(HALF_TOL if dtype == torch.bfloat16 else TOL))
