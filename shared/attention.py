@@ -645,47 +645,58 @@ class MultiHeadAttention(nn.Module):
     When the keys come from ``d_model``-wide inputs (``kv_dim`` None or equal), Q, K and V share one fused
     projection, so self-attention is one matmul and cross-attention slices it; a different ``kv_dim`` makes a
     cross-attention-only module with separate Q and KV projections. ``dropout`` acts on the attention weights,
-    in training mode only.
+    in training mode only. ``n_kv_heads`` below ``n_heads`` (a divisor of it) gives grouped-query attention
+    (1: multi-query): K and V get that many heads of the same head dim, shared by groups of query heads.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
-                 kv_dim: int | None = None) -> None:
+                 kv_dim: int | None = None, n_kv_heads: int | None = None) -> None:
         super().__init__()
         if d_model < 1 or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_heads={n_heads}")
+        if n_kv_heads is not None and (n_kv_heads < 1 or n_heads % n_kv_heads):
+            raise ValueError(f"n_kv_heads={n_kv_heads} must be a positive divisor of n_heads={n_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.kv_width = self.n_kv_heads * self.head_dim  # of K and of V
         self.kv_dim = d_model if kv_dim is None else kv_dim
         self.dropout = dropout
         self.qkv: nn.Linear | None = None
         self.q_proj: nn.Linear | None = None
         self.kv_proj: nn.Linear | None = None
         if self.kv_dim == d_model:
-            self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+            self.qkv = nn.Linear(d_model, d_model + 2 * self.kv_width, bias=bias)
         else:
             self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-            self.kv_proj = nn.Linear(self.kv_dim, 2 * d_model, bias=bias)
+            self.kv_proj = nn.Linear(self.kv_dim, 2 * self.kv_width, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         batch, lq, _ = x.shape
-        heads, dim = self.n_heads, self.head_dim
+        heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         if context is None:
             if self.qkv is None:
                 raise ValueError(f"MultiHeadAttention(kv_dim={self.kv_dim}) is cross-attention only: pass context")
-            qkv = self.qkv(x).view(batch, lq, 3, heads, dim).permute(2, 0, 3, 1, 4)  # (3, B, H, Lq, Dh)
-            q, k, v = qkv.unbind(0)
-            return q, k, v
-        if self.qkv is not None:
-            w_q, w_kv = self.qkv.weight.split([self.d_model, 2 * self.d_model])
-            b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([self.d_model, 2 * self.d_model])
-            q, kv = F.linear(x, w_q, b_q), F.linear(context, w_kv, b_kv)
+            if kv_heads == heads:
+                qkv = self.qkv(x).view(batch, lq, 3, heads, dim).permute(2, 0, 3, 1, 4)  # (3, B, H, Lq, Dh)
+                q, k, v = qkv.unbind(0)
+                return q, k, v
+            q, kv = self.qkv(x).split([self.d_model, 2 * self.kv_width], dim=-1)
+            context_len = lq
         else:
-            assert self.q_proj is not None and self.kv_proj is not None
-            q, kv = self.q_proj(x), self.kv_proj(context)
-        q = q.view(batch, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, Dh)
-        k, v = kv.view(batch, context.shape[1], 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, Lk, Dh)
+            if self.qkv is not None:
+                w_q, w_kv = self.qkv.weight.split([self.d_model, 2 * self.kv_width])
+                b_q, b_kv = ((None, None) if self.qkv.bias is None
+                             else self.qkv.bias.split([self.d_model, 2 * self.kv_width]))
+                q, kv = F.linear(x, w_q, b_q), F.linear(context, w_kv, b_kv)
+            else:
+                assert self.q_proj is not None and self.kv_proj is not None
+                q, kv = self.q_proj(x), self.kv_proj(context)
+            context_len = context.shape[1]
+        q = q.reshape(batch, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, Dh)
+        k, v = kv.reshape(batch, context_len, 2, kv_heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, Lk, Dh)
         return q, k, v
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, attn_mask: Tensor | None = None,
@@ -716,10 +727,16 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: packed x must be (total, d_model={self.d_model}), got {_shape(x)}")
         if self.qkv is None:
             raise ValueError(f"MultiHeadAttention(kv_dim={self.kv_dim}) is cross-attention only")
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.head_dim).unbind(1)  # (total, H, Dh) each
+        if self.n_kv_heads == self.n_heads:
+            q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.head_dim).unbind(1)  # (total, H, Dh) each
+        else:
+            q, kv = self.qkv(x).split([self.d_model, 2 * self.kv_width], dim=-1)
+            q = q.reshape(x.shape[0], self.n_heads, self.head_dim)  # (total, H, Dh)
+            k, v = kv.reshape(x.shape[0], 2, self.n_kv_heads, self.head_dim).unbind(1)  # (total, Hkv, Dh) each
         out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                dropout_p=self.dropout if self.training else 0.0)  # (total, H, Dh)
         return self.out_proj(out.reshape(x.shape[0], self.d_model))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, kv_dim={self.kv_dim}, dropout={self.dropout}"
+        kv_heads = "" if self.n_kv_heads == self.n_heads else f", n_kv_heads={self.n_kv_heads}"
+        return f"d_model={self.d_model}, n_heads={self.n_heads}{kv_heads}, kv_dim={self.kv_dim}, dropout={self.dropout}"

@@ -709,3 +709,40 @@ def test_grouped_query_attention_equals_repeated_key_value_heads(
                                                     packed_kv.expand(-1, 4, -1))),
                             cu, cu, 5, 5, causal=True, backend="reference")
     torch.testing.assert_close(out, want, **(HALF_TOL if dtype == torch.bfloat16 else TOL))
+
+
+@pytest.mark.parametrize("kv_dim", [None, 24])
+def test_multi_head_attention_with_fewer_key_value_heads(kv_dim: int | None) -> None:
+    torch.manual_seed(0)
+    gqa = MultiHeadAttention(32, 8, n_kv_heads=2, kv_dim=kv_dim).eval()
+    full = MultiHeadAttention(32, 8, kv_dim=kv_dim).eval()  # the same weights with K and V heads repeated
+    with torch.no_grad():
+        def repeat(w: Tensor) -> Tensor:  # (2 heads * 4, ...) -> (8 heads * 4, ...)
+            return w.reshape(2, 4, *w.shape[1:]).repeat_interleave(4, dim=0).reshape(32, *w.shape[1:])
+
+        if kv_dim is None:
+            assert gqa.qkv is not None and full.qkv is not None
+            assert gqa.qkv.weight.shape == (32 + 2 * 8, 32)
+            for name in ("weight", "bias"):
+                q, k, v = getattr(gqa.qkv, name).split([32, 8, 8])
+                getattr(full.qkv, name).copy_(torch.cat([q, repeat(k), repeat(v)]))
+        else:
+            assert gqa.q_proj is not None and gqa.kv_proj is not None and full.q_proj is not None
+            assert full.kv_proj is not None
+            full.q_proj.load_state_dict(gqa.q_proj.state_dict())
+            for name in ("weight", "bias"):
+                k, v = getattr(gqa.kv_proj, name).split([8, 8])
+                getattr(full.kv_proj, name).copy_(torch.cat([repeat(k), repeat(v)]))
+        full.out_proj.load_state_dict(gqa.out_proj.state_dict())
+    x = torch.randn(2, 5, 32)
+    context = torch.randn(2, 7, kv_dim or 32)
+    mask = _padding(2, 7, [7, 4])
+    torch.testing.assert_close(gqa(x, context, key_padding_mask=mask), full(x, context, key_padding_mask=mask), **TOL)
+    if kv_dim is None:
+        torch.testing.assert_close(gqa(x, causal=True), full(x, causal=True), **TOL)
+        packed, cu, longest = pack(x, _padding(2, 5, [5, 3]))
+        torch.testing.assert_close(gqa.forward_packed(packed, cu, longest), full.forward_packed(packed, cu, longest),
+                                   **TOL)
+    assert "n_kv_heads=2" in repr(gqa)
+    with pytest.raises(ValueError, match="positive divisor"):
+        MultiHeadAttention(32, 8, n_kv_heads=3)
