@@ -20,9 +20,10 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
     variables: tuple[str, ...] = ()  # prognostic variables; () = every (time, [level,] lat, lon) variable
     levels: tuple[float, ...] = ()  # pressure levels kept for 3-D variables; () = all of them
     static_variables: tuple[str, ...] = ()  # time-invariant fields read from the data (orography, land-sea mask)
-    # Forcings given at t and t + dt. Drop the day of year on a record shorter than a year: seen over one month
-    # it only tells the training days from the test days, a feature the test period lies outside of.
-    forcings: tuple[str, ...] = FORCINGS
+    # Forcings given at t and t + dt, names from FORCINGS, or "auto": all of them, less the day of year on a
+    # record shorter than a year (over one month it only tells the training days from the test days, values
+    # the test period lies outside of, and can act as a date key).
+    forcings: tuple[str, ...] = ("auto",)
     member: int = 0  # ensemble member kept when the data has a 'number' dimension
     step_hours: int = 6  # model time step: one forward pass advances the state this much
     sample_every_hours: int = 1  # initial times are taken this often (denser than the step: more samples)
@@ -86,8 +87,8 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
             raise ValueError(f"residual_base='day' needs step_hours dividing 24 and history >= 24 / step_hours "
                              f"(here step_hours={self.step_hours}, history={self.history})")
         unknown = [f for f in self.forcings if f not in FORCINGS]
-        if unknown or len(set(self.forcings)) != len(self.forcings):
-            raise ValueError(f"forcings={self.forcings!r}: expected distinct names among {list(FORCINGS)}")
+        if self.forcings != ("auto",) and (unknown or len(set(self.forcings)) != len(self.forcings)):
+            raise ValueError(f"forcings={self.forcings!r}: expected 'auto' or distinct names among {list(FORCINGS)}")
         if len(self.synthetic_grid) != 2 or min(self.synthetic_grid) < 8:
             raise ValueError(f"synthetic_grid={self.synthetic_grid!r}: expected (lat, lon) of at least 8 points each")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
@@ -105,9 +106,15 @@ class WeatherEvalConfig:
     """Settings of the evaluation pipeline (``python -m pipelines.evaluate weather --set key=value``)."""
 
     lead_steps: int = 4  # rollout length in model steps (4 x 6 h = 24 h by default)
-    init_every_hours: int = 6  # initial times in the evaluated period are taken this often
+    init_every_hours: int = 1  # initial times in the evaluated period are taken this often (1: every hour)
     split: Literal["test", "val"] = "test"  # period evaluated
     map_lead: int = 1  # lead (in steps) of the truth / forecast / error maps
+    # 95 % intervals: a moving-block bootstrap over initial times (blocks of this many hours of consecutive
+    # initial times keep their dependence), for every score and every model-minus-baseline difference
+    bootstrap_samples: int = 1000
+    bootstrap_block_hours: int = 24
+    seed: int = 0  # of the bootstrap
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, ("lead_steps", "init_every_hours", "map_lead"))
+        require_at_least(self, 1, ("lead_steps", "init_every_hours", "map_lead", "bootstrap_samples",
+                                   "bootstrap_block_hours"))

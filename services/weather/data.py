@@ -16,7 +16,7 @@ from torch import Tensor
 from shared.saved import SavedState, tensor
 
 from .config import FORCINGS
-from .forcings import fit_climatology, forcings, utc_hours
+from .forcings import fit_climatology, forcings, resolve_forcings, utc_hours
 from .grid import Grid
 from .readers import Fields, load_fields, read_fields
 from .synthetic import synthetic_dataset
@@ -148,7 +148,8 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
     mean = train.mean(axis=(0, 2, 3), dtype=np.float64)
     std = train.std(axis=(0, 2, 3), dtype=np.float64) + 1e-6
     normalized = ((fields.values - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
-    forcing = forcings(fields.times, fields.grid, cfg.forcings)
+    forcing_names = resolve_forcings(cfg.forcings, fields.times)
+    forcing = forcings(fields.times, fields.grid, forcing_names)
     hours = utc_hours(fields.times)
     datasets = []
     for a, b in bounds:
@@ -169,7 +170,7 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
         data=fields.name, fingerprint=fields.fingerprint, channels=tuple(fields.channels),
         sources=tuple((str(v), None if lv is None else float(lv)) for v, lv in fields.sources),
         units=tuple(fields.units), step_hours=cfg.step_hours, data_step_hours=fields.step_hours,
-        forcings=tuple(cfg.forcings), static_names=tuple(fields.statics),
+        forcings=forcing_names, static_names=tuple(fields.statics),
         periods={name: (iso(a), iso(b - 1)) for name, (a, b) in zip(("train", "val", "test"), bounds, strict=True)},
         regular_grid=fields.grid.regular, latitude=latitude, longitude=longitude,
         mean=torch.from_numpy(mean), std=torch.from_numpy(std),

@@ -1,5 +1,11 @@
 """Evaluation pipeline of the weather domain: rollouts over a held-out period, scored against persistence and
-climatology computed in the same run (WeatherBench-2 RMSE and ACC per channel and lead time)."""
+climatology computed in the same run (WeatherBench-2 RMSE and ACC per channel and lead time).
+
+The model is scored twice: calibrated (as it serves: the damping and relaxation factors fitted on validation
+applied) and raw (the network's own change, no factors), so that skill the calibration brings is not taken for
+the network's. Every score and every difference between a model and a baseline gets a 95 % interval from a
+moving-block bootstrap over initial times; activity (the spatial spread of the anomaly) and bias sit beside
+them, so that smoothing toward the climatology cannot pass for skill."""
 
 from __future__ import annotations
 
@@ -15,8 +21,19 @@ from .config import WeatherEvalConfig
 from .data import WeatherState, fields_for, split_bounds, starts, time_offset
 from .forcings import daily_harmonics, fit_climatology, utc_hours
 from .inference import StateError, check_grid, forecast, lead_times
-from .metrics import acc, climatology_at, hourly_climatology, weighted_rmse
+from .metrics import (
+    acc_per_init,
+    activity,
+    bias,
+    block_bootstrap,
+    climatology_at,
+    hourly_climatology,
+    interval,
+    weighted_mse,
+)
 from .readers import Fields
+
+MODELS_SCORED = ("model", "model_raw")  # the calibrated forecast (as served) and the network alone
 
 
 def _check_compatible(state: WeatherState, fields: Fields) -> None:
@@ -71,6 +88,42 @@ def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tu
     return base + r[None, :, :, None, None] * (clim - base)
 
 
+def raw_forecast(model: Any, state: WeatherState, history: np.ndarray, init_times: np.ndarray,
+                 steps: int) -> np.ndarray:
+    """:func:`forecast` with the calibration taken off: the network's change as predicted, from its base state."""
+    import torch
+
+    saved = model.damping, model.relaxation
+    empty = torch.zeros(0, model.n_channels)
+    try:
+        model.set_damping(empty)
+        model.set_relaxation(empty)
+        return forecast(model, state, history, init_times, steps)
+    finally:
+        model.damping, model.relaxation = saved
+
+
+def bootstrap_scores(mse: dict[str, np.ndarray], accs: dict[str, np.ndarray], block: int, samples: int,
+                     seed: int = 0) -> dict[str, Any]:
+    """95 % intervals of RMSE and ACC (L, C) per forecast, and of each model's difference to each baseline,
+    from per-initial-time MSE and ACC (N, L, C) resampled in blocks (the same resamples for every forecast, so
+    that the differences are paired)."""
+    n = next(iter(mse.values())).shape[0]
+    idx = block_bootstrap(n, block, samples, seed)  # (S, N)
+    rmse_boot = {k: np.sqrt(v[idx].mean(axis=1)) for k, v in mse.items()}  # (S, L, C)
+    acc_boot = {k: v[idx].mean(axis=1) for k, v in accs.items()}
+    out: dict[str, Any] = {"rmse": {k: interval(v) for k, v in rmse_boot.items()},
+                           "acc": {k: interval(v) for k, v in acc_boot.items()},
+                           "rmse_difference": {}, "acc_difference": {}}
+    for m in (k for k in MODELS_SCORED if k in mse):
+        for b in (k for k in mse if k not in MODELS_SCORED):
+            name = f"{m} - {b}"
+            out["rmse_difference"][name] = (np.sqrt(mse[m].mean(0)) - np.sqrt(mse[b].mean(0)),
+                                            interval(rmse_boot[m] - rmse_boot[b]))
+            out["acc_difference"][name] = (accs[m].mean(0) - accs[b].mean(0), interval(acc_boot[m] - acc_boot[b]))
+    return out
+
+
 def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | None,
                        settings: WeatherEvalConfig) -> EvaluationResult:
     """Rollouts of ``settings.lead_steps`` steps from initial times every ``init_every_hours`` over the test (or
@@ -94,6 +147,7 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
     started = time.perf_counter()
     predicted = forecast(model, state, history, times[inits], lead_steps)
     seconds = time.perf_counter() - started
+    raw = raw_forecast(model, state, history, times[inits], lead_steps)
     persistence = np.repeat(values[inits][:, None], lead_steps, axis=1)
     a, b = periods[0]
     clim = hourly_climatology(values[a:b], times[a:b])
@@ -102,7 +156,7 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
     weights = fields.grid.weights()
 
     lead_hours = [int(cfg.step_hours * (k + 1)) for k in range(lead_steps)]
-    forecasts = {"model": predicted, "persistence": persistence, "climatology": climatology}
+    forecasts = {"model": predicted, "model_raw": raw, "persistence": persistence, "climatology": climatology}
     diurnal = diurnal_persistence(values, inits, lead_hours, fields.step_hours)
     if diurnal is not None:
         forecasts["diurnal_persistence"] = diurnal
@@ -112,11 +166,25 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
                                               fields.step_hours, weights, cfg.climatology_harmonics)
         if relaxed is not None:
             forecasts["relaxed_diurnal_persistence"] = relaxed
-    rmse = {k: weighted_rmse(v, truth, weights) for k, v in forecasts.items()}  # (L, C)
-    scores = {k: acc(v, truth, climatology, weights) for k, v in forecasts.items()}
+    mse = {k: weighted_mse(v, truth, weights) for k, v in forecasts.items()}  # (N, L, C)
+    accs = {k: acc_per_init(v, truth, climatology, weights) for k, v in forecasts.items()}
+    rmse = {k: np.sqrt(v.mean(axis=0)) for k, v in mse.items()}  # (L, C)
+    scores = {k: v.mean(axis=0) for k, v in accs.items()}
+    init_hours = every * fields.step_hours
+    block = max(1, int(round(settings.bootstrap_block_hours / init_hours)))
+    boot = bootstrap_scores(mse, accs, block, settings.bootstrap_samples, settings.seed)
 
     def per_channel(table: np.ndarray) -> dict[str, list[float]]:
         return {c: [round(float(x), 5) for x in table[:, i]] for i, c in enumerate(fields.channels)}
+
+    def intervals(bounds: np.ndarray) -> dict[str, list[list[float]]]:  # (2, L, C) -> channel: [[lo, hi], ...]
+        return {c: [[round(float(bounds[0, j, i]), 5), round(float(bounds[1, j, i]), 5)]
+                    for j in range(bounds.shape[1])] for i, c in enumerate(fields.channels)}
+
+    def differences(table: dict[str, Any]) -> dict[str, Any]:
+        return {name: {c: [[round(float(point[j, i]), 5), round(float(ci[0, j, i]), 5), round(float(ci[1, j, i]), 5)]
+                           for j in range(point.shape[0])] for i, c in enumerate(fields.channels)}
+                for name, (point, ci) in table.items()}
 
     metrics: dict[str, Any] = {
         "lead_hours": lead_hours,
@@ -124,6 +192,16 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
         "acc": {k: per_channel(v) for k, v in scores.items()},
         "units": dict(zip(fields.channels, fields.units, strict=True)),
         "skill_vs_persistence": per_channel(1.0 - rmse["model"] / np.maximum(rmse["persistence"], 1e-12)),
+        "rmse_ci95": {k: intervals(v) for k, v in boot["rmse"].items()},
+        "acc_ci95": {k: intervals(v) for k, v in boot["acc"].items()},
+        # [difference, lower, upper] per lead: below zero with the upper bound too = lower RMSE, shown
+        "rmse_difference_ci95": differences(boot["rmse_difference"]),
+        "acc_difference_ci95": differences(boot["acc_difference"]),
+        "activity": {**{k: per_channel(activity(v, climatology, weights)) for k, v in forecasts.items()},
+                     "truth": per_channel(activity(truth, climatology, weights))},
+        "bias": {k: per_channel(bias(v, truth, weights)) for k, v in forecasts.items()},
+        "bootstrap": {"samples": settings.bootstrap_samples, "block_initial_times": block,
+                      "block_hours": block * init_hours},
         "split": split, "period": [str(np.datetime_as_string(times[bounds[0]], unit="h")),
                                    str(np.datetime_as_string(times[bounds[1] - 1], unit="h"))],
         "initial_times": len(inits), "data": fields.name,

@@ -33,6 +33,19 @@ def forcings(times: np.ndarray, grid: Grid, names: tuple[str, ...] | list[str] =
     return np.stack([every[name] for name in names], axis=1).astype(np.float32)
 
 
+YEAR = np.timedelta64(365, "D")
+
+
+def resolve_forcings(names: tuple[str, ...], times: np.ndarray) -> tuple[str, ...]:
+    """The forcings a model of ``names`` reads on a record at ``times``: ``("auto",)`` is every one of FORCINGS,
+    less the day of year when the record spans less than a year; other names are kept as given."""
+    if tuple(names) != ("auto",):
+        return tuple(names)
+    times = np.asarray(times).astype("datetime64[s]")
+    short = len(times) == 0 or times.max() - times.min() < YEAR
+    return tuple(f for f in FORCINGS if not (short and f.endswith("_day_of_year")))
+
+
 def coordinate_statics(grid: Grid) -> np.ndarray:
     """(4, H, W): sin/cos of latitude and longitude, the position inputs every model gets."""
     lat, lon = np.deg2rad(grid.lat), np.deg2rad(grid.lon)

@@ -36,3 +36,20 @@ def test_climatology_recovers_a_daily_cycle_from_hourly_or_six_hourly_data(every
     assert np.abs(coef[[2, 4]]).max() < 1e-5  # no sine terms in this cycle (at 6 h, sin 2 is never sampled)
     fitted = np.einsum("tj,jchw->tchw", daily_harmonics(hours, 2), coef)
     assert np.allclose(fitted, values, atol=1e-5)
+
+
+def test_auto_forcings_leave_out_the_day_of_year_on_records_shorter_than_a_year() -> None:
+    from services.weather.config import FORCINGS, WeatherConfig
+    from services.weather.data import prepare
+    from services.weather.forcings import resolve_forcings
+
+    month = np.datetime64("2019-03-01T00") + np.arange(0, 24 * 31).astype("timedelta64[h]")
+    years = np.datetime64("2017-01-01T00") + np.arange(0, 24 * 400, 6).astype("timedelta64[h]")
+    assert resolve_forcings(("auto",), month) == ("cos_zenith", "sin_local_hour", "cos_local_hour")
+    assert resolve_forcings(("auto",), years) == FORCINGS
+    assert resolve_forcings(FORCINGS, month) == FORCINGS  # asked for by name: kept
+    assert WeatherConfig().forcings == ("auto",)
+    with pytest.raises(ValueError, match="expected 'auto' or distinct names"):
+        WeatherConfig(forcings=("auto", "cos_zenith"))
+    cfg = WeatherConfig(synthetic_days=4, synthetic_grid=(8, 16), history=1, train_rollout=1)
+    assert prepare(cfg).state.forcings == ("cos_zenith", "sin_local_hour", "cos_local_hour")  # what the model reads

@@ -74,3 +74,37 @@ def test_relaxed_diurnal_persistence_finds_how_far_anomalies_decay_toward_the_da
     assert out is not None and plain is not None and out.shape == (2, 1, 1, 2, 3)
     assert np.allclose(out[:, 0], values[inits + 24], atol=1e-6)
     assert not np.allclose(plain[:, 0], values[inits + 24], atol=1e-2)  # plain diurnal persistence is not
+
+
+def test_block_bootstrap_keeps_runs_of_consecutive_initial_times() -> None:
+    from services.weather.metrics import block_bootstrap, interval
+
+    idx = block_bootstrap(50, 10, 200, seed=1)
+    assert idx.shape == (200, 50) and idx.min() >= 0 and idx.max() < 50
+    runs = np.diff(idx[:, :10], axis=1) % 50  # the first block of every resample: ten consecutive times
+    assert (runs == 1).all()
+    counts = np.bincount(block_bootstrap(50, 10, 4000, seed=2).ravel(), minlength=50)
+    assert counts.min() > 0.9 * counts.mean()  # every time equally likely (circular): no edge is under-drawn
+    assert not (idx == idx[0]).all()  # resamples differ
+    np.testing.assert_array_equal(block_bootstrap(50, 10, 200, seed=1), idx)  # and are reproducible
+    assert block_bootstrap(3, 10, 5).shape == (5, 3)  # a block longer than the record is the record
+    # the interval of a mean under autocorrelation: blocks give a wider one than single times
+    rng = np.random.default_rng(0)
+    series = np.repeat(rng.normal(size=20), 10)  # 200 times, each value held for 10 consecutive times
+    single = interval(series[block_bootstrap(200, 1, 2000)].mean(axis=1))
+    blocks = interval(series[block_bootstrap(200, 20, 2000)].mean(axis=1))
+    assert blocks[1] - blocks[0] > 1.5 * (single[1] - single[0])
+    assert blocks[0] < series.mean() < blocks[1]
+
+
+def test_activity_and_bias() -> None:
+    from services.weather.metrics import activity, bias
+
+    weights = np.ones((4, 5))
+    clim = np.zeros((3, 1, 1, 4, 5))
+    truth = np.random.default_rng(0).normal(size=(3, 1, 1, 4, 5))
+    assert activity(clim, clim, weights)[0, 0] == 0.0  # climatology has no anomaly
+    expected = np.mean([truth[n, 0, 0].std() for n in range(3)])
+    assert activity(truth, clim, weights)[0, 0] == pytest.approx(expected)
+    assert activity(truth + 7.0, clim, weights)[0, 0] == pytest.approx(expected)  # a shift is bias, not activity
+    assert bias(truth + 0.25, truth, weights)[0, 0] == pytest.approx(0.25)

@@ -111,15 +111,37 @@ def test_rollout_back_to_the_data_layout(trained: Any, state: Any) -> None:
 
 def test_evaluation_reports_model_and_baselines_per_lead(trained: Any) -> None:
     model, saved, cfg = trained
-    result = evaluate_forecasts(model, cfg, saved, None, WeatherEvalConfig(lead_steps=2))
+    model.set_damping(torch.full((2, model.n_channels), 0.5))  # calibrated: the raw network must differ
+    try:
+        result = evaluate_forecasts(model, cfg, saved, None, WeatherEvalConfig(lead_steps=2))
+        damping = model.damping.clone()
+    finally:
+        model.set_damping(torch.zeros(0, model.n_channels))
     m = result.metrics
     assert m["lead_hours"] == [6, 12]
     for score in ("rmse", "acc"):
-        assert set(m[score]) == {"model", "persistence", "climatology", "diurnal_persistence",
+        assert set(m[score]) == {"model", "model_raw", "persistence", "climatology", "diurnal_persistence",
                                   "relaxed_diurnal_persistence"}
         for table in m[score].values():
             assert set(table) == {"t_850", "t_500", "t2m"} and all(len(v) == 2 for v in table.values())
+        for name, table in m[f"{score}_ci95"].items():  # every score inside its own interval
+            for channel, bounds in table.items():
+                for (lo, hi), point in zip(bounds, m[score][name][channel], strict=True):
+                    assert lo - 1e-9 <= point <= hi + 1e-9
     assert all(v == 0.0 for v in m["acc"]["climatology"]["t2m"])
+    assert m["initial_times"] > 2 and m["bootstrap"]["block_hours"] == 24  # hourly initial times, day blocks
+    differences = m["rmse_difference_ci95"]
+    assert set(differences) == {f"{a} - {b}" for a in ("model", "model_raw") for b in
+                                ("persistence", "climatology", "diurnal_persistence", "relaxed_diurnal_persistence")}
+    for channel, rows in differences["model - persistence"].items():
+        for (point, lo, hi), ours, theirs in zip(rows, m["rmse"]["model"][channel],
+                                                 m["rmse"]["persistence"][channel], strict=True):
+            assert point == pytest.approx(ours - theirs, abs=1e-4) and lo <= hi
+    assert set(m["activity"]) == {*m["rmse"], "truth"} and set(m["bias"]) == set(m["rmse"])
+    assert all(v == pytest.approx(0.0, abs=1e-6) for v in m["activity"]["climatology"]["t2m"])
+    # the raw network is the calibrated one with its factors off: both are there, and the model keeps them
+    assert damping.shape[0] == 2 and bool((damping == 0.5).all())  # evaluating the raw network kept the factors
+    assert not np.allclose(m["rmse"]["model"]["t2m"], m["rmse"]["model_raw"]["t2m"])
     # persistence error grows with lead time on a moving atmosphere
     assert m["rmse"]["persistence"]["t_500"][1] > m["rmse"]["persistence"]["t_500"][0] > 0
     assert {"rmse_vs_lead.png", "acc_vs_lead.png", "maps.png"} == set(result.figures)
