@@ -62,6 +62,12 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
     climatology_harmonics: int = 2
 
     train_rollout: int = 2  # autoregressive steps in the training loss (multi-step training)
+    # full: the loss backpropagates through the whole rollout; detached: each step's input state is detached
+    # from the graph (NCAR CREDIT's trainer default), so a step learns from its own input, not its ancestors'
+    rollout_gradient: Literal["full", "detached"] = "full"
+    # The network predicts the change in units of each channel's training-period spread of that change (the
+    # state minus its base state), so that channels with small and large tendencies weigh alike in its output
+    normalize_tendency: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +100,8 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
         require_at_least(self, 0, ("member", "climatology_harmonics"))
+        if self.rollout_gradient not in ("full", "detached"):
+            raise ValueError(f"rollout_gradient={self.rollout_gradient!r}: expected 'full' or 'detached'")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0")
         if not 0.0 <= self.dropout < 1.0:

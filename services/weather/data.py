@@ -46,6 +46,7 @@ class WeatherState(SavedState):
     climatology: Tensor | None = None  # (2 * harmonics + 1, C, H, W) normalized daily cycle (forcings.fit_climatology)
     damping: Tensor | None = None  # (steps, C) factors on the predicted change, fitted on validation
     relaxation: Tensor | None = None  # (steps, C) factors toward the climatology, fitted with the damping
+    tendency_std: Tensor | None = None  # (C,) normalized; with normalize_tendency the unit of the change
 
     @property
     def grid(self) -> Grid:
@@ -161,6 +162,11 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
         datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout, hours))
     a, b = bounds[0]
     climatology = fit_climatology(normalized[a:b], fields.times[a:b], cfg.climatology_harmonics)
+    tendency = None
+    if getattr(cfg, "normalize_tendency", False):
+        lag = offset * (24 // cfg.step_hours if cfg.residual_base == "day" else 1)  # data steps to the base state
+        change = normalized[a + lag: b] - normalized[a: b - lag]  # (T - lag, C, H, W)
+        tendency = torch.from_numpy(np.round(change.std(axis=(0, 2, 3), dtype=np.float64) + 1e-6, 6).astype(np.float32))
 
     def iso(i: int) -> str:
         return str(np.datetime_as_string(fields.times[i], unit="h"))
@@ -177,5 +183,5 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
         # rounded to 1e-4 as the models behind the README's figures saved them (then as JSON)
         statics={k: torch.from_numpy(np.round(v, 4)) for k, v in fields.statics.items()},
         # the training period's mean daily cycle (normalized), which calibration relaxes the forecast to
-        climatology=torch.from_numpy(np.round(climatology, 4)))
+        climatology=torch.from_numpy(np.round(climatology, 4)), tendency_std=tendency)
     return Prepared(fields, normalized, forcing, bounds, offset, datasets, state)

@@ -17,15 +17,19 @@ def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
     return ((pred - target) ** 2 * weights).mean()
 
 
-def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int, hours: Tensor | None = None) -> list[Tensor]:
+def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int, hours: Tensor | None = None,
+            detach: bool = False) -> list[Tensor]:
     """``steps`` autoregressive states from history (B, h, C, H, W) with forcings (B, >= steps + 1, F, H, W),
     through the shared :class:`~shared.inferers.RolloutInferer`: each step the network gives the change of the
     state, :meth:`WXFormer.advance` turns it into the next state (base state, calibration factors and, for a
     model relaxed toward the climatology, ``hours`` (B,): the UTC hour of the last history state).
-    ``model`` may be wrapped (DDP): the network is called through the wrapper."""
+    ``model`` may be wrapped (DDP): the network is called through the wrapper. ``detach``: every step after the
+    first starts from a history cut from the graph (gradients do not flow from a step into earlier ones)."""
     bare: Any = unwrap(model)
 
     def step(states: Tensor, k: int) -> Tensor:
+        if detach and k:
+            states = states.detach()
         return bare.advance(states, model(states, forcing[:, k], forcing[:, k + 1]), k, hours)  # (B, C, H, W)
 
     return RolloutInferer(steps)(step, history)
@@ -39,12 +43,15 @@ def unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Tensor:
-    """The latitude-weighted MSE summed over the K autoregressive steps of the window (CREDIT's multi-step
-    training: gradients flow through the whole rollout, so the model learns to keep its own errors small)."""
+    """The latitude-weighted MSE averaged over the K autoregressive steps of the window (multi-step training).
+    With ``rollout_gradient=full`` gradients flow through the whole rollout, so the model learns to keep its own
+    errors small; with ``detached`` (CREDIT's default) each step learns from its own input state only."""
     history, forcing, target, hours = unpack(batch, device)
-    weights: Tensor = unwrap(model).lat_weights  # type: ignore[assignment]
+    bare: Any = unwrap(model)
+    weights: Tensor = bare.lat_weights
+    detach = getattr(bare.cfg, "rollout_gradient", "full") == "detached"
     total = history.new_zeros(())
-    for k, state in enumerate(rollout(model, history, forcing, target.shape[1], hours)):
+    for k, state in enumerate(rollout(model, history, forcing, target.shape[1], hours, detach=detach)):
         total = total + weighted_mse(state, target[:, k], weights)
     return total / target.shape[1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -301,3 +302,43 @@ def test_damping_keeps_a_network_that_predicts_no_change() -> None:
     assert torch.equal(factors, torch.ones(2, 2))
     with pytest.raises(ValueError, match="expected \\(steps, 2\\)"):
         model.set_damping(torch.ones(3, 1))
+
+
+def test_detached_rollout_training_cuts_the_gradient_between_steps() -> None:
+    from services.weather.training import rollout, unpack
+
+    torch.manual_seed(0)
+    cfg = WeatherConfig(**TINY, synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)  # type: ignore[arg-type]
+    prepared = prepare(cfg)
+    model = WXFormer(cfg, prepared.state)
+    batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=2)))
+    history, forcing, _, hours = unpack(batch, torch.device("cpu"))
+    for detach in (False, True):
+        first, second = rollout(model, history, forcing, 2, hours, detach=detach)
+        (through,) = torch.autograd.grad(second.sum(), first, allow_unused=True)
+        assert (through is None) == detach  # detached: the second step does not reach back into the first
+    detached = WeatherConfig(**TINY, synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2,  # type: ignore[arg-type]
+                             rollout_gradient="detached")
+    model = WXFormer(detached, prepared.state)
+    loss = rollout_loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in model.embeds[0].parameters())
+    with pytest.raises(ValueError, match="rollout_gradient='sometimes'"):
+        WeatherConfig(rollout_gradient="sometimes")  # type: ignore[arg-type]
+
+
+def test_normalized_tendencies_scale_the_change_and_are_saved(tmp_path: Any) -> None:
+    cfg = WeatherConfig(**TINY, synthetic_days=10, synthetic_grid=(16, 32), history=4,  # type: ignore[arg-type]
+                        residual_base="day", normalize_tendency=True, train_rollout=1)
+    state = prepare(cfg).state
+    assert state.tendency_std is not None and state.tendency_std.shape == (3,)
+    assert bool((state.tendency_std > 0).all()) and bool((state.tendency_std < 2).all())
+    assert prepare(WeatherConfig(**TINY, synthetic_days=4, synthetic_grid=(16, 32))).state.tendency_std is None  # type: ignore[arg-type]
+    model = WXFormer(cfg, state).eval()
+    history = torch.zeros(1, 4, 3, 16, 32)
+    change = torch.ones(1, 3, 16, 32)
+    out = model.advance(history, change, 0)
+    torch.testing.assert_close(out[0, :, 0, 0], state.tendency_std)  # one unit of change = one spread
+    state.save(tmp_path)
+    again = WeatherState.load(tmp_path)
+    assert again.tendency_std is not None and torch.equal(again.tendency_std, state.tendency_std)
