@@ -166,9 +166,10 @@ def test_evaluation_scores_model_and_baselines_per_lead(weather_model: dict) -> 
     assert result["version"] == weather_model["version"] and result["lead_hours"] == [6, 12, 18]
     for score in ("rmse", "acc"):
         # (6 synthetic days leave too short a validation period to fit the relaxed diurnal persistence)
-        assert set(result[score]) == {"model", "persistence", "climatology", "diurnal_persistence"}
+        assert set(result[score]) == {"model", "model_raw", "persistence", "climatology", "diurnal_persistence"}
         assert all(len(v) == 3 for table in result[score].values() for v in table.values())
     assert set(result["rmse"]["model"]) == {"t_850", "t_500", "t2m"}
+    assert set(result["rmse_ci95"]) == set(result["rmse"]) and "model_raw - persistence" in result["rmse_difference_ci95"]
     mlflow = client()
     artifacts = {a.path for a in mlflow.list_artifacts(result["run_id"], "plots")}
     assert {"plots/rmse_vs_lead.png", "plots/acc_vs_lead.png", "plots/maps.png"} <= artifacts
