@@ -209,8 +209,10 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
     }
     lead = min(settings.map_lead, lead_steps) - 1
     figures = {
-        "rmse_vs_lead.png": scores_figure(lead_hours, rmse, fields.channels, fields.units, "RMSE"),
-        "acc_vs_lead.png": scores_figure(lead_hours, scores, fields.channels, None, "ACC"),
+        "rmse_vs_lead.png": scores_figure(lead_hours, rmse, fields.channels, fields.units, "RMSE",
+                                          {k: boot["rmse"][k] for k in MODELS_SCORED}),
+        "acc_vs_lead.png": scores_figure(lead_hours, scores, fields.channels, None, "ACC",
+                                         {k: boot["acc"][k] for k in MODELS_SCORED}),
         "maps.png": maps_figure(truth[0, lead], predicted[0, lead], fields.grid, fields.channels, fields.units,
                                 f"{np.datetime_as_string(valid_times[0, lead], unit='h')} (+{lead_hours[lead]} h)"),
     }

@@ -48,15 +48,19 @@ def maps_figure(truth: np.ndarray, forecast: np.ndarray, grid: Grid, channels: l
 
 
 def scores_figure(lead_hours: list[int], scores: dict[str, np.ndarray], channels: list[str],
-                  units: list[str] | None, label: str) -> Figure:
-    """One panel per channel: the score of each forecast (model, baselines) against lead time."""
+                  units: list[str] | None, label: str, bands: dict[str, np.ndarray] | None = None) -> Figure:
+    """One panel per channel: the score of each forecast (model, baselines) against lead time, with the 95 %
+    interval (2, L, C) shaded for the forecasts in ``bands``."""
     plt = _plt()
     n = len(channels)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
     for i, channel in enumerate(channels):
         ax = axes[0, i]
         for name, table in scores.items():
-            ax.plot(lead_hours, table[:, i], marker="o", label=name)
+            (line,) = ax.plot(lead_hours, table[:, i], marker="o", label=name)
+            if bands and name in bands:
+                ax.fill_between(lead_hours, bands[name][0, :, i], bands[name][1, :, i], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
         ax.set_xlabel("lead time (h)")
         ax.set_ylabel(f"{label}" + (f" ({units[i]})" if units and units[i] else ""))
         ax.set_title(channel)
