@@ -169,7 +169,8 @@ def test_evaluation_scores_model_and_baselines_per_lead(weather_model: dict) -> 
         assert set(result[score]) == {"model", "model_raw", "persistence", "climatology", "diurnal_persistence"}
         assert all(len(v) == 3 for table in result[score].values() for v in table.values())
     assert set(result["rmse"]["model"]) == {"t_850", "t_500", "t2m"}
-    assert set(result["rmse_ci95"]) == set(result["rmse"]) and "model_raw - persistence" in result["rmse_difference_ci95"]
+    assert set(result["rmse_ci95"]) == set(result["rmse"])
+    assert "model_raw - persistence" in result["rmse_difference_ci95"]
     mlflow = client()
     artifacts = {a.path for a in mlflow.list_artifacts(result["run_id"], "plots")}
     assert {"plots/rmse_vs_lead.png", "plots/acc_vs_lead.png", "plots/maps.png"} <= artifacts
