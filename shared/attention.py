@@ -102,7 +102,8 @@ def _flash_runs_on(device: torch.device) -> str | None:
         with torch.no_grad():
             fa.flash_attn_func(probe, probe, probe)
     except RuntimeError as error:  # "no kernel image is available for execution on the device" (not sticky)
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = str(error).strip()
+        return message.splitlines()[0] if message else type(error).__name__
     return None
 
 
@@ -122,11 +123,7 @@ def _flash_device_problem(t: Tensor) -> str | None:
 
 def _small_shared_memory(t: Tensor) -> bool:
     """True on GPUs with less shared memory per block than flash-attn's hdim-256 backward with dropout needs."""
-    try:
-        props = torch.cuda.get_device_properties(t.device)
-    except (RuntimeError, AssertionError, ValueError):  # not a CUDA tensor (the CPU test double)
-        return _capability(t.device) in _FLASH_HDIM256_SMALL_SMEM
-    optin = getattr(props, "shared_memory_per_block_optin", None)
+    optin = getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
     if optin is None:
         return _capability(t.device) in _FLASH_HDIM256_SMALL_SMEM
     return int(optin) < _FLASH_HDIM256_DROPOUT_SMEM
@@ -227,12 +224,18 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
         raise ValueError(f"attention: dropout_p={dropout_p} must be in [0, 1)")
 
 
+def _flash_input_problem(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str | None:
+    """Why flash-attn cannot run on these tensors at all (package, dtype, device, head dims), or None. Either
+    layout: D is the last dim, q's dtype and device are k's and v's (checked before)."""
+    if _flash_module() is None:
+        return "the flash_attn package is not installed"
+    return _flash_device_problem(q) or _flash_shape_problem(q, k, v, dropout_p)
+
+
 def _flash_unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
                        key_padding_mask: Tensor | None, causal: bool, dropout_p: float = 0.0) -> str | None:
     """Why flash-attn cannot run these inputs, or None when it can."""
-    if _flash_module() is None:
-        return "the flash_attn package is not installed"
-    problem = _flash_device_problem(q) or _flash_shape_problem(q, k, v, dropout_p)
+    problem = _flash_input_problem(q, k, v, dropout_p)
     if problem is not None:
         return problem
     if attn_mask is not None:
@@ -397,20 +400,19 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, cau
     given = q, k, v
     q, k, v = _first_order_only(q, k, v)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, L, H, D): flash-attn's layout
-    if key_padding_mask is not None:
-        k_packed, cu_k, max_k = pack(k, key_padding_mask)  # (total_k, Hkv, D); max_k syncs with the GPU once
-        if max_k == 0:  # no real key anywhere: flash-attn's backward would launch an empty grid; zeros it is
-            return _sdpa(*given, None, key_padding_mask, False, dropout_p, scale)
     if key_padding_mask is None:
         out = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
                                  deterministic=deterministic)  # (B, Lq, H, D)
         return out.transpose(1, 2)  # (B, H, Lq, D)
     # Padded keys: pack the real keys, keep every query (a cross-attention query side may have no padding).
+    # pack's cu_k is contiguous int32 on the mask's device, which _check_inputs made q's.
+    k_packed, cu_k, max_k = pack(k, key_padding_mask)  # (total_k, Hkv, D); max_k syncs with the GPU once
+    if max_k == 0:  # no real key anywhere: flash-attn's backward would launch an empty grid; zeros it is
+        return _sdpa(*given, None, key_padding_mask, False, dropout_p, scale)
     batch, lq, heads, dim = q.shape
     v_packed = v[key_padding_mask]  # (total_k, Hkv, D)
     cu_q = torch.arange(0, (batch + 1) * lq, lq, dtype=torch.int32, device=q.device)
-    out = fa.flash_attn_varlen_func(q.reshape(batch * lq, heads, dim), k_packed, v_packed, cu_q,
-                                    cu_k.to(device=q.device, dtype=torch.int32).contiguous(), lq, max_k,
+    out = fa.flash_attn_varlen_func(q.reshape(batch * lq, heads, dim), k_packed, v_packed, cu_q, cu_k, lq, max_k,
                                     dropout_p=dropout_p, softmax_scale=scale, causal=False,
                                     deterministic=deterministic)  # (B * Lq, H, D)
     return out.view(batch, lq, heads, dim).transpose(1, 2)  # (B, H, Lq, D)
@@ -520,11 +522,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p)
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)  # flash-attn takes Python ints only
     same = cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k.to(cu_seqlens_q.device))
-    flash_reason = None
-    if _flash_module() is None:
-        flash_reason = "the flash_attn package is not installed"
-    else:
-        flash_reason = _flash_device_problem(q) or _flash_shape_problem(q, k, v, dropout_p)
+    flash_reason = _flash_input_problem(q, k, v, dropout_p)
     if flash_reason is None and causal and not same:
         flash_reason = "flash_attn aligns the causal mask bottom-right; Tessera's causal is top-left"
     name = _select(_requested_backend(backend), flash_reason)
@@ -679,11 +677,7 @@ class MultiHeadAttention(nn.Module):
         if context is None:
             if self.qkv is None:
                 raise ValueError(f"MultiHeadAttention(kv_dim={self.kv_dim}) is cross-attention only: pass context")
-            if kv_heads == heads:
-                qkv = self.qkv(x).view(batch, lq, 3, heads, dim).permute(2, 0, 3, 1, 4)  # (3, B, H, Lq, Dh)
-                q, k, v = qkv.unbind(0)
-                return q, k, v
-            q, kv = self.qkv(x).split([self.d_model, 2 * self.kv_width], dim=-1)
+            q, kv = self.qkv(x).split([self.d_model, 2 * self.kv_width], dim=-1)  # views of one matmul's output
             context_len = lq
         else:
             if self.qkv is not None:
@@ -727,12 +721,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: packed x must be (total, d_model={self.d_model}), got {_shape(x)}")
         if self.qkv is None:
             raise ValueError(f"MultiHeadAttention(kv_dim={self.kv_dim}) is cross-attention only")
-        if self.n_kv_heads == self.n_heads:
-            q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, self.head_dim).unbind(1)  # (total, H, Dh) each
-        else:
-            q, kv = self.qkv(x).split([self.d_model, 2 * self.kv_width], dim=-1)
-            q = q.reshape(x.shape[0], self.n_heads, self.head_dim)  # (total, H, Dh)
-            k, v = kv.reshape(x.shape[0], 2, self.n_kv_heads, self.head_dim).unbind(1)  # (total, Hkv, Dh) each
+        q, kv = self.qkv(x).split([self.d_model, 2 * self.kv_width], dim=-1)
+        q = q.reshape(x.shape[0], self.n_heads, self.head_dim)  # (total, H, Dh)
+        k, v = kv.reshape(x.shape[0], 2, self.n_kv_heads, self.head_dim).unbind(1)  # (total, Hkv, Dh) each
         out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                dropout_p=self.dropout if self.training else 0.0)  # (total, H, Dh)
         return self.out_proj(out.reshape(x.shape[0], self.d_model))

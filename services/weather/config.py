@@ -69,6 +69,11 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
     # state minus its base state), so that channels with small and large tendencies weigh alike in its output
     normalize_tendency: bool = False
 
+    @property
+    def base_lag(self) -> int:
+        """Model steps from the base state the change is added to, to the target: 1, or a day's with "day"."""
+        return 24 // self.step_hours if self.residual_base == "day" else 1
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.model not in MODELS:
@@ -117,7 +122,7 @@ class WeatherEvalConfig:
     init_every_hours: int = 1  # initial times in the evaluated period are taken this often (1: every hour)
     split: Literal["test", "val"] = "test"  # period evaluated
     map_lead: int = 1  # lead (in steps) of the truth / forecast / error maps
-    # 95 % intervals: a moving-block bootstrap over initial times (blocks of this many hours of consecutive
+    # 95 % intervals: a circular block bootstrap over initial times (blocks of this many hours of consecutive
     # initial times keep their dependence), for every score and every model-minus-baseline difference
     bootstrap_samples: int = 1000
     bootstrap_block_hours: int = 24

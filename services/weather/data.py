@@ -163,8 +163,8 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
     a, b = bounds[0]
     climatology = fit_climatology(normalized[a:b], fields.times[a:b], cfg.climatology_harmonics)
     tendency = None
-    if getattr(cfg, "normalize_tendency", False):
-        lag = offset * (24 // cfg.step_hours if cfg.residual_base == "day" else 1)  # data steps to the base state
+    if cfg.normalize_tendency:
+        lag = offset * cfg.base_lag  # data steps to the base state
         change = normalized[a + lag: b] - normalized[a: b - lag]  # (T - lag, C, H, W)
         tendency = torch.from_numpy(np.round(change.std(axis=(0, 2, 3), dtype=np.float64) + 1e-6, 6).astype(np.float32))
 

@@ -4,7 +4,7 @@ climatology computed in the same run (WeatherBench-2 RMSE and ACC per channel an
 The model is scored twice: calibrated (as it serves: the damping and relaxation factors fitted on validation
 applied) and raw (the network's own change, no factors), so that skill the calibration brings is not taken for
 the network's. Every score and every difference between a model and a baseline gets a 95 % interval from a
-moving-block bootstrap over initial times; activity (the spatial spread of the anomaly) and bias sit beside
+circular block bootstrap over initial times; activity (the spatial spread of the anomaly) and bias sit beside
 them, so that smoothing toward the climatology cannot pass for skill."""
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ def raw_forecast(model: Any, state: WeatherState, history: np.ndarray, init_time
 
 def bootstrap_scores(mse: dict[str, np.ndarray], accs: dict[str, np.ndarray], block: int, samples: int,
                      seed: int = 0) -> dict[str, Any]:
-    """95 % intervals of RMSE and ACC (L, C) per forecast, and of each model's difference to each baseline,
-    from per-initial-time MSE and ACC (N, L, C) resampled in blocks (the same resamples for every forecast, so
-    that the differences are paired)."""
+    """95 % intervals (2, L, C) of RMSE and ACC per forecast, and of each model's difference to each baseline
+    (keyed "model - baseline"), from per-initial-time MSE and ACC (N, L, C) resampled in blocks (the same
+    resamples for every forecast, so that the differences are paired)."""
     n = next(iter(mse.values())).shape[0]
     idx = block_bootstrap(n, block, samples, seed)  # (S, N)
     rmse_boot = {k: np.sqrt(v[idx].mean(axis=1)) for k, v in mse.items()}  # (S, L, C)
@@ -117,10 +117,8 @@ def bootstrap_scores(mse: dict[str, np.ndarray], accs: dict[str, np.ndarray], bl
                            "rmse_difference": {}, "acc_difference": {}}
     for m in (k for k in MODELS_SCORED if k in mse):
         for b in (k for k in mse if k not in MODELS_SCORED):
-            name = f"{m} - {b}"
-            out["rmse_difference"][name] = (np.sqrt(mse[m].mean(0)) - np.sqrt(mse[b].mean(0)),
-                                            interval(rmse_boot[m] - rmse_boot[b]))
-            out["acc_difference"][name] = (accs[m].mean(0) - accs[b].mean(0), interval(acc_boot[m] - acc_boot[b]))
+            out["rmse_difference"][f"{m} - {b}"] = interval(rmse_boot[m] - rmse_boot[b])
+            out["acc_difference"][f"{m} - {b}"] = interval(acc_boot[m] - acc_boot[b])
     return out
 
 
@@ -181,10 +179,15 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
         return {c: [[round(float(bounds[0, j, i]), 5), round(float(bounds[1, j, i]), 5)]
                     for j in range(bounds.shape[1])] for i, c in enumerate(fields.channels)}
 
-    def differences(table: dict[str, Any]) -> dict[str, Any]:
-        return {name: {c: [[round(float(point[j, i]), 5), round(float(ci[0, j, i]), 5), round(float(ci[1, j, i]), 5)]
-                           for j in range(point.shape[0])] for i, c in enumerate(fields.channels)}
-                for name, (point, ci) in table.items()}
+    def differences(points: dict[str, np.ndarray], table: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = {}
+        for name, ci in table.items():  # "model - baseline" -> (2, L, C)
+            model_name, baseline = name.split(" - ")
+            point = points[model_name] - points[baseline]
+            out[name] = {c: [[round(float(point[j, i]), 5), round(float(ci[0, j, i]), 5),
+                              round(float(ci[1, j, i]), 5)] for j in range(point.shape[0])]
+                         for i, c in enumerate(fields.channels)}
+        return out
 
     metrics: dict[str, Any] = {
         "lead_hours": lead_hours,
@@ -195,8 +198,8 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
         "rmse_ci95": {k: intervals(v) for k, v in boot["rmse"].items()},
         "acc_ci95": {k: intervals(v) for k, v in boot["acc"].items()},
         # [difference, lower, upper] per lead: below zero with the upper bound too = lower RMSE, shown
-        "rmse_difference_ci95": differences(boot["rmse_difference"]),
-        "acc_difference_ci95": differences(boot["acc_difference"]),
+        "rmse_difference_ci95": differences(rmse, boot["rmse_difference"]),
+        "acc_difference_ci95": differences(scores, boot["acc_difference"]),
         "activity": {**{k: per_channel(activity(v, climatology, weights)) for k, v in forecasts.items()},
                      "truth": per_channel(activity(truth, climatology, weights))},
         "bias": {k: per_channel(bias(v, truth, weights)) for k, v in forecasts.items()},

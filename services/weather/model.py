@@ -210,11 +210,11 @@ class WXFormer(nn.Module):
         self.register_buffer("lat_weights", torch.from_numpy(grid.weights()), persistent=False)  # (H, W)
         self.register_buffer("mean", state.mean.float().view(-1, 1, 1), persistent=False)
         self.register_buffer("std", state.std.float().view(-1, 1, 1), persistent=False)
-        # (C, 1, 1) the unit of the network's change (normalize_tendency); ones: the change as the network gives it
-        tendency = state.tendency_std if state.tendency_std is not None else torch.ones(self.n_channels)
+        # (C, 1, 1) the unit of the network's change (normalize_tendency); empty: the change as the network gives it
+        tendency = state.tendency_std if state.tendency_std is not None else torch.zeros(0)
         self.register_buffer("tendency", tendency.float().view(-1, 1, 1), persistent=False)
 
-        self.base_lag = 24 // cfg.step_hours if cfg.residual_base == "day" else 1  # read by advance
+        self.base_lag = cfg.base_lag  # read by advance
         # (K, C, 1, 1) factors on the predicted change of rollout step k (the last one beyond K), fitted on
         # validation after training (training.fit_calibration) and saved in the state; none: the change as predicted.
         self.register_buffer("damping", torch.ones(0, self.n_channels, 1, 1), persistent=False)
@@ -295,7 +295,8 @@ class WXFormer(nn.Module):
         toward the climatology, plus the relaxation factor times (climatology at the valid time - base).
         ``hours`` (B,) is the UTC hour of the last history state, needed by relaxation only."""
         base = history[:, -self.base_lag]
-        change = change * self.tendency.to(change.dtype)
+        if len(self.tendency):
+            change = change * self.tendency.to(change.dtype)
         scale = self.step_scale(step)
         nxt = base + (change if scale is None else scale.to(change.dtype) * change)
         relax = self.step_relaxation(step)

@@ -49,7 +49,7 @@ def rollout_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> Te
     history, forcing, target, hours = unpack(batch, device)
     bare: Any = unwrap(model)
     weights: Tensor = bare.lat_weights
-    detach = getattr(bare.cfg, "rollout_gradient", "full") == "detached"
+    detach = bare.cfg.rollout_gradient == "detached"
     total = history.new_zeros(())
     for k, state in enumerate(rollout(model, history, forcing, target.shape[1], hours, detach=detach)):
         total = total + weighted_mse(state, target[:, k], weights)
