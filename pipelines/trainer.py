@@ -13,6 +13,7 @@ worker, which passes its rank, world size and the Ray wrappers for the model and
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import sys
@@ -194,7 +195,7 @@ class Trainer:
         torch.manual_seed(int(cfg.seed))
 
         self.data = data or domain.load_data(cfg)
-        model = domain.build_model(cfg, self.data.state)
+        model = domain.build_model(cfg, self.data.state).to(self.device)
         # Fused AdamW: one kernel for all parameters (CPU and CUDA): the optimizer step of iTransformer on CPU
         # goes from 3.8 to 1.6 ms.
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_1d), lr=cfg.lr,
@@ -213,6 +214,14 @@ class Trainer:
         elif init_weights is not None:
             load_weights(model, dict(init_weights))
             self.log("started from the given weights")
+        # The moving average of the weights (ema_decay > 0): a frozen copy that validation, the kept epoch and the
+        # registered model use; resumed from the checkpoint's when there is one.
+        self.ema: torch.nn.Module | None = None
+        self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        if cfg.ema_decay:
+            self.ema = copy.deepcopy(model).requires_grad_(False)
+            if checkpoint is not None and "ema" in checkpoint:
+                self.ema.load_state_dict(checkpoint["ema"])
         self.ddp = domain.supports_ddp(cfg)
         self.model = prepare_model(model, self.ddp)
         pin = self.device.type == "cuda"
@@ -256,13 +265,18 @@ class Trainer:
         return unwrap(self.model)
 
     @property
+    def scored(self) -> torch.nn.Module:
+        """The weights validation scores and training keeps: the moving average when there is one."""
+        return self.ema if self.ema is not None else self.bare
+
+    @property
     def running(self) -> bool:
         return self.state.epoch < self.cfg.epochs and not self.state.stopped
 
     def evaluate(self, loader: DataLoader, *, reduce: bool = True) -> dict[str, float]:
         """The domain's metrics over ``loader``; with ``reduce`` and several workers, each worker scores its own
         shard and the additive sums are combined across workers."""
-        bare = self.bare
+        bare = self.scored
         bare.eval()
         batches = itertools.islice(loader, self.cfg.max_eval_batches) if self.cfg.max_eval_batches else loader
         with torch.inference_mode(), self.autocast():
@@ -283,6 +297,8 @@ class Trainer:
         resume exactly where this run is (torch.save / ``weights_only`` load safe)."""
         saved = {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "trainer": self.state.to_dict(), "rng": torch.get_rng_state()}
+        if self.ema is not None:
+            saved["ema"] = self.ema.state_dict()
         if self.device.type == "cuda":
             saved["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return saved
@@ -314,6 +330,19 @@ class Trainer:
                 group = []
         if group:
             yield group
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, with the usual warm-up of the decay (the first steps
+        average over fewer of them); buffers (norm statistics, temperatures) are copied."""
+        assert self.ema is not None
+        if self._ema_pairs is None:
+            self._ema_pairs = ([p.data for p in self.ema.parameters()], [p.data for p in self.bare.parameters()])
+        step = self.state.step
+        decay = min(float(self.cfg.ema_decay), (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1.0 - decay)
+        for mine, theirs in zip(self.ema.buffers(), self.bare.buffers(), strict=True):
+            mine.copy_(theirs)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -352,6 +381,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.state.step += 1
+            if self.ema is not None:
+                self._update_ema()
             seen += cfg.batch_size
             if (step + 1) % report_every == 0 or step + 1 == steps:
                 rate = seen / (time.perf_counter() - started)
@@ -369,7 +400,7 @@ class Trainer:
         if val[self.metric] < state.best_val:
             state.best_val, state.best_epoch = val[self.metric], int(record["epoch"])
             if self.cfg.keep == "best":
-                state.best_model = {k: v.detach().cpu().clone() for k, v in self.bare.state_dict().items()}
+                state.best_model = {k: v.detach().cpu().clone() for k, v in self.scored.state_dict().items()}
             state.bad_epochs = 0
         else:
             state.bad_epochs += 1
@@ -395,9 +426,13 @@ class Trainer:
         """Load the kept weights; on rank 0 calibrate on validation, score the test split, log the metrics,
         plots and model folder. Returns the final figures (``kept_epoch``, ``test_...``, ...)."""
         weights, kept, kept_val = kept_epoch(self.state, self.cfg.keep, self.metric)
+        if weights is None and self.ema is not None:
+            weights = self.ema.state_dict()
         if weights is not None:
             self.bare.load_state_dict(weights)
-        self.log(f"keeping the weights of epoch {kept} ({self.cfg.keep}; val_{self.metric} {kept_val:.4f})")
+        self.ema = None  # from here on the kept weights are the model's own
+        self.log(f"keeping the weights of epoch {kept} ({self.cfg.keep}"
+                 f"{', moving average' if self.cfg.ema_decay else ''}; val_{self.metric} {kept_val:.4f})")
         final: dict[str, Any] = {"epochs_run": self.state.epoch, f"best_val_{self.metric}": self.state.best_val,
                                  "kept_epoch": kept, f"kept_val_{self.metric}": kept_val}
         if self.rank != 0:

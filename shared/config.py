@@ -217,6 +217,8 @@ class RunSettings:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # training autocast; auto: bf16 on GPU, fp32 on CPU
     max_failures: int = 2  # worker failures survived by resuming from the last epoch checkpoint
     loader_workers: int = 0  # DataLoader worker processes per Ray worker (0: load in the training process)
+    ema_decay: float = 0.0  # > 0: validate, keep and register an exponential moving average of the weights,
+    # updated after every optimizer step with decay min(ema_decay, (1 + step) / (10 + step)) (0: off)
 
     # settings saved by earlier versions under another name: read under the new one, refused on --set
     renamed: ClassVar[Mapping[str, str]] = {"num_workers": "ray_workers"}
@@ -242,6 +244,8 @@ class RunSettings:
                                    "max_eval_batches", "max_failures", "loader_workers"))
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         if self.batch_size % (self.ray_workers * self.grad_accum):
             raise ValueError(f"batch_size={self.batch_size} must be divisible by ray_workers x grad_accum "
                              f"({self.ray_workers} x {self.grad_accum}): it is the global batch")

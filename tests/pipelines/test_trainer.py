@@ -5,6 +5,7 @@ real cluster, Ray Train workers and a killed worker resuming, is in the integrat
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -106,6 +107,54 @@ def test_a_run_resumed_from_its_checkpoint_ends_exactly_as_one_that_never_stoppe
     assert ([{k: v for k, v in r.items() if k not in timing} for r in resumed.state.history]
             == [{k: v for k, v in r.items() if k not in timing} for r in whole.state.history])  # the same batches
     assert resumed_final == whole_final
+    assert all(torch.equal(v, whole.bare.state_dict()[k]) for k, v in resumed.bare.state_dict().items())
+
+
+def test_the_moving_average_is_what_validation_scores_and_training_keeps() -> None:
+    domain = ToyDomain()
+    trainer = Trainer(domain, _cfg(epochs=3, ema_decay=0.9), log=None)
+    assert trainer.scored is trainer.ema and trainer.ema is not trainer.bare
+    expected = {k: v.clone() for k, v in trainer.bare.named_parameters()}
+    trainer.model.train()
+    for step, batch in enumerate(itertools.islice(trainer.train_loader, 5), start=1):  # the update, by hand
+        trainer.optimizer.zero_grad()
+        domain.training_loss(trainer.model, batch, trainer.device).backward()
+        trainer.optimizer.step()
+        trainer.state.step += 1
+        trainer._update_ema()
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = {k: decay * expected[k] + (1 - decay) * p.detach() for k, p in trainer.bare.named_parameters()}
+    ema = dict(trainer.ema.named_parameters())
+    for key, value in expected.items():
+        torch.testing.assert_close(ema[key], value)
+        assert not torch.equal(ema[key], trainer.bare.state_dict()[key])  # it lags the live weights
+
+    trainer = Trainer(domain, _cfg(epochs=3, ema_decay=0.9), log=None)
+    averaged: dict[int, dict[str, torch.Tensor]] = {}
+    while trainer.running:
+        trainer.run_epoch()
+        assert trainer.ema is not None
+        averaged[trainer.state.epoch] = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    final = trainer.finalize()
+    assert trainer.ema is None
+    kept = final["kept_epoch"]
+    assert all(torch.equal(v, averaged[kept][k]) for k, v in trainer.bare.state_dict().items())
+    assert Trainer(domain, _cfg(epochs=3), log=None).ema is None  # off by default
+    with pytest.raises(ValueError, match="ema_decay"):
+        _cfg(ema_decay=1.0)
+
+
+def test_a_resumed_run_carries_its_moving_average_on() -> None:
+    domain = ToyDomain()
+    whole = Trainer(domain, _cfg(epochs=3, ema_decay=0.8, keep="last"), log=None)
+    whole.fit()
+    first = Trainer(domain, _cfg(epochs=3, ema_decay=0.8, keep="last"), log=None)
+    first.run_epoch()
+    buffer = io.BytesIO()
+    torch.save(first.checkpoint(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed = Trainer(domain, _cfg(epochs=3, ema_decay=0.8, keep="last"), log=None, checkpoint=saved)
+    resumed.fit()
     assert all(torch.equal(v, whole.bare.state_dict()[k]) for k, v in resumed.bare.state_dict().items())
 
 
