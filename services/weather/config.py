@@ -20,6 +20,12 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
     variables: tuple[str, ...] = ()  # prognostic variables; () = every (time, [level,] lat, lon) variable
     levels: tuple[float, ...] = ()  # pressure levels kept for 3-D variables; () = all of them
     static_variables: tuple[str, ...] = ()  # time-invariant fields read from the data (orography, land-sea mask)
+    # Time-invariant fields from another file (netCDF / zarr / GRIB, any URI; ERA5's invariant lsm and z, say):
+    # every 2-D field of it, interpolated onto the data's grid, is a static input beside the data's own
+    static_file: str | None = None
+    # auto: when no static field is a land-sea mask (lsm, ...), add the land fraction of each grid cell from
+    # GLOBE's 1 km land mask (the global-land-mask package); off: only the fields the data and static_file give
+    land_fraction: Literal["auto", "off"] = "off"
     # Forcings given at t and t + dt, names from FORCINGS, or "auto": all of them, less the day of year on a
     # record shorter than a year (over one month it only tells the training days from the test days, values
     # the test period lies outside of, and can act as a date key).
@@ -105,6 +111,8 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
         require_at_least(self, 0, ("member", "climatology_harmonics"))
+        if self.land_fraction not in ("auto", "off"):
+            raise ValueError(f"land_fraction={self.land_fraction!r}: expected 'auto' or 'off'")
         if self.rollout_gradient not in ("full", "detached"):
             raise ValueError(f"rollout_gradient={self.rollout_gradient!r}: expected 'full' or 'detached'")
         if not self.mlp_ratio > 0:

@@ -130,6 +130,20 @@ def fields_for(cfg: Any, data: str | None = None) -> Fields:
                        name="synthetic", **kwargs)
 
 
+def extra_statics(cfg: Any, fields: Fields) -> dict[str, np.ndarray]:
+    """Static fields beyond the data's: those of ``static_file`` and, with ``land_fraction="auto"`` and no land-sea
+    mask among the rest, the land fraction of each cell (see :mod:`.statics`)."""
+    from .statics import has_land_field, land_fraction, statics_from_file
+
+    extra = statics_from_file(cfg.static_file, fields.grid) if cfg.static_file else {}
+    clash = sorted(set(extra) & set(fields.statics))
+    if clash:
+        raise ValueError(f"static_file {cfg.static_file}: fields {clash} are also static fields of the data")
+    if cfg.land_fraction == "auto" and not has_land_field([*fields.statics, *extra]):
+        extra["land_fraction"] = land_fraction(fields.grid)
+    return extra
+
+
 def time_offset(fields: Fields, step_hours: int) -> int:
     """Time indices per model step; the data's time step must divide the model's."""
     native = fields.step_hours
@@ -142,6 +156,7 @@ def time_offset(fields: Fields, step_hours: int) -> int:
 def prepare(cfg: Any, data: str | None = None) -> Prepared:
     """Read, split in time (train / val / test), normalize with training statistics, and window."""
     fields = fields_for(cfg, data)
+    fields.statics.update(extra_statics(cfg, fields))
     offset = time_offset(fields, cfg.step_hours)
     every = max(1, int(round(cfg.sample_every_hours / fields.step_hours)))
     bounds = split_bounds(len(fields.times), cfg.val_fraction, cfg.test_fraction)
