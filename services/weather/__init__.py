@@ -30,11 +30,13 @@ class WeatherDomain(Domain):
     val_metric = "wrmse"
     requires = ("xarray", "netCDF4", "scipy", "cfgrib")
     data_suffixes = (".grib", ".grb", ".grib2", ".nc")
-    # the default synthetic grid (as the demo's model), so that the example request fits both
+    # the default synthetic grid and one input state (as the demo's model), so that the one-state example request
+    # (and the JSON endpoint, which takes one state) fits both
     tiny = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
             "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 6, "batch_size": 4, "epochs": 2,
-            "max_steps_per_epoch": 4}
-    demo_jobs = (DemoJob("wxformer", ("epochs=2", "max_steps_per_epoch=30", "synthetic_days=20")),)
+            "max_steps_per_epoch": 4, "history": 1, "residual_base": "last", "train_rollout": 2}
+    demo_jobs = (DemoJob("wxformer", ("epochs=2", "max_steps_per_epoch=30", "synthetic_days=20", "history=1",
+                                     "residual_base=last", "train_rollout=2")),)
     max_body_bytes = 32 * 1024 * 1024
     max_in_flight = 8
 

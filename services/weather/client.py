@@ -38,11 +38,14 @@ def example_request() -> dict[str, Any]:
 
 
 def example_netcdf(folder: Path, data: str | None = None) -> Path:
-    """The last state of ``data`` (netCDF / zarr / GRIB), or :func:`_example_state`, as a netCDF upload."""
+    """The last day of states of ``data`` (netCDF / zarr / GRIB: enough for a model with 4 states of 6 h, the
+    default; the service uses the last ``history`` of them), or :func:`_example_state`, as a netCDF upload."""
     if data:
         with open_dataset(data) as source:
             statics = [v for v in source.data_vars if "time" not in source[v].dims]
-            state = source.isel(time=slice(-1, None)).drop_vars(statics).load()
+            times = source["time"].values
+            day = times >= times[-1] - np.timedelta64(24, "h")
+            state = source.isel(time=np.flatnonzero(day)).drop_vars(statics).load()
     else:
         state = _example_state()
     path = folder / "weather-state.nc"

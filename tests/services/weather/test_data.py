@@ -35,7 +35,7 @@ def test_rollout_window_aligns_history_forcings_and_targets() -> None:
 
 
 def test_prepare_normalizes_with_training_statistics_only(tmp_path: Path) -> None:
-    cfg = WeatherConfig(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)
+    cfg = WeatherConfig(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2, history=1, residual_base="last")
     prepared = prepare(cfg)
     a, b = prepared.bounds[0]
     train = prepared.normalized[a:b]

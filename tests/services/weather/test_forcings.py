@@ -51,5 +51,5 @@ def test_auto_forcings_leave_out_the_day_of_year_on_records_shorter_than_a_year(
     assert WeatherConfig().forcings == ("auto",)
     with pytest.raises(ValueError, match="expected 'auto' or distinct names"):
         WeatherConfig(forcings=("auto", "cos_zenith"))
-    cfg = WeatherConfig(synthetic_days=4, synthetic_grid=(8, 16), history=1, train_rollout=1)
+    cfg = WeatherConfig(synthetic_days=4, synthetic_grid=(8, 16), history=1, residual_base="last", train_rollout=1)
     assert prepare(cfg).state.forcings == ("cos_zenith", "sin_local_hour", "cos_local_hour")  # what the model reads

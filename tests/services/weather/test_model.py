@@ -16,7 +16,12 @@ from services.weather.model import WindowAttention, WXFormer, earth_pad
 from services.weather.training import rollout_loss
 
 TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
-        "global_windows": (2, 2), "dim_head": 8}
+        "global_windows": (2, 2), "dim_head": 8, "history": 1, "residual_base": "last"}
+
+
+def _cfg(**settings: object) -> WeatherConfig:
+    """The tiny model (one input state, the change added to the last one), ``settings`` on top."""
+    return WeatherConfig(**{**TINY, **settings})  # type: ignore[arg-type]
 
 
 def _state(lat: np.ndarray, lon: np.ndarray, channels: int = 2) -> WeatherState:
@@ -75,7 +80,7 @@ def test_window_attention_masks_padding_when_the_map_is_not_a_multiple() -> None
     (np.linspace(90, -90, 19), np.arange(0, 360, 10.0), True),  # global with pole rows
 ])
 def test_forward_keeps_the_grid_and_pads_by_kind(lat: np.ndarray, lon: np.ndarray, earth: bool) -> None:
-    cfg = WeatherConfig(**TINY)  # type: ignore[arg-type]
+    cfg = _cfg()
     model = WXFormer(cfg, _state(lat, lon))
     assert model.earth is earth and model.pole_row is earth
     h, w = len(lat), len(lon)
@@ -84,7 +89,7 @@ def test_forward_keeps_the_grid_and_pads_by_kind(lat: np.ndarray, lon: np.ndarra
 
 
 def test_every_conv_and_linear_is_spectrally_normalized() -> None:
-    model = WXFormer(WeatherConfig(**TINY), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
+    model = WXFormer(_cfg(), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     assert layers and all(hasattr(m, "parametrizations") for m in layers)
     model.train()
@@ -92,13 +97,13 @@ def test_every_conv_and_linear_is_spectrally_normalized() -> None:
         model.head.weight  # noqa: B018
     sigma = torch.linalg.matrix_norm(model.head.weight.flatten(1), ord=2)
     assert sigma.item() < 1.05
-    plain = WXFormer(WeatherConfig(**TINY, spectral_norm=False), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
+    plain = WXFormer(_cfg(spectral_norm=False), _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8)))  # type: ignore[arg-type]
     assert not any(hasattr(m, "parametrizations") for m in plain.modules())
 
 
 def test_multi_step_training_lowers_the_loss_on_synthetic_weather() -> None:
     torch.manual_seed(0)
-    cfg = WeatherConfig(**TINY, synthetic_days=6, synthetic_grid=(16, 32), train_rollout=2, lr=2e-3)  # type: ignore[arg-type]
+    cfg = _cfg(synthetic_days=6, synthetic_grid=(16, 32), train_rollout=2, lr=2e-3)
     prepared = prepare(cfg)
     model = WXFormer(cfg, prepared.state)
     batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=8, shuffle=True)))
@@ -120,7 +125,7 @@ def test_history_skip_adds_a_linear_blend_of_the_inputs_outside_spectral_norm() 
 
     torch.manual_seed(0)
     state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8))
-    model = WXFormer(WeatherConfig(**TINY, history=3, history_skip=True), state).eval()  # type: ignore[arg-type]
+    model = WXFormer(_cfg(history=3, history_skip=True), state).eval()  # type: ignore[arg-type]
     assert model.history_mix is not None and model.history_mix.shape == (2, 6)
     assert torch.count_nonzero(model.history_mix) == 0  # starts as the plain network
     history, now, nxt = torch.randn(1, 3, 2, 8, 8), torch.randn(1, 5, 8, 8), torch.randn(1, 5, 8, 8)
@@ -135,14 +140,14 @@ def test_history_skip_adds_a_linear_blend_of_the_inputs_outside_spectral_norm() 
     model.train()
     model(history, now, nxt).sum().backward()
     assert model.history_mix.grad is not None and torch.count_nonzero(model.history_mix.grad) > 0
-    assert WXFormer(WeatherConfig(**TINY), state).history_mix is None  # type: ignore[arg-type]
+    assert WXFormer(_cfg(), state).history_mix is None  # type: ignore[arg-type]
 
 
 def test_validation_metrics_score_persistence_at_every_step() -> None:
     from services.weather.training import metric_sums, metrics_from
 
     state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
-    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), state).eval()  # type: ignore[arg-type]
+    model = WXFormer(_cfg(spectral_norm=False), state).eval()  # type: ignore[arg-type]
     for p in model.head.parameters():  # the network then predicts no change: it is persistence itself
         torch.nn.init.zeros_(p)
     history = torch.randn(4, 1, 1, 8, 8)
@@ -160,7 +165,7 @@ def test_day_residual_base_replays_yesterday_and_anchors_a_day_ahead_on_the_star
     from services.weather.training import rollout
 
     state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
-    cfg = WeatherConfig(**TINY, spectral_norm=False, history=4, residual_base="day")  # type: ignore[arg-type]
+    cfg = _cfg(spectral_norm=False, history=4, residual_base="day")
     model = WXFormer(cfg, state).eval()
     assert model.base_lag == 4  # 24 h of 6 h steps
     for p in model.head.parameters():  # no change: the rollout is the base state itself
@@ -171,7 +176,7 @@ def test_day_residual_base_replays_yesterday_and_anchors_a_day_ahead_on_the_star
     # +6 h is t - 18 h, ..., +24 h is t itself, +30 h again yesterday's +6 h
     for k, expected in enumerate([history[:, 0], history[:, 1], history[:, 2], history[:, 3], history[:, 0]]):
         assert torch.equal(states[k], expected)
-    assert WXFormer(WeatherConfig(**TINY), state).base_lag == 1  # type: ignore[arg-type]
+    assert WXFormer(_cfg(), state).base_lag == 1  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="residual_base='day' needs"):
         WeatherConfig(history=2, residual_base="day")
     with pytest.raises(ValueError, match="residual_base='day' needs"):
@@ -198,7 +203,7 @@ def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float
     from services.weather.training import fit_calibration, rollout
 
     state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1)
-    model = _ScaledOracle(WeatherConfig(**TINY, spectral_norm=False), state).eval()  # type: ignore[arg-type]
+    model = _ScaledOracle(_cfg(spectral_norm=False), state).eval()  # type: ignore[arg-type]
     model.gain = gain
     history, forcing, target = _oracle_windows()
     with torch.no_grad():
@@ -217,7 +222,7 @@ def test_damping_fitted_on_validation_undoes_an_overconfident_change(gain: float
         assert torch.allclose(damped, forcing[:, 1:, :1], atol=1e-5)
     else:
         assert torch.allclose(damped[:, :3], raw)
-    rebuilt = WXFormer(WeatherConfig(**TINY, spectral_norm=False), dataclasses.replace(state, damping=factors))  # type: ignore[arg-type]
+    rebuilt = WXFormer(_cfg(spectral_norm=False), dataclasses.replace(state, damping=factors))  # type: ignore[arg-type]
     assert torch.equal(rebuilt.damping.flatten(), factors.flatten())  # saved in the state, restored at load
 
 
@@ -238,7 +243,7 @@ def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly(
     g = torch.Generator().manual_seed(0)
     clim = torch.randn(3, 1, 8, 8, generator=g)  # mean, cos and sin of the daily cycle
     saved = dataclasses.replace(_state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1), climatology=clim)
-    model = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False), saved).eval()  # type: ignore[arg-type]
+    model = _ChangeOracle(_cfg(spectral_norm=False), saved).eval()  # type: ignore[arg-type]
     n, steps = 8, 3
     hours = torch.randint(0, 24, (n,), generator=g).float()
     forcing = torch.randn(n, steps + 3, 5, 8, 8, generator=g)
@@ -262,11 +267,11 @@ def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly(
     damping, relaxation = fit_calibration(model, windows, torch.device("cpu"), 1, damping=False)
     assert torch.equal(damping, torch.ones(1, 1)) and 0.0 <= float(relaxation[0, 0]) <= 1.0
     # saved in the state, restored at load
-    rebuilt = _ChangeOracle(WeatherConfig(**TINY, spectral_norm=False),  # type: ignore[arg-type]
+    rebuilt = _ChangeOracle(_cfg(spectral_norm=False),  # type: ignore[arg-type]
                             dataclasses.replace(saved, damping=damping, relaxation=relaxation))
     assert torch.equal(rebuilt.relaxation.flatten(), relaxation.flatten())
     plain = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), 1)
-    without = WXFormer(WeatherConfig(**TINY, spectral_norm=False), plain)  # type: ignore[arg-type]
+    without = WXFormer(_cfg(spectral_norm=False), plain)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no climatology"):
         without.set_relaxation(torch.ones(1, 1))
 
@@ -293,7 +298,7 @@ def test_damping_keeps_a_network_that_predicts_no_change() -> None:
     from services.weather.training import fit_calibration
 
     state = _state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=2)
-    model = WXFormer(WeatherConfig(**TINY, spectral_norm=False), state).eval()  # type: ignore[arg-type]
+    model = WXFormer(_cfg(spectral_norm=False), state).eval()  # type: ignore[arg-type]
     for p in model.head.parameters():
         torch.nn.init.zeros_(p)
     history = torch.randn(2, 1, 2, 8, 8)
@@ -308,7 +313,7 @@ def test_detached_rollout_training_cuts_the_gradient_between_steps() -> None:
     from services.weather.training import rollout, unpack
 
     torch.manual_seed(0)
-    cfg = WeatherConfig(**TINY, synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)  # type: ignore[arg-type]
+    cfg = _cfg(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)
     prepared = prepare(cfg)
     model = WXFormer(cfg, prepared.state)
     batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=2)))
@@ -317,7 +322,7 @@ def test_detached_rollout_training_cuts_the_gradient_between_steps() -> None:
         first, second = rollout(model, history, forcing, 2, hours, detach=detach)
         (through,) = torch.autograd.grad(second.sum(), first, allow_unused=True)
         assert (through is None) == detach  # detached: the second step does not reach back into the first
-    detached = WeatherConfig(**TINY, synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2,  # type: ignore[arg-type]
+    detached = _cfg(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2,
                              rollout_gradient="detached")
     model = WXFormer(detached, prepared.state)
     loss = rollout_loss(model, batch, torch.device("cpu"))
@@ -328,12 +333,12 @@ def test_detached_rollout_training_cuts_the_gradient_between_steps() -> None:
 
 
 def test_normalized_tendencies_scale_the_change_and_are_saved(tmp_path: Any) -> None:
-    cfg = WeatherConfig(**TINY, synthetic_days=10, synthetic_grid=(16, 32), history=4,  # type: ignore[arg-type]
+    cfg = _cfg(synthetic_days=10, synthetic_grid=(16, 32), history=4,
                         residual_base="day", normalize_tendency=True, train_rollout=1)
     state = prepare(cfg).state
     assert state.tendency_std is not None and state.tendency_std.shape == (3,)
     assert bool((state.tendency_std > 0).all()) and bool((state.tendency_std < 2).all())
-    assert prepare(WeatherConfig(**TINY, synthetic_days=4, synthetic_grid=(16, 32))).state.tendency_std is None  # type: ignore[arg-type]
+    assert prepare(_cfg(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)).state.tendency_std is None
     model = WXFormer(cfg, state).eval()
     history = torch.zeros(1, 4, 3, 16, 32)
     change = torch.ones(1, 3, 16, 32)

@@ -25,13 +25,19 @@ from services.weather.synthetic import synthetic_dataset
 from shared.serving import RequestError
 
 TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
-        "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 10, "synthetic_grid": (16, 32)}
+        "global_windows": (2, 2), "dim_head": 8, "synthetic_days": 10, "synthetic_grid": (16, 32),
+        "history": 1, "residual_base": "last"}
+
+
+def _cfg(**settings: object) -> WeatherConfig:
+    """The tiny model (one input state, the change added to the last one), ``settings`` on top."""
+    return WeatherConfig(**{**TINY, **settings})  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[WXFormer, WeatherState, WeatherConfig]:
     torch.manual_seed(0)
-    cfg = WeatherConfig(**TINY)  # type: ignore[arg-type]
+    cfg = _cfg()
     prepared = prepare(cfg)
     return WXFormer(cfg, prepared.state).eval(), prepared.state, cfg
 

@@ -14,6 +14,8 @@ from services.weather.grid import Grid
 from services.weather.statics import land_fraction, statics_from_file
 from services.weather.synthetic import synthetic_dataset
 
+ONE_STEP = {"history": 1, "residual_base": "last", "train_rollout": 1}  # a short record trains
+
 
 def _grid(lat: np.ndarray, lon: np.ndarray) -> Grid:
     lon2, lat2 = np.meshgrid(lon, lat)
@@ -60,7 +62,7 @@ def test_prepare_adds_the_file_fields_and_a_land_fraction_only_where_no_mask_is(
     ds = synthetic_dataset(days=3, grid=(16, 32), seed=0)
     bare = tmp_path / "bare.nc"
     ds.drop_vars(["lsm", "orography"]).to_netcdf(bare)
-    cfg = WeatherConfig(data=str(bare), train_rollout=1, land_fraction="auto")
+    cfg = WeatherConfig(data=str(bare), **ONE_STEP, land_fraction="auto")
     state = prepare(cfg).state
     assert state.static_names == ("land_fraction",) and state.statics["land_fraction"].shape == (16, 32)
     assert prepare(cfg.replace(land_fraction="off")).state.static_names == ()
@@ -69,8 +71,8 @@ def test_prepare_adds_the_file_fields_and_a_land_fraction_only_where_no_mask_is(
     state = prepare(cfg.replace(static_file=str(invariant))).state
     assert state.static_names == ("orography", "land_fraction")
     np.testing.assert_allclose(state.statics["orography"].numpy(), ds["orography"].values, atol=1e-3)
-    with_mask = prepare(WeatherConfig(synthetic_days=3, synthetic_grid=(16, 32), train_rollout=1,
+    with_mask = prepare(WeatherConfig(synthetic_days=3, synthetic_grid=(16, 32), **ONE_STEP,
                                       land_fraction="auto")).state
     assert with_mask.static_names == ("lsm", "orography")  # the data says where the land is
     with pytest.raises(ValueError, match="also static fields of the data"):
-        prepare(WeatherConfig(synthetic_days=3, synthetic_grid=(16, 32), train_rollout=1, static_file=str(invariant)))
+        prepare(WeatherConfig(synthetic_days=3, synthetic_grid=(16, 32), **ONE_STEP, static_file=str(invariant)))
