@@ -38,16 +38,17 @@ def example_request() -> dict[str, Any]:
 
 
 def example_netcdf(folder: Path, data: str | None = None) -> Path:
-    """The last day of states of ``data`` (netCDF / zarr / GRIB: enough for a model with 4 states of 6 h, the
-    default; the service uses the last ``history`` of them), or :func:`_example_state`, as a netCDF upload."""
+    """The last day of states of ``data`` (netCDF / zarr / GRIB), or of the synthetic world, as a netCDF
+    upload: enough for a model with 4 states 6 h apart (the default); the service picks the ones it needs."""
     if data:
         with open_dataset(data) as source:
             statics = [v for v in source.data_vars if "time" not in source[v].dims]
             times = source["time"].values
             day = times >= times[-1] - np.timedelta64(24, "h")
             state = source.isel(time=np.flatnonzero(day)).drop_vars(statics).load()
-    else:
-        state = _example_state()
+    else:  # the day before 05:00 UTC on the second synthetic day, hourly: enough for any history to 4 x 6 h
+        state = synthetic_dataset(days=2, seed=0).isel(time=slice(EXAMPLE_HOUR, EXAMPLE_HOUR + 25))
+        state = state.drop_vars(["lsm", "orography"])
     path = folder / "weather-state.nc"
     state.to_netcdf(path)
     return path

@@ -80,8 +80,9 @@ def describe_grid(grid: Grid) -> str:
 
 
 def state_from_dataset(ds: Any, state: WeatherState, history: int) -> tuple[np.ndarray, np.datetime64, list[str]]:
-    """The last ``history`` states of ``ds`` (xarray, ERA5 layout) as (h, C, H, W) in the model's units, the
-    valid time of the last one, and notes (units assumed, times dropped)."""
+    """The last state of ``ds`` (xarray, ERA5 layout) and the ``history - 1`` before it at the model's step (an
+    hourly file serves a 6-hourly model: it picks t - 18 h, t - 12 h, t - 6 h and t) as (h, C, H, W) in the
+    model's units, the valid time of the last one, and notes (units assumed, times dropped)."""
     from .grid import spatial
     from .readers import MEMBER_DIMS, standardize
 
@@ -100,11 +101,20 @@ def state_from_dataset(ds: Any, state: WeatherState, history: int) -> tuple[np.n
         if dim in ds.dims:
             raise StateError(f"the input has {ds.sizes[dim]} ensemble members ('{dim}'); send one member")
     if ds.sizes["time"] < history:
-        raise StateError(f"the model needs {history} consecutive states; the input has {ds.sizes['time']}")
-    ds = ds.isel(time=slice(ds.sizes["time"] - history, None))
+        raise StateError(f"the model needs {history} states {state.step_hours} h apart; the input has "
+                         f"{ds.sizes['time']}")
+    given = ds["time"].values.astype("datetime64[ns]")
+    if history > 1:
+        step = np.timedelta64(int(state.step_hours), "h").astype("timedelta64[ns]")
+        wanted = given[-1] - step * np.arange(history - 1, -1, -1)
+        missing = [str(np.datetime_as_string(t, unit="m")) for t in wanted if t not in given]
+        if missing:
+            raise StateError(f"the model needs {history} states {state.step_hours} h apart ending at the last one "
+                             f"({np.datetime_as_string(given[-1], unit='m')}); missing {', '.join(missing)}")
+        ds = ds.isel(time=[int(np.flatnonzero(given == t)[-1]) for t in wanted])
+    else:
+        ds = ds.isel(time=slice(ds.sizes["time"] - 1, None))
     times = ds["time"].values.astype("datetime64[ns]")
-    if history > 1 and not (np.diff(times) == np.timedelta64(int(state.step_hours), "h")).all():
-        raise StateError(f"the {history} input states must be {state.step_hours} h apart")
     notes, layers = [], []
     for channel, (var, level), unit in zip(state.channels, state.sources, state.units, strict=True):
         if var not in ds.data_vars:

@@ -155,8 +155,8 @@ def _state(ds: Any, state: WeatherState, history: int) -> tuple[np.ndarray, np.d
 
 def _state_from_json(request: ForecastJSON, state: WeatherState, history: int) -> tuple[np.ndarray, list[str]]:
     if history != 1:
-        raise RequestError(f"the served model needs {history} consecutive states; use POST /forecast with a netCDF "
-                           f"file holding them")
+        raise RequestError(f"the served model needs {history} states {state.step_hours} h apart and this endpoint "
+                           f"takes one; use POST /forecast with a netCDF file holding them (hourly states serve)")
     channels = list(state.channels)
     unknown = sorted(set(request.fields) - set(channels))
     missing = [c for c in channels if c not in request.fields]

@@ -55,6 +55,20 @@ def test_state_from_the_training_layout(trained: Any, state: Any) -> None:
     np.testing.assert_allclose(values[0, 2], state["t2m"].values[0])
 
 
+def test_an_hourly_upload_gives_a_six_hourly_model_the_states_it_needs(trained: Any) -> None:
+    _, saved, _ = trained
+    hourly = synthetic_dataset(days=2, grid=(16, 32), seed=0).isel(time=slice(5, 30))  # 05:00 to 05:00 next day
+    values, init_time, _ = state_from_dataset(hourly, saved, history=4)
+    assert init_time == np.datetime64("2000-01-02T05:00", "ns") and values.shape == (4, 3, 16, 32)
+    for k, hours_before in enumerate((18, 12, 6, 0)):  # t - 18 h, t - 12 h, t - 6 h, t, in that order
+        np.testing.assert_allclose(values[k, 2], hourly["t2m"].values[-1 - hours_before])
+    gap = hourly.drop_sel(time=np.datetime64("2000-01-01T17:00"))  # t - 12 h is missing
+    with pytest.raises(StateError, match="missing 2000-01-01T17:00"):
+        state_from_dataset(gap, saved, history=4)
+    with pytest.raises(StateError, match="needs 4 states 6 h apart; the input has 3"):
+        state_from_dataset(hourly.isel(time=slice(-3, None)), saved, history=4)
+
+
 def test_celsius_is_converted_and_missing_units_are_assumed(trained: Any, state: Any) -> None:
     _, saved, _ = trained
     celsius = state.copy(deep=True)
@@ -97,7 +111,7 @@ def test_json_form_checks_channels_shape_and_units(trained: Any, state: Any) -> 
         _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=short), saved, 1)
     with pytest.raises(RequestError, match="units 'Pa'"):
         _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields, units={"t2m": "Pa"}), saved, 1)
-    with pytest.raises(RequestError, match="needs 2 consecutive states"):
+    with pytest.raises(RequestError, match="needs 2 states 6 h apart and this endpoint takes one"):
         _state_from_json(ForecastJSON(time="2000-01-01T05:00", fields=fields), saved, 2)
 
 
