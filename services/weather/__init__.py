@@ -78,10 +78,20 @@ class WeatherDomain(Domain):
             return None
         import dataclasses
 
-        from .training import fit_calibration
+        import torch.utils.data
 
-        damping, relaxation = fit_calibration(model, val_batches, device, cfg.train_rollout,
-                                              damping=cfg.damping, relaxation=cfg.relaxation)
+        from .data import RolloutDataset
+        from .training import CALIBRATION_WINDOWS, fit_calibration
+
+        steps, longer = cfg.train_rollout, None
+        dataset = getattr(val_batches, "dataset", None)
+        extended = dataset.longest(cfg.calibration_steps, CALIBRATION_WINDOWS) if isinstance(
+            dataset, RolloutDataset) and cfg.calibration_steps > cfg.train_rollout else None
+        if extended is not None:  # the steps past the training rollout, on the windows that reach them
+            steps = extended.rollout
+            longer = torch.utils.data.DataLoader(extended, batch_size=val_batches.batch_size)
+        damping, relaxation = fit_calibration(model, val_batches, device, steps, damping=cfg.damping,
+                                              relaxation=cfg.relaxation, longer=longer)
         metrics = {f"damping_step{k + 1}": float(row.mean()) for k, row in enumerate(damping)}
         relaxed = len(getattr(model, "relaxation", ())) > 0
         if relaxed:

@@ -69,6 +69,10 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
     # a network trained on a few weeks does not learn that reliably, a fit on validation does.
     relaxation: bool = True
     climatology_harmonics: int = 2
+    # Steps the calibration is fitted for: the training rollout's, then on longer validation windows as far as
+    # the validation period holds 24 of them, up to this many (40 x 6 h = 10 days). Past the fitted steps a rollout
+    # carries the last step's factors on; fitting them per lead keeps a long rollout's error near climatology's.
+    calibration_steps: int = 40
 
     train_rollout: int = 4  # autoregressive steps in the training loss (multi-step training)
     # full: the loss backpropagates through the whole rollout; detached: each step's input state is detached
@@ -114,6 +118,7 @@ class WeatherConfig(RunSettings, batch_size=8, lr=1e-3, lr_schedule="cosine", we
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
         require_at_least(self, 0, ("member", "climatology_harmonics"))
+        require_at_least(self, 1, ("calibration_steps",))
         if self.land_fraction not in ("auto", "off"):
             raise ValueError(f"land_fraction={self.land_fraction!r}: expected 'auto' or 'off'")
         if self.rollout_gradient not in ("full", "detached"):

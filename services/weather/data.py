@@ -90,12 +90,27 @@ class RolloutDataset(torch.utils.data.Dataset):
     K target states (all normalized) and the hour of the day of t (UTC), which places the climatology."""
 
     def __init__(self, states: np.ndarray, forcing: np.ndarray, indices: np.ndarray, offset: int, history: int,
-                 rollout: int, hours: np.ndarray) -> None:
+                 rollout: int, hours: np.ndarray, bounds: tuple[int, int] | None = None, every: int = 1) -> None:
         self.states = torch.from_numpy(states)  # (T, C, H, W)
         self.forcing = torch.from_numpy(forcing)  # (T, F, H, W)
         self.hours = torch.from_numpy(hours).float()  # (T,) UTC hour of the day of each state
         self.indices = indices
         self.offset, self.history, self.rollout = offset, history, rollout
+        self.bounds, self.every = bounds, every  # the period the windows lie in, and their spacing
+
+    def longest(self, steps: int, min_windows: int) -> RolloutDataset | None:
+        """Windows of the same period reaching as many steps as it allows, at most ``steps``, keeping at least
+        ``min_windows`` of them; None when that is no more than this dataset's rollout (or bounds unknown)."""
+        if self.bounds is None:
+            return None
+        for k in range(steps, self.rollout, -1):
+            idx = starts(self.bounds, self.offset, self.history, k, self.every)
+            if len(idx) >= min_windows:
+                longer = RolloutDataset.__new__(RolloutDataset)
+                longer.__dict__.update(self.__dict__)
+                longer.indices, longer.rollout = idx, k
+                return longer
+        return None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -174,7 +189,8 @@ def prepare(cfg: Any, data: str | None = None) -> Prepared:
             raise ValueError(f"{fields.name}: a split of {b - a} time steps is too short for history {cfg.history} "
                              f"and {cfg.train_rollout} steps of {cfg.step_hours} h; use longer data or smaller "
                              f"settings")
-        datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout, hours))
+        datasets.append(RolloutDataset(normalized, forcing, idx, offset, cfg.history, cfg.train_rollout, hours,
+                                       (a, b), every))
     a, b = bounds[0]
     climatology = fit_climatology(normalized[a:b], fields.times[a:b], cfg.climatology_harmonics)
     tendency = None

@@ -115,13 +115,28 @@ def bounded_least_squares(gram: Tensor, rhs: Tensor) -> Tensor:
     return best
 
 
+# The least number of validation windows a step's calibration factors are fitted on (a day of hourly starts):
+# steps past the training rollout are fitted as far as the validation period keeps this many windows reaching them
+CALIBRATION_WINDOWS = 24
+
+
+def _window_steps(batches: Collection[Any]) -> int:
+    """Target steps of the windows of ``batches`` (a loader over a RolloutDataset, or a list of batches)."""
+    dataset = getattr(batches, "dataset", None)
+    if dataset is not None and hasattr(dataset, "rollout"):
+        return int(dataset.rollout)
+    return max((int(batch[2].shape[1]) for batch in batches), default=0)
+
+
 @torch.no_grad()
 def fit_calibration(model: Any, batches: Collection[Any], device: torch.device, steps: int,
-                    damping: bool = True, relaxation: bool = True) -> tuple[Tensor, Tensor]:
+                    damping: bool = True, relaxation: bool = True,
+                    longer: Iterable[Any] | None = None) -> tuple[Tensor, Tensor]:
     """Per rollout step and channel, a damping factor on the predicted change and a relaxation factor toward
     the climatology, both in [0, 1], fitted on ``batches`` (the validation windows, a loader or list: read
     once per step, one batch on the device at a time). Returns ((steps, C), (steps, C)) and sets them on
-    ``model``.
+    ``model``. ``longer``: windows with more target steps (fewer of them, from the same period), used for the
+    steps that ``batches`` do not reach, so that the first steps' factors are the same with or without it.
 
     Step by step, with the factors of the earlier steps applied: the latitude-weighted least-squares fit of the
     true change (target minus the base state) by ``a * predicted change + r * (climatology - base)`` for each
@@ -133,13 +148,15 @@ def fit_calibration(model: Any, batches: Collection[Any], device: torch.device, 
     c = model.n_channels
     damp = torch.ones(0, c, device=device)
     relax = torch.zeros(0, c, device=device)
+    reach = _window_steps(batches)
     for k in range(steps):
+        source = batches if longer is None or k < reach else longer
         model.set_damping(torch.cat([damp, torch.ones(1, c, device=device)]))
         if relaxation:
             model.set_relaxation(torch.cat([relax, torch.zeros(1, c, device=device)]))
         gram = torch.zeros(c, 2, 2, dtype=torch.float64, device=device)
         rhs = torch.zeros(c, 2, dtype=torch.float64, device=device)
-        for batch in batches:
+        for batch in source:
             history, forcing, target, hours = unpack(batch, device)
             if target.shape[1] <= k:
                 continue

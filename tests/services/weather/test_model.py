@@ -276,6 +276,49 @@ def test_calibration_fits_damping_and_relaxation_toward_the_climatology_jointly(
         without.set_relaxation(torch.ones(1, 1))
 
 
+def test_calibration_past_the_training_rollout_fits_each_later_step_on_the_windows_that_reach_it() -> None:
+    """The first steps' factors come from the training-length windows alone, with or without longer ones;
+    the later steps get their own fitted factors instead of the last one carried on."""
+    from services.weather.training import fit_calibration
+
+    g = torch.Generator().manual_seed(2)
+    clim = torch.randn(3, 1, 8, 8, generator=g)
+    saved = dataclasses.replace(_state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1), climatology=clim)
+    model = _ChangeOracle(_cfg(spectral_norm=False), saved).eval()  # type: ignore[arg-type]
+    n, steps, far = 8, 2, 5
+    hours = torch.randint(0, 24, (n,), generator=g).float()
+    forcing = torch.randn(n, far + 1, 5, 8, 8, generator=g)
+    history = torch.randn(n, 1, 1, 8, 8, generator=g)
+    state, targets = history[:, -1], []
+    for k in range(far):  # the truth relaxes 30 % toward the climatology for two steps, then 60 %
+        rate = 0.3 if k < steps else 0.6
+        state = state + forcing[:, k + 1, :1] + rate * (model.climate(hours + 6 * (k + 1)) - state)
+        targets.append(state)
+    truth = torch.stack(targets, dim=1)
+    short = [(history[:4], forcing[:4, :steps + 1], truth[:4, :steps], hours[:4]),
+             (history[4:], forcing[4:, :steps + 1], truth[4:, :steps], hours[4:])]
+    noisy = truth[:3] + 5 * torch.randn(3, far, 1, 8, 8, generator=g)  # longer windows disagree on the first steps
+    long = [(history[:3], forcing[:3], noisy, hours[:3])]
+    alone_damping, alone_relaxation = fit_calibration(model, short, torch.device("cpu"), steps)
+    damping, relaxation = fit_calibration(model, short, torch.device("cpu"), far, longer=long)
+    assert damping.shape == relaxation.shape == (far, 1)
+    assert torch.equal(damping[:steps], alone_damping) and torch.equal(relaxation[:steps], alone_relaxation)
+    assert torch.allclose(relaxation[:steps], torch.full((steps, 1), 0.3), atol=1e-4)
+    assert not torch.allclose(relaxation[steps:], relaxation[steps - 1:steps].expand(far - steps, 1), atol=0.05)
+
+
+def test_longest_validation_windows_reach_as_far_as_the_period_keeps_enough_of_them() -> None:
+    cfg = _cfg(synthetic_days=10, synthetic_grid=(16, 32), train_rollout=2)
+    val = prepare(cfg).datasets[1]  # 48 hourly states (10 days x 20 %)
+    assert val.rollout == 2 and len(val) == 48 - 12
+    longer = val.longest(40, min_windows=24)
+    assert longer is not None and longer.rollout == 4 and len(longer) == 48 - 24  # 4 x 6 h leaves 24 starts
+    hist, force, target, _ = longer[len(longer) - 1]
+    assert target.shape[0] == 4 and force.shape[0] == 5 and torch.equal(target[-1], val.states[val.bounds[1] - 1])
+    assert val.longest(40, min_windows=48) is None and val.longest(2, min_windows=1) is None
+    assert len(val) == 36 and val.rollout == 2  # the validation set itself is left as it was
+
+
 def test_bounded_least_squares_matches_a_grid_search() -> None:
     from services.weather.training import bounded_least_squares
 
