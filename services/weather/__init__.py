@@ -85,8 +85,9 @@ class WeatherDomain(Domain):
 
         steps, longer = cfg.train_rollout, None
         dataset = getattr(val_batches, "dataset", None)
-        extended = dataset.longest(cfg.calibration_steps, CALIBRATION_WINDOWS) if isinstance(
-            dataset, RolloutDataset) and cfg.calibration_steps > cfg.train_rollout else None
+        extended = None
+        if isinstance(dataset, RolloutDataset):
+            extended = dataset.longest(cfg.calibration_steps, CALIBRATION_WINDOWS)
         if extended is not None:  # the steps past the training rollout, on the windows that reach them
             steps = extended.rollout
             longer = torch.utils.data.DataLoader(extended, batch_size=val_batches.batch_size)

@@ -5,6 +5,7 @@ calibration factors).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,8 +107,7 @@ class RolloutDataset(torch.utils.data.Dataset):
         for k in range(steps, self.rollout, -1):
             idx = starts(self.bounds, self.offset, self.history, k, self.every)
             if len(idx) >= min_windows:
-                longer = RolloutDataset.__new__(RolloutDataset)
-                longer.__dict__.update(self.__dict__)
+                longer = copy.copy(self)  # the same arrays, other windows
                 longer.indices, longer.rollout = idx, k
                 return longer
         return None
