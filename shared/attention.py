@@ -6,6 +6,14 @@ function picks the fastest kernel that supports its inputs:
 
 * ``"flash_attn"``: FlashAttention-2 (``flash_attn_func``; ``flash_attn_varlen_func`` for padded batches) on CUDA
   (sm80+) with fp16/bf16, head dim <= 256 and no arbitrary ``attn_mask``;
+* ``"small"``: short sequences on the CPU (:class:`_SmallAttention`): batched matmuls, a softmax over rows padded
+  to 16 lanes, dropout masks from 16 random bits per weight and a hand-written backward. For many heads of a few
+  tokens (iTransformer's 256 heads of 11 variate tokens) SDPA's CPU kernels cost far more than their arithmetic:
+  its softmax over rows of 11 runs several times slower than over rows of 16, and with dropout it falls back to
+  its composite path with ``bernoulli_`` masks. Chosen automatically only where it cannot change a training run:
+  CPU, float32/float64, no gradient, no dropout, at most ``SMALL_AUTO_MAX_KEYS`` keys (inference of short
+  sequences: the same function up to float rounding). Anything else asks for it by name, as the forecasting
+  fast path does for training (its dropout masks are other random draws than SDPA's);
 * ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on CUDA and on CPU);
 * ``"reference"``: an explicit ``softmax(Q Kᵀ · scale + mask) V`` in plain torch, the ground truth of the tests.
 
@@ -51,12 +59,13 @@ import math
 import os
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BACKENDS = ("flash_attn", "sdpa", "reference")
+BACKENDS = ("flash_attn", "small", "sdpa", "reference")
 ENV_VAR = "TESSERA_ATTENTION_BACKEND"
 FLASH_MAX_HEAD_DIM = 256
 # flash-attn 2's backward for head dims 193-256 (its hdim256 kernels) with dropout needs this much shared memory
@@ -71,6 +80,11 @@ _HALF = (torch.float16, torch.bfloat16)
 # Devices whose SDPA kernels return zeros for fully-masked rows (PyTorch >= 2.5 on CPU; checked by the tests).
 # Elsewhere (CUDA's memory-efficient kernel has returned NaN for them) such rows are patched around the call.
 _SDPA_SAFE_DEVICES = {"cpu"}
+# The "small" backend: automatic for CPU inference with at most this many keys (measured against SDPA's CPU
+# kernel by ``python -m pipelines.benchmarks.attention --small``); its softmax rows are padded to this many lanes.
+SMALL_AUTO_MAX_KEYS = 16
+_SMALL_LANES = 16
+_MASK_BITS = 16  # random bits per dropout-mask element of the "small" backend
 
 
 @functools.cache
@@ -167,7 +181,7 @@ def _math_kernel_only() -> contextlib.AbstractContextManager[None]:
 
 def available_backends() -> list[str]:
     """Backends usable in this process, fastest first (flash-attn only when the package imports)."""
-    return (["flash_attn"] if _flash_module() is not None else []) + ["sdpa", "reference"]
+    return (["flash_attn"] if _flash_module() is not None else []) + ["small", "sdpa", "reference"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,14 +268,39 @@ def _requested_backend(backend: str | None) -> str | None:
     return name
 
 
-def _select(requested: str | None, flash_reason: str | None) -> str:
+def _small_unsupported(q: Tensor) -> str | None:
+    """Why the "small" backend cannot run on these tensors, or None."""
+    if q.device.type != "cpu":
+        return f"the small backend runs on the CPU (these tensors are on {q.device})"
+    if _TWICE_DIFFERENTIABLE.get():
+        return "the small backend has no double backward (inside twice_differentiable())"
+    return None
+
+
+def _small_by_default(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Automatic choice of "small": CPU inference of short sequences in full precision (see the module docstring)."""
+    return (_small_unsupported(q) is None and q.dtype in (torch.float32, torch.float64) and dropout_p == 0.0
+            and k.shape[-2] <= SMALL_AUTO_MAX_KEYS and k.shape[1] == q.shape[1] and not _needs_grad(q, k, v))
+
+
+def _select(requested: str | None, flash_reason: str | None, small: bool = False,
+            small_reason: str | None = None) -> str:
     if _TWICE_DIFFERENTIABLE.get():
         flash_reason = flash_reason or "flash-attn has no double backward (inside twice_differentiable())"
     if requested is None:
-        return "flash_attn" if flash_reason is None else "sdpa"
+        return "flash_attn" if flash_reason is None else "small" if small else "sdpa"
     if requested == "flash_attn" and flash_reason is not None:
         raise ValueError(f"attention backend 'flash_attn' was forced but cannot run these inputs: {flash_reason}")
+    if requested == "small" and small_reason is not None:
+        raise ValueError(f"attention backend 'small' was forced but cannot run these inputs: {small_reason}")
     return requested
+
+
+def _choose(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+            causal: bool, dropout_p: float, backend: str | None) -> str:
+    return _select(_requested_backend(backend),
+                   _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal, dropout_p),
+                   _small_by_default(q, k, v, dropout_p), _small_unsupported(q))
 
 
 def select_backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *,
@@ -269,8 +308,7 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = N
                    backend: str | None = None) -> str:
     """The backend :func:`attention` uses for these arguments (the argument, else the env var, else auto)."""
     _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p)
-    requested = _requested_backend(backend)
-    return _select(requested, _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal, dropout_p))
+    return _choose(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,6 +383,88 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, key_padding
     mask = mask | ~live if mask.dtype == torch.bool else mask.masked_fill(~live, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     return out.masked_fill(~live, 0.0)
+
+
+def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+    """A dropout keep-mask (bool, ``shape``) and the scale of the kept values: 16 random bits per element (four
+    per 64-bit draw of torch's generator), p rounded to a multiple of 1/65536 and the kept values scaled by the
+    exact 1 / (1 - p) of that p; ``bernoulli_`` where that rounding moves p by more than 0.1 % of itself."""
+    levels = 1 << _MASK_BITS
+    threshold = round(p * levels)
+    if abs(threshold / levels - p) > 1e-3 * p or threshold >= levels:
+        return torch.empty(shape, device=device).bernoulli_(1.0 - p).bool(), 1.0 / (1.0 - p)
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    uniform = bits.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    return uniform >= threshold - levels // 2, levels / (levels - threshold)
+
+
+class _SmallAttention(torch.autograd.Function):
+    """softmax(Q Kᵀ · scale + mask) V for short sequences on the CPU, with its own backward (first order only).
+
+    The heads are one batch of (B·H) matrices. The scores' rows are padded with -inf to a multiple of
+    ``_SMALL_LANES`` before the softmax (which is several times faster on such rows), and sliced back. A row with
+    no key to attend to gives zeros (its NaNs from the softmax are zeroed, so are its gradients).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                dropout_p: float) -> Tensor:
+        b, h, lq, d = q.shape
+        lk, dv = k.shape[2], v.shape[3]
+        q3, k3, v3 = q.reshape(b * h, lq, d), k.reshape(b * h, lk, d), v.reshape(b * h, lk, dv)
+        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)  # (B·H, Lq, Lk)
+        if mask is not None:
+            view = scores.view(b, h, lq, lk)
+            if mask.dtype == torch.bool:
+                view.masked_fill_(~mask, -math.inf)
+            else:
+                view.add_(mask)
+        width = -(-lk // _SMALL_LANES) * _SMALL_LANES
+        if width != lk:
+            scores = F.pad(scores, (0, width - lk), value=-math.inf)
+        prob = torch.softmax(scores, dim=-1)[..., :lk]  # (B·H, Lq, Lk), rows of stride `width`
+        if mask is not None:
+            prob = prob.nan_to_num(0.0)  # rows that attend to nothing
+        keep: Tensor | None = None
+        weights, kept_scale = prob, 1.0
+        if dropout_p > 0.0:
+            keep, kept_scale = _keep_mask(prob.shape, dropout_p, prob.device)
+            weights = prob * keep.to(prob.dtype).mul_(kept_scale)
+        ctx.save_for_backward(q3, k3, v3, prob, weights, keep if keep is not None else prob)
+        ctx.scale, ctx.kept_scale, ctx.dropped = scale, kept_scale, keep is not None
+        ctx.shapes = q.shape, k.shape, v.shape
+        return torch.bmm(weights, v3).view(b, h, lq, dv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q3, k3, v3, prob, weights, keep = ctx.saved_tensors
+        q_shape, k_shape, v_shape = ctx.shapes
+        g = grad.reshape(q3.shape[0], q3.shape[1], v3.shape[2])  # (B·H, Lq, Dv)
+        grad_v = torch.bmm(weights.transpose(1, 2), g) if ctx.needs_input_grad[2] else None
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g, v3.transpose(1, 2))  # (B·H, Lq, Lk)
+            if ctx.dropped:
+                grad_w.mul_(keep.to(grad_w.dtype)).mul_(ctx.kept_scale)
+            # the softmax's backward: p * (dp - sum(dp * p)), times the scale of the scores
+            grad_s = (grad_w - (grad_w * prob).sum(-1, keepdim=True)).mul_(prob).mul_(ctx.scale)
+            if ctx.needs_input_grad[0]:
+                grad_q = torch.bmm(grad_s, k3).view(q_shape)
+            if ctx.needs_input_grad[1]:
+                grad_k = torch.bmm(grad_s.transpose(1, 2), q3).view(k_shape)
+        return grad_q, grad_k, None if grad_v is None else grad_v.view(v_shape), None, None, None
+
+
+def _small(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, scale: float | None) -> Tensor:
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves H // Hkv query heads
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out: Tensor = _SmallAttention.apply(q, k, v, mask, scale, dropout_p)
+    return out
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -426,8 +546,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
     See the module docstring for the mask conventions and how the backend is chosen.
     """
     _check_inputs(q, k, v, attn_mask, key_padding_mask, dropout_p)
-    name = _select(_requested_backend(backend),
-                   _flash_unsupported(q, k, v, attn_mask, key_padding_mask, causal, dropout_p))
+    name = _choose(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, backend)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:  # nothing to compute: no kernel can launch on it
         return _reference(q, k, v, _combined_mask(q, k, attn_mask, key_padding_mask, causal), dropout_p, scale)
     if name != "reference" and q.shape[0] > MAX_GRID_BATCH and _grid_limited(q):
@@ -436,6 +555,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = Non
                           for part in _batch_slices(q, k, v, attn_mask, key_padding_mask, MAX_GRID_BATCH)])
     if name == "flash_attn":
         return _flash(q, k, v, key_padding_mask, causal, dropout_p, scale)
+    if name == "small":
+        return _small(q, k, v, _combined_mask(q, k, attn_mask, key_padding_mask, causal), dropout_p, scale)
     if name == "sdpa":
         with _math_kernel_only() if _TWICE_DIFFERENTIABLE.get() else contextlib.nullcontext():
             return _sdpa(q, k, v, attn_mask, key_padding_mask, causal, dropout_p, scale)

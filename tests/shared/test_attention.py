@@ -234,8 +234,8 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
 def test_without_flash_attn_auto_picks_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attn_mod, "_flash_module", lambda: None)
     calls = _count_calls(monkeypatch, "_sdpa")
-    q, k, v = _qkv()
-    assert available_backends() == ["sdpa", "reference"]
+    q, k, v = (t.requires_grad_(True) for t in _qkv())
+    assert available_backends() == ["small", "sdpa", "reference"]
     assert select_backend(q, k, v) == "sdpa"
     attention(q, k, v, key_padding_mask=_padding(2, 7, [7, 2]))
     assert calls == [1]
@@ -244,9 +244,68 @@ def test_without_flash_attn_auto_picks_sdpa(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_flash_attn_is_skipped_for_cpu_tensors() -> None:
-    q, k, v = _qkv()
+    q, k, v = (t.requires_grad_(True) for t in _qkv())
     assert select_backend(q, k, v) == "sdpa"
     assert "sdpa" in available_backends() and "reference" in available_backends()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the "small" CPU backend
+
+
+def test_small_is_chosen_only_for_short_cpu_inference_in_full_precision() -> None:
+    q, k, v = _qkv(lq=5, lk=attn_mod.SMALL_AUTO_MAX_KEYS)
+    assert select_backend(q, k, v) == "small"
+    assert select_backend(q.double(), k.double(), v.double(), causal=True) == "small"
+    with torch.inference_mode():
+        assert select_backend(*(t.requires_grad_(True) for t in _qkv())) == "small"  # no graph is built
+    assert select_backend(*_qkv(lk=attn_mod.SMALL_AUTO_MAX_KEYS + 1)) == "sdpa"  # longer
+    assert select_backend(q, k, v, dropout_p=0.1) == "sdpa"  # dropout: other random draws than SDPA's
+    assert select_backend(*(t.requires_grad_(True) for t in _qkv())) == "sdpa"  # training
+    assert select_backend(*(t.to(torch.bfloat16) for t in _qkv())) == "sdpa"
+    assert select_backend(*_qkv(h=4, hk=2)) == "sdpa"  # grouped-query attention
+    with twice_differentiable():
+        assert select_backend(q, k, v) == "sdpa"
+        with pytest.raises(ValueError, match="double backward"):
+            attention(q, k, v, backend="small")
+    assert select_backend(q, k, v, dropout_p=0.1, backend="small") == "small"  # asked for by name
+
+
+def test_small_pads_rows_of_any_length_and_matches_reference() -> None:
+    for lk in (1, 15, 16, 17, 40):
+        q, k, v = (t.double().requires_grad_(True) for t in _qkv(lq=3, lk=lk))
+        out = attention(q, k, v, backend="small")
+        want = attention(q, k, v, backend="reference")
+        torch.testing.assert_close(out, want)
+        grads = torch.autograd.grad((out * want.detach()).sum(), (q, k, v))
+        expected = torch.autograd.grad((want * want.detach()).sum(), (q, k, v))
+        for got, exp in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, exp)
+
+
+def test_small_backward_with_dropout_is_the_gradient_of_its_forward() -> None:
+    """With the random draws replayed (same seed), the forward is a fixed function: gradcheck its backward."""
+    q, k, v = (t.double().requires_grad_(True) for t in _qkv(b=1, h=2, lq=4, lk=6, d=4))
+    mask = torch.rand(4, 6) > 0.3
+
+    def dropped(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        torch.manual_seed(7)
+        return attention(q, k, v, attn_mask=mask, dropout_p=0.25, backend="small")
+
+    assert torch.autograd.gradcheck(dropped, (q, k, v))
+    torch.manual_seed(7)
+    out = attention(q, k, v, attn_mask=mask, dropout_p=0.25, backend="small")
+    assert not torch.allclose(out, attention(q, k, v, attn_mask=mask, backend="small"))
+
+
+def test_small_keep_mask_drops_the_requested_fraction() -> None:
+    torch.manual_seed(0)
+    keep, scale = attn_mod._keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (400, 500)
+    assert abs((~keep).float().mean().item() - 0.1) < 0.005
+    assert scale == pytest.approx(1 / (1 - round(0.1 * 65536) / 65536))
+    keep, scale = attn_mod._keep_mask(torch.Size([400, 500]), 0.003, torch.device("cpu"))  # 16 bits too coarse
+    assert abs((~keep).float().mean().item() - 0.003) < 0.001 and scale == pytest.approx(1 / 0.997)
 
 
 def test_auto_uses_flash_when_present_and_supported(fake_flash: FlashDouble) -> None:
@@ -263,7 +322,7 @@ def test_auto_uses_flash_when_present_and_supported(fake_flash: FlashDouble) -> 
     assert select_backend(*_qkv(lq=3, lk=7, dtype=torch.bfloat16), causal=True) == "sdpa"
     assert select_backend(*_qkv(d=320, dtype=torch.bfloat16)) == "sdpa"
     assert select_backend(*_qkv(dv=8, dtype=torch.bfloat16)) == "sdpa"
-    assert select_backend(*_qkv()) == "sdpa"
+    assert select_backend(*_qkv()) == "small"  # fp32: no flash-attn (short CPU inference: small)
     with pytest.raises(ValueError, match="attn_mask"):
         select_backend(q, k, v, torch.ones(7, 7, dtype=torch.bool), backend="flash_attn")
 
@@ -323,7 +382,9 @@ def test_env_var_forces_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [1]
     assert select_backend(q, k, v, backend="sdpa") == "sdpa"  # an explicit argument wins over the env var
     monkeypatch.setenv(ENV_VAR, "auto")
-    assert select_backend(q, k, v) == "sdpa"
+    assert select_backend(q, k, v) == "small"  # CPU inference of 7 keys
+    monkeypatch.setenv(ENV_VAR, "small")
+    assert select_backend(q, k, v, dropout_p=0.2) == "small"
     monkeypatch.setenv(ENV_VAR, "flash_attn")
     with pytest.raises(ValueError, match="flash_attn"):
         attention(q, k, v)
@@ -628,7 +689,7 @@ def test_sdpa_on_a_cuda_grid_is_split_too(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(attn_mod, "MAX_GRID_BATCH", 2)
     monkeypatch.setattr(attn_mod, "_grid_limited", lambda t: True)
     calls = _count_calls(monkeypatch, "_sdpa")
-    q, k, v = _qkv(b=5)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(b=5))
     mask = torch.rand(5, 1, 7, 7) > 0.3
     out = attention(q, k, v, attn_mask=mask)
     assert len(calls) == 3
