@@ -18,6 +18,10 @@ state_dict are the same:
   and that layer's output projection, feed-forward block and norms, the final norm and the head run on the
   variate rows alone (the ETTh1 setting has 7 variate and 4 calendar tokens). The forecast is the same
   function (eval outputs and gradients agree to float rounding);
+- on CPU, attention runs on :mod:`shared.attention`'s "small" backend (batched matmuls, a softmax over rows
+  padded to 16 lanes, cheap dropout masks, its own backward) wherever
+  ``python -m pipelines.benchmarks.attention_small`` measured it ahead of SDPA: up to 16 keys, and in training
+  with dropout up to ``SMALL_TRAIN_MAX_KEYS``. The same function; with dropout, other random draws;
 - on CPU, dropout masks are drawn 16 random bits per element from torch's generator (four elements per
   64-bit draw, :func:`fast_dropout`) instead of ``bernoulli_``, which costs as much as a d_model x d_model
   matmul per mask here. The drop probability is rounded to a multiple of 1/65536 (0.1 -> 0.100006) and the
@@ -29,6 +33,7 @@ state_dict are the same:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -37,11 +42,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.forecasting.config import ForecastingConfig
-from shared.attention import MultiHeadAttention, attention
+from shared.attention import ENV_VAR as ATTENTION_BACKEND_VAR
+from shared.attention import SMALL_AUTO_MAX_KEYS, MultiHeadAttention, attention
 from shared.layers import Encoder, EncoderLayer, FeedForward
 
 _MASK_BITS = 16  # random bits per dropout-mask element
 _MASK_LEVELS = 1 << _MASK_BITS
+# Training with attention dropout on CPU takes shared.attention's "small" backend up to this many tokens (it
+# measured 0.6-0.9x SDPA's time up to 256 keys, pipelines/benchmarks/attention_small.py).
+SMALL_TRAIN_MAX_KEYS = 256
+
+
+def attention_backend(q: Tensor, n_keys: int, dropout_p: float) -> str | None:
+    """The attention backend this model asks for: "small" for fp32 CPU tensors with at most 16 keys, or in
+    training with dropout at most ``SMALL_TRAIN_MAX_KEYS``; None (automatic) otherwise, and whenever
+    ``TESSERA_ATTENTION_BACKEND`` names a backend."""
+    forced = os.environ.get(ATTENTION_BACKEND_VAR, "").strip().lower() not in ("", "auto")
+    if forced or q.device.type != "cpu" or q.dtype != torch.float32:
+        return None
+    if n_keys <= SMALL_AUTO_MAX_KEYS or (dropout_p > 0.0 and n_keys <= SMALL_TRAIN_MAX_KEYS):
+        return "small"
+    return None
 
 
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -140,7 +161,8 @@ def _self_attention(attn: MultiHeadAttention, x: Tensor, n_queries: int | None, 
         b_q, b_kv = (None, None) if attn.qkv.bias is None else attn.qkv.bias.split([d_model, 2 * d_model])
         q = linear(x[:, :n_queries], w_q, b_q).view(batch, n_queries, heads, head_dim).transpose(1, 2)
         k, v = linear(x, w_kv, b_kv).view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    out = attention(q, k, v, dropout_p=attn.dropout if training else 0.0)  # (B, H, n_queries, Dh)
+    p = attn.dropout if training else 0.0
+    out = attention(q, k, v, dropout_p=p, backend=attention_backend(q, length, p))  # (B, H, n_queries, Dh)
     return _linear_module(attn.out_proj, out.transpose(1, 2).reshape(batch, n_queries, d_model))
 
 

@@ -177,3 +177,32 @@ class _FakeStateDict(dict[str, torch.Tensor]):
 
     def __missing__(self, key: str) -> torch.Tensor:
         return torch.zeros(1, 1, 1)
+
+
+def test_itransformer_asks_for_the_small_attention_backend_where_it_measured_faster(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.forecasting.model_itransformer import SMALL_TRAIN_MAX_KEYS, attention_backend
+
+    monkeypatch.delenv("TESSERA_ATTENTION_BACKEND", raising=False)
+    q = torch.zeros(2, 8, 11, 32)
+    assert attention_backend(q, 11, 0.0) == "small"  # 16 keys or fewer: inference and training
+    assert attention_backend(q, 11, 0.1) == "small"
+    assert attention_backend(q, SMALL_TRAIN_MAX_KEYS, 0.1) == "small"  # with dropout, longer too
+    assert attention_backend(q, 64, 0.0) is None  # SDPA's fused kernels
+    assert attention_backend(q, SMALL_TRAIN_MAX_KEYS + 1, 0.1) is None
+    assert attention_backend(q.to(torch.bfloat16), 11, 0.1) is None
+    monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "reference")  # a backend named by the user wins
+    assert attention_backend(q, 11, 0.1) is None
+
+
+def test_the_small_attention_benchmark_checks_and_prints_its_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from pipelines.benchmarks import attention_small
+
+    attention_small.main(["--lengths", "11", "--repeats", "2", "--warmup", "1", "--threads", "1"])
+    found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = found["results"]["32x8x11x32"]
+    assert result["check"]["max_abs_diff"] < 1e-4
+    assert {"inference", "train", "train_dropout"} <= set(result)
+    assert all(result[p]["ratio"] > 0 for p in ("inference", "train", "train_dropout"))
