@@ -45,6 +45,7 @@ bench: bench-attention bench-train bench-serve bench-load bench-policy bench-wea
 
 bench-attention: install
 	$(PY) -m pipelines.benchmarks.attention
+	$(PY) -m pipelines.benchmarks.attention_small
 
 bench-train: install
 	$(PY) -m pipelines.benchmarks.train_throughput
