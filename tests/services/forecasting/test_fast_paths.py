@@ -206,3 +206,14 @@ def test_the_small_attention_benchmark_checks_and_prints_its_ratios(capsys: pyte
     assert result["check"]["max_abs_diff"] < 1e-4
     assert {"inference", "train", "train_dropout"} <= set(result)
     assert all(result[p]["ratio"] > 0 for p in ("inference", "train", "train_dropout"))
+
+
+def test_peers_runs_ours_under_bf16_autocast_when_asked() -> None:
+    cfg = peers.our_config("itransformer")
+    ours = peers.build_ours("itransformer", cfg).eval()
+    batch = peers.make_batch(cfg, 2)
+    fp32 = peers.forward_fns("itransformer", ours, None, batch)["tessera"]()
+    bf16 = peers.forward_fns("itransformer", ours, None, batch, precision="bf16")["tessera"]()
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(fp32, bf16)  # bf16 products
+    torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.1)
