@@ -28,7 +28,7 @@ class RobotPolicyDomain(Domain):
     saved_state = "services.robot_policy.data:RobotPolicyState"
     eval_config_cls = RobotPolicyEvalConfig
     val_metric = "action_mse"
-    eval_score = ("mean_max_coverage", True)  # closed loop: open-loop action MSE does not rank policies
+    eval_score = ("mean_max_reward", True)  # closed loop (DP's score): open-loop action MSE does not rank policies
     requires = ("gymnasium", "gym_pusht", "zarr")
     data_suffixes = (".zarr",)
     tiny = {"d_model": 32, "d_ff": 64, "n_layers": 1, "n_heads": 2, "synthetic_episodes": 6, "train_steps": 2,

@@ -86,7 +86,11 @@ class RobotPolicyEvalConfig:
     episodes: int = 50  # seeded episodes
     seed_start: int = 100_000  # episode i uses seed seed_start + i
     max_steps: int = 300  # environment steps per episode
-    descent_steps: int = 0  # 0: the model's infer_steps
+    # initial-state protocols, the first is the headline: legacy = Diffusion Policy's (np.random.RandomState(seed)),
+    # gym = gym-pusht 0.1.8's own reset (the environment's np_random), other states for the same seeds
+    resets: tuple[Literal["legacy", "gym"], ...] = ("legacy", "gym")
+    descent_steps: tuple[int, ...] = (2, 1, 4)  # EBT descent budgets evaluated, the first is the headline; 0: the
+    # model's infer_steps
     candidates: int = 0  # 0: the model's candidates
     gif_episodes: int = 3  # episodes recorded into the rollout GIF
     ood_samples: int = 512  # observation histories for the energy-as-uncertainty check
@@ -94,4 +98,11 @@ class RobotPolicyEvalConfig:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("episodes", "max_steps", "ood_samples"))
-        require_at_least(self, 0, ("seed_start", "descent_steps", "candidates", "gif_episodes", "workers"))
+        require_at_least(self, 0, ("seed_start", "candidates", "gif_episodes", "workers"))
+        if not self.resets or not self.descent_steps:
+            raise ValueError("resets and descent_steps need at least one value each")
+        if min(self.descent_steps) < 0:
+            raise ValueError(f"descent_steps={list(self.descent_steps)}: must be >= 0")
+        unknown = sorted(set(self.resets) - {"legacy", "gym"})
+        if unknown:
+            raise ValueError(f"resets={list(self.resets)}: {unknown} are not protocols (legacy, gym)")

@@ -2,7 +2,12 @@
 
 Protocol (Diffusion Policy / LeRobot Push-T): episodes from seeds ``seed_start + i``, at most ``max_steps``
 environment steps, replanning every ``action_exec`` steps; success when coverage exceeds 0.95 (the episode
-ends there); the score is the mean over episodes of the maximum coverage reached.
+ends there). The score is the mean over episodes of the maximum reward reached, reward = clip(coverage / 0.95,
+0, 1) (what Diffusion Policy and LeRobot publish); the mean of the maximum coverage is reported beside it.
+
+Two initial-state protocols for the same seeds: ``legacy``, Diffusion Policy's own (gym-pusht 0.1.5 and DP's
+``PushTEnv`` draw the state from ``np.random.RandomState(seed)``), and ``gym``, gym-pusht 0.1.8's reset (drawn
+from the environment's ``np_random``): the same seed puts the agent and the block elsewhere.
 """
 
 from __future__ import annotations
@@ -23,20 +28,40 @@ from .data import RobotPolicyState
 from .model import EBTPolicy, PolicyBase
 
 GIF_SIZE = 192
+RESETS = ("legacy", "gym")
+
+
+def legacy_initial_state(seed: int) -> np.ndarray:
+    """Diffusion Policy's initial Push-T state for ``seed``, drawn in this order from
+    ``np.random.RandomState(seed)``: agent x, y integers in [50, 450), block x, y integers in [100, 400), block
+    angle ``randn() * 2 pi - pi`` (a normal draw, as DP's ``PushTEnv.reset`` has it, not a uniform one)."""
+    rs = np.random.RandomState(seed)
+    return np.array([rs.randint(50, 450), rs.randint(50, 450), rs.randint(100, 400), rs.randint(100, 400),
+                     rs.randn() * 2 * np.pi - np.pi], dtype=np.float64)
+
+
+def reset_env(env: Any, seed: int, reset: str = "legacy") -> tuple[Any, dict[str, Any]]:
+    """Reset ``env`` for ``seed`` under one of :data:`RESETS`."""
+    if reset == "legacy":
+        return env.reset(seed=seed, options={"reset_to_state": legacy_initial_state(seed)})
+    if reset == "gym":
+        return env.reset(seed=seed)
+    raise ValueError(f"reset={reset!r}: expected one of {list(RESETS)}")
 
 
 def rollout(policy: PolicyBase, seed: int, *, max_steps: int = 300, steps: int | None = None,
-            candidates: int | None = None, record: bool = False) -> dict[str, Any]:
-    """One seeded episode; returns max coverage, success, per-chunk energies/latencies and optional frames."""
+            candidates: int | None = None, record: bool = False, reset: str = "legacy") -> dict[str, Any]:
+    """One seeded episode; returns max reward and coverage, success, per-chunk energies/latencies and
+    optional frames."""
     from .data import make_env
 
     cfg = policy.cfg
     env = make_env(render=record, size=GIF_SIZE)
     generator = torch.Generator().manual_seed(seed)
-    obs, _ = env.reset(seed=seed)
+    obs, _ = reset_env(env, seed, reset)
     history = deque([obs] * cfg.obs_horizon, maxlen=cfg.obs_horizon)
     previous: torch.Tensor | None = None
-    max_cov, success, t = 0.0, False, 0
+    max_cov, max_reward, success, t = 0.0, 0.0, False, 0
     energies, latencies, steps_used, traces, coverage, frames = [], [], [], [], [], []
     if record:
         frames.append(env.render())
@@ -50,10 +75,11 @@ def rollout(policy: PolicyBase, seed: int, *, max_steps: int = 300, steps: int |
             steps_used.append(plan.steps)
             traces.append(plan.energy_trace)
             for action in plan.actions[0, :cfg.action_exec].numpy():
-                obs, _, terminated, truncated, info = env.step(action)
+                obs, reward, terminated, truncated, info = env.step(action)
                 t += 1
                 history.append(obs)
                 max_cov = max(max_cov, float(info["coverage"]))
+                max_reward = max(max_reward, float(reward))
                 coverage.append(float(info["coverage"]))
                 if record:
                     frames.append(env.render())
@@ -64,7 +90,8 @@ def rollout(policy: PolicyBase, seed: int, *, max_steps: int = 300, steps: int |
             previous = plan.actions
     finally:
         env.close()
-    return {"seed": seed, "max_coverage": max_cov, "success": success, "steps": t, "energies": energies,
+    return {"seed": seed, "reset": reset, "max_coverage": max_cov, "max_reward": max_reward, "success": success,
+            "steps": t, "energies": energies,
             "latency_ms": latencies, "descent_steps": steps_used, "traces": traces, "coverage": coverage,
             "frames": frames, "passes": plan.passes if latencies else 0}
 
@@ -152,17 +179,31 @@ def _gif(frames: list[list[np.ndarray]]) -> bytes:
     return buffer.getvalue()
 
 
+def _score(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of the per-episode maximum reward and coverage with their standard errors over episodes, and the
+    success rate."""
+    out: dict[str, float] = {"success_rate": float(np.mean([r["success"] for r in results]))}
+    for key in ("reward", "coverage"):
+        values = np.array([r[f"max_{key}"] for r in results], dtype=np.float64)
+        out[f"mean_max_{key}"] = float(values.mean())
+        out[f"mean_max_{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return out
+
+
 def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, saved: RobotPolicyState, data: str | None,
                     settings: RobotPolicyEvalConfig) -> EvaluationResult:
+    """Every initial-state protocol of ``settings.resets`` times every descent budget of
+    ``settings.descent_steps`` (EBT; the diffusion baseline has one budget), on the same seeds; the first
+    protocol and budget are the headline figures."""
     from .plots import energy_descent_figure, ood_figure
 
     policy = model
     assert isinstance(policy, PolicyBase)
     episodes = settings.episodes
     seeds = [settings.seed_start + i for i in range(episodes)]
-    record = set(seeds[:settings.gif_episodes])
-    steps = settings.descent_steps or None
     candidates = settings.candidates or None
+    budgets = [s or cfg.infer_steps for s in settings.descent_steps] if policy.kind == "ebt" else [0]
+    budgets = list(dict.fromkeys(budgets))  # unique, first kept
     workers = settings.workers
     if workers == 0:
         from shared.cluster import connect_ray
@@ -170,29 +211,49 @@ def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, saved: RobotPolicy
         ray = connect_ray()
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = min(workers, episodes)
-    print(f"robot_policy: {episodes} episodes (seeds {seeds[0]}..{seeds[-1]}) on {workers} worker(s)", flush=True)
+    print(f"robot_policy: {episodes} episodes (seeds {seeds[0]}..{seeds[-1]}) on {workers} worker(s); initial "
+          f"states {', '.join(settings.resets)}; descent steps {', '.join(map(str, budgets))}", flush=True)
     started = time.perf_counter()
-    results = run_episodes(policy, saved, seeds, record, workers, max_steps=settings.max_steps,
-                           steps=steps, candidates=candidates)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    results: list[dict[str, Any]] = []
+    for reset in settings.resets:
+        for budget in budgets:
+            headline = not results
+            record = set(seeds[:settings.gif_episodes]) if headline else set()
+            runs = run_episodes(policy, saved, seeds, record, workers, max_steps=settings.max_steps,
+                                steps=budget or None, candidates=candidates, reset=reset)
+            score = _score(runs)
+            used = np.concatenate([r["descent_steps"] for r in runs])
+            score["descent_steps"] = float(used.mean()) if policy.kind == "ebt" else 0.0
+            table.setdefault(reset, {})[f"steps_{budget}" if budget else "denoising"] = score
+            print(f"  {reset} initial states, {budget or cfg.diffusion_steps} "
+                  f"{'descent' if budget else 'denoising'} steps: mean max reward {score['mean_max_reward']:.3f} "
+                  f"± {score['mean_max_reward_se']:.3f}, coverage {score['mean_max_coverage']:.3f}, success "
+                  f"{score['success_rate']:.2f}", flush=True)
+            if headline:
+                results = runs
     elapsed = time.perf_counter() - started
     latencies = np.concatenate([r["latency_ms"] for r in results])
     used = np.concatenate([r["descent_steps"] for r in results])
     metrics: dict[str, Any] = {
         "model": policy.kind,
         "episodes": episodes,
-        "success_rate": float(np.mean([r["success"] for r in results])),
-        "mean_max_coverage": float(np.mean([r["max_coverage"] for r in results])),
+        "initial_states": settings.resets[0],
+        **_score(results),
         "descent_steps": float(used.mean()) if policy.kind == "ebt" else 0.0,
-        "max_descent_steps": int(steps or cfg.infer_steps) if policy.kind == "ebt" else 0,
+        "max_descent_steps": budgets[0],
         "denoising_steps": 0 if policy.kind == "ebt" else cfg.diffusion_steps,
         "candidates": int(candidates or cfg.candidates) if policy.kind == "ebt" else 1,
         "passes_per_chunk": float(np.mean([r["passes"] for r in results])),
         "latency_ms_per_chunk": float(np.median(latencies)),
         "latency_ms_per_chunk_p90": float(np.percentile(latencies, 90)),
         "eval_seconds": elapsed,
+        "by_initial_states": table,
     }
-    print(f"success {metrics['success_rate']:.2f}, mean max coverage {metrics['mean_max_coverage']:.3f}, "
-          f"{metrics['latency_ms_per_chunk']:.1f} ms/chunk, {elapsed:.0f}s", flush=True)
+    print(f"success {metrics['success_rate']:.2f}, mean max reward {metrics['mean_max_reward']:.3f}, mean max "
+          f"coverage {metrics['mean_max_coverage']:.3f}, {metrics['latency_ms_per_chunk']:.1f} ms/chunk, "
+          f"{elapsed:.0f}s", flush=True)
+    record = set(seeds[:settings.gif_episodes])
     figures: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     if record:
@@ -216,5 +277,6 @@ def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, saved: RobotPolicy
                        energy_perturbed=float(ood["ood"][60.0].mean()), energy_ood_auroc=ood["auroc"][60.0],
                        energy_ood_auroc_by_jitter_px={f"{k:g}": v for k, v in ood["auroc"].items()})
         figures["energy_ood.png"] = ood_figure(ood["in"], ood["ood"], ood["auroc"])
+    metrics["per_episode_max_reward"] = [round(r["max_reward"], 4) for r in results]
     metrics["per_episode_max_coverage"] = [round(r["max_coverage"], 4) for r in results]
     return EvaluationResult(metrics=metrics, figures=figures, files=files)

@@ -113,8 +113,8 @@ def test_evaluate_promote_ranks_versions_on_closed_loop_coverage(policy_model: d
     first = mlflow.get_model_version("robot_policy", str(policy_model["version"])).tags
     new = mlflow.get_model_version("robot_policy", str(second["version"])).tags
     assert first["score_signature"] == new["score_signature"]  # production was scored with the same settings
-    assert float(new["score_mean_max_coverage"]) == pytest.approx(result["mean_max_coverage"], abs=1e-6)
-    beats = float(new["score_mean_max_coverage"]) > float(first["score_mean_max_coverage"])
+    assert float(new["score_mean_max_reward"]) == pytest.approx(result["mean_max_reward"], abs=1e-6)
+    beats = float(new["score_mean_max_reward"]) > float(first["score_mean_max_reward"])
     assert result["promoted"] is beats, result["promotion"]
     holder = mlflow.get_model_version_by_alias("robot_policy", "production").version
     assert holder == str(second["version"] if beats else policy_model["version"])

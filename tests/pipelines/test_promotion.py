@@ -86,7 +86,7 @@ def test_promotions_by_hand_and_rollback_walk_the_history(reg: _Registry) -> Non
 
 def test_evaluate_promote_needs_a_version_and_a_domain_with_an_evaluation_score(capsys: pytest.CaptureFixture) -> None:
     args, domain = parse_args(["robot_policy", "--version", "4", "--promote"])
-    assert args.promote and domain.eval_score == ("mean_max_coverage", True)
+    assert args.promote and domain.eval_score == ("mean_max_reward", True)
     with pytest.raises(SystemExit):
         parse_args(["robot_policy", "--promote"])
     assert "--promote needs --version" in capsys.readouterr().err
@@ -105,6 +105,8 @@ def test_score_signature_depends_on_every_setting_and_the_data() -> None:
     assert base == score_signature(RobotPolicyEvalConfig(episodes=50), None)
     assert base != score_signature(RobotPolicyEvalConfig(episodes=10), None)
     assert base != score_signature(RobotPolicyEvalConfig(), "other.zarr")
-    # the same string as the settings dicts of before gave: scores tagged then stay comparable
-    assert base == ('{"candidates": 0, "data": "", "descent_steps": 0, "episodes": 50, "gif_episodes": 3, '
-                    '"max_steps": 300, "ood_samples": 512, "seed_start": 100000, "workers": 0}')
+    # every setting, sorted: the initial-state protocols and descent budgets are part of it (scores tagged before
+    # them were coverage on gym-pusht's reset: another signature, so production is scored again)
+    assert base == ('{"candidates": 0, "data": "", "descent_steps": [2, 1, 4], "episodes": 50, "gif_episodes": 3, '
+                    '"max_steps": 300, "ood_samples": 512, "resets": ["legacy", "gym"], "seed_start": 100000, '
+                    '"workers": 0}')
