@@ -86,12 +86,20 @@ def learning_rate(base: float, schedule: str, epoch: int, epochs: int) -> float:
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool) -> list[dict[str, Any]]:
     """AdamW parameter groups: weight decay on matrices and kernels; none on parameters with fewer than two
-    dimensions (norm gains, biases, scalars) unless ``decay_1d`` (nanoGPT's rule)."""
+    dimensions (norm gains, biases, scalars) unless ``decay_1d`` (nanoGPT's rule).
+
+    A parameter that carries an ``optim_group`` attribute (a dict: ``lr_scale``, ``weight_decay``) gets a group
+    of its own: its learning rate follows the schedule times ``lr_scale`` (EBT's learned step size)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    special = [p for p in params if getattr(p, "optim_group", None)]
+    params = [p for p in params if not getattr(p, "optim_group", None)]
+    own = [{"params": [p], "lr_scale": float(p.optim_group.get("lr_scale", 1.0)),  # type: ignore[attr-defined]
+            "weight_decay": float(p.optim_group.get("weight_decay", weight_decay))}  # type: ignore[attr-defined]
+           for p in special]
     if decay_1d or weight_decay == 0:
-        return [{"params": params, "weight_decay": weight_decay}]
+        return [{"params": params, "weight_decay": weight_decay}, *own]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}, *own]
 
 
 def shard(dataset: Any, rank: int, world: int) -> Any:
@@ -339,14 +347,16 @@ class Trainer:
         if self._ema_pairs is None:
             self._ema_pairs = ([p.data for p in self.ema.parameters()], [p.data for p in self.bare.parameters()])
         step = self.state.step
-        decay = min(float(self.cfg.ema_decay), (1 + step) / (10 + step))
+        power = float(self.cfg.ema_power)
+        warm = 1.0 - (1 + step) ** -power if power > 0 else (1 + step) / (10 + step)
+        decay = min(float(self.cfg.ema_decay), warm)
         torch._foreach_lerp_(self._ema_pairs[0], self._ema_pairs[1], 1.0 - decay)
         for mine, theirs in zip(self.ema.buffers(), self.bare.buffers(), strict=True):
             mine.copy_(theirs)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training data; returns the epoch's train loss, lr, time and throughput."""

@@ -219,6 +219,8 @@ class RunSettings:
     loader_workers: int = 0  # DataLoader worker processes per Ray worker (0: load in the training process)
     ema_decay: float = 0.0  # > 0: validate, keep and register an exponential moving average of the weights,
     # updated after every optimizer step with decay min(ema_decay, (1 + step) / (10 + step)) (0: off)
+    ema_power: float = 0.0  # > 0: the decay warms up as min(ema_decay, 1 - (1 + step) ** -ema_power) instead
+    # (Diffusion Policy's and LeRobot's EMAModel with power 0.75)
 
     # settings saved by earlier versions under another name: read under the new one, refused on --set
     renamed: ClassVar[Mapping[str, str]] = {"num_workers": "ray_workers"}
@@ -246,6 +248,8 @@ class RunSettings:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.ema_power < 0:
+            raise ValueError(f"ema_power={self.ema_power} must be >= 0")
         if self.batch_size % (self.ray_workers * self.grad_accum):
             raise ValueError(f"batch_size={self.batch_size} must be divisible by ray_workers x grad_accum "
                              f"({self.ray_workers} x {self.grad_accum}): it is the global batch")

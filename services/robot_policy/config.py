@@ -18,9 +18,13 @@ WORKSPACE = (0.0, 512.0)  # the simulator's window; the walls are at 5 and 506
 # Run settings: no early stopping (behaviour cloning keeps improving in closed loop), and the last epoch's
 # weights: open-loop validation action MSE does not track closed-loop coverage (44 epochs on Push-T: the
 # best-MSE epoch scored 0.61 mean max coverage, the last 0.80).
+# The moving average of the weights is what validation scores and the model registers, as Diffusion Policy and
+# LeRobot evaluate theirs (decay 1 - (1 + step) ** -0.75, at most 0.9999). Linear warm-up and gradient clipping at
+# 1.0 as in EBT.
 @dataclass(frozen=True)
 class RobotPolicyConfig(RunSettings, batch_size=256, lr=3e-4, lr_schedule="cosine", weight_decay=1e-4, decay_1d=True,
-                        epochs=60, patience=0, keep="last", seed=0, precision="fp32"):
+                        epochs=60, patience=0, keep="last", seed=0, precision="fp32", ema_decay=0.9999,
+                        ema_power=0.75, warmup_steps=500, grad_clip=1.0):
     model: str = "ebt"  # one of MODELS
     data: str | None = None  # Push-T replay buffer (zarr); None: demonstrations of the scripted expert
     synthetic_episodes: int = 60  # scripted-expert demonstrations when data is None
@@ -48,6 +52,14 @@ class RobotPolicyConfig(RunSettings, batch_size=256, lr=3e-4, lr_schedule="cosin
     candidates: int = 4  # chunks refined in parallel at inference; the lowest final energy is kept
     energy_margin: float = 1.0  # contrastive term: E(demo) below E(initial chunk) by this margin (0 disables)
     energy_weight: float = 0.1  # weight of that term
+    # ranking (InfoNCE over energies): the demonstration against negatives, the final iterate of the model's own
+    # descent (detached) and ranking_negatives - 1 noised copies of the demonstration (std ranking_noise), so the
+    # energy ranks chunks and candidates can be verified by it (0 disables)
+    ranking_weight: float = 1.0
+    ranking_negatives: int = 3
+    ranking_noise: float = 0.3  # std (normalized action units) of the noised-demonstration negatives, times U(0.1, 1)
+    denoise_start_prob: float = 0.2  # training: start the descent from the demonstration plus N(0, s), s ~ U(0, 1)
+    alpha_lr_scale: float = 10.0  # the learned step size's learning rate, times the schedule's (no weight decay)
     early_stop_tol: float = 1e-3  # inference stops when the energy falls by less than this (dynamic compute)
 
     # diffusion baseline: DDPM epsilon-prediction with the same transformer
@@ -69,9 +81,16 @@ class RobotPolicyConfig(RunSettings, batch_size=256, lr=3e-4, lr_schedule="cosin
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
         require_at_least(self, 0, ("langevin_noise", "init_noise", "energy_margin", "energy_weight",
-                                   "early_stop_tol"))
-        if not 0.0 <= self.warm_start_prob <= 1.0:
-            raise ValueError(f"warm_start_prob={self.warm_start_prob} must be in [0, 1]")
+                                   "early_stop_tol", "ranking_weight", "ranking_noise"))
+        require_at_least(self, 1, ("ranking_negatives",))
+        if not self.alpha_lr_scale > 0:
+            raise ValueError(f"alpha_lr_scale={self.alpha_lr_scale} must be > 0")
+        for name in ("warm_start_prob", "denoise_start_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.warm_start_prob + self.denoise_start_prob > 1.0:
+            raise ValueError(f"warm_start_prob + denoise_start_prob = "
+                             f"{self.warm_start_prob + self.denoise_start_prob:g} must not exceed 1")
         if not self.step_size > 0:
             raise ValueError(f"step_size={self.step_size} must be > 0")
         if not 0.0 <= self.dropout < 1.0:

@@ -117,6 +117,8 @@ class EBTPolicy(PolicyBase):
         self.trunk = PolicyTransformer(cfg)
         self.head = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, 1))
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.step_size)))
+        # its own optimizer group (pipelines.trainer.param_groups): a higher learning rate, no weight decay
+        self.log_alpha.optim_group = {"lr_scale": cfg.alpha_lr_scale, "weight_decay": 0.0}  # type: ignore[attr-defined]
 
     @property
     def alpha(self) -> Tensor:

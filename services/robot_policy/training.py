@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from shared.tracking import unwrap
 
+from .config import RobotPolicyConfig
 from .model import DiffusionPolicy, EBTPolicy, PolicyBase, shift_chunk
 
 
@@ -20,24 +21,58 @@ def _normalized(policy: PolicyBase, batch: Any, device: torch.device) -> tuple[T
     return norm.obs(obs), norm.action(previous), norm.action(chunk)
 
 
-def ebt_loss(policy: EBTPolicy, obs: Tensor, previous: Tensor, target: Tensor) -> Tensor:
-    """Behaviour cloning through the unrolled energy descent, plus a margin that keeps E(demo) below E(start).
-
-    The start is noise, or (with probability ``warm_start_prob``) the previous demonstrated chunk shifted by
-    ``action_exec`` steps plus a little noise: the warm start the policy gets at inference.
-    """
-    cfg = policy.cfg
-    batch = obs.shape[0]
+def descent_starts(cfg: RobotPolicyConfig, previous: Tensor, target: Tensor) -> Tensor:
+    """Where the training descent starts, per window: noise (std ``init_noise``); with probability
+    ``warm_start_prob`` the previous demonstrated chunk shifted by ``action_exec`` steps plus a little noise (the
+    warm start the policy gets at inference); with probability ``denoise_start_prob`` the demonstration itself
+    plus noise of a random scale (so the descent learns the basin around it, not only the way from noise)."""
+    batch = target.shape[0]
     init = torch.randn_like(target) * cfg.init_noise
+    pick = torch.rand(batch, 1, 1, device=target.device)
     if cfg.warm_start_prob > 0:
         warm = shift_chunk(previous, cfg.action_exec) + 0.05 * torch.randn_like(target)
-        use = torch.rand(batch, 1, 1, device=obs.device) < cfg.warm_start_prob
-        init = torch.where(use, warm, init)
+        init = torch.where(pick < cfg.warm_start_prob, warm, init)
+    if cfg.denoise_start_prob > 0:
+        scale = torch.rand(batch, 1, 1, device=target.device) * cfg.init_noise
+        noised = target + scale * torch.randn_like(target)
+        use = (pick >= cfg.warm_start_prob) & (pick < cfg.warm_start_prob + cfg.denoise_start_prob)
+        init = torch.where(use, noised, init)
+    return init
+
+
+def ranking_loss(policy: EBTPolicy, obs: Tensor, target: Tensor, descended: Tensor,
+                 demo_energy: Tensor | None = None) -> Tensor:
+    """InfoNCE over energies: the demonstration must have the lowest energy among itself, the model's own
+    descent result ``descended`` (detached: a hard negative where the descent stops short or averages modes)
+    and ``ranking_negatives - 1`` noised copies of the demonstration (std ``ranking_noise`` times U(0.1, 1))."""
+    cfg = policy.cfg
+    batch = target.shape[0]
+    negatives = [descended.detach()]
+    for _ in range(cfg.ranking_negatives - 1):
+        scale = cfg.ranking_noise * (0.1 + 0.9 * torch.rand(batch, 1, 1, device=target.device))
+        negatives.append(target + scale * torch.randn_like(target))
+    stacked = torch.stack(negatives, dim=1)  # (B, K, Ta, 2)
+    k = stacked.shape[1]
+    neg_energy = policy.energy(obs.repeat_interleave(k, dim=0), stacked.flatten(0, 1)).view(batch, k)
+    if demo_energy is None:
+        demo_energy = policy.energy(obs, target)
+    logits = -torch.cat([demo_energy[:, None], neg_energy], dim=1)  # (B, 1 + K): class 0 is the demonstration
+    return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=target.device))
+
+
+def ebt_loss(policy: EBTPolicy, obs: Tensor, previous: Tensor, target: Tensor) -> Tensor:
+    """Behaviour cloning through the unrolled energy descent (MSE of every iterate), a margin that keeps
+    E(demo) below E(start), and the ranking loss that makes the energy verify candidates."""
+    cfg = policy.cfg
+    init = descent_starts(cfg, previous, target)
     iterates, energies = policy(obs, init, cfg.train_steps, noise=cfg.langevin_noise, create_graph=True)
     loss = torch.stack([F.mse_loss(a, target) for a in iterates[1:]]).mean()
+    demo_energy = policy.energy(obs, target) if cfg.energy_weight > 0 or cfg.ranking_weight > 0 else None
     if cfg.energy_weight > 0:
-        demo_energy = policy.energy(obs, target)
+        assert demo_energy is not None
         loss = loss + cfg.energy_weight * F.relu(cfg.energy_margin + demo_energy - energies[0]).mean()
+    if cfg.ranking_weight > 0:
+        loss = loss + cfg.ranking_weight * ranking_loss(policy, obs, target, iterates[-1], demo_energy)
     return loss
 
 

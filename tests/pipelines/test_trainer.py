@@ -144,6 +144,37 @@ def test_the_moving_average_is_what_validation_scores_and_training_keeps() -> No
         _cfg(ema_decay=1.0)
 
 
+def test_the_power_warm_up_of_the_moving_average_is_diffusion_policys() -> None:
+    """ema_power: decay min(ema_decay, 1 - (1 + step) ** -power), as Diffusion Policy's EMAModel (power 0.75)."""
+    domain = ToyDomain()
+    trainer = Trainer(domain, _cfg(epochs=3, ema_decay=0.999, ema_power=0.75), log=None)
+    expected = {k: v.clone() for k, v in trainer.bare.named_parameters()}
+    trainer.model.train()
+    for step, batch in enumerate(itertools.islice(trainer.train_loader, 4), start=1):
+        trainer.optimizer.zero_grad()
+        domain.training_loss(trainer.model, batch, trainer.device).backward()
+        trainer.optimizer.step()
+        trainer.state.step += 1
+        trainer._update_ema()
+        decay = min(0.999, 1 - (1 + step) ** -0.75)
+        expected = {k: decay * expected[k] + (1 - decay) * p.detach() for k, p in trainer.bare.named_parameters()}
+    ema = dict(trainer.ema.named_parameters())
+    for key, value in expected.items():
+        torch.testing.assert_close(ema[key], value)
+    with pytest.raises(ValueError, match="ema_power"):
+        _cfg(ema_power=-1.0)
+
+
+def test_a_parameter_group_of_its_own_follows_the_schedule_times_its_scale() -> None:
+    domain = ToyDomain()
+    trainer = Trainer(domain, _cfg(epochs=2, lr=0.01), log=None)
+    param = next(trainer.bare.parameters())
+    trainer.optimizer.add_param_group({"params": [torch.nn.Parameter(param.detach().clone())], "lr_scale": 5.0})
+    trainer._set_lr(0.002)
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert lrs[-1] == pytest.approx(0.01) and all(lr == pytest.approx(0.002) for lr in lrs[:-1])
+
+
 def test_a_resumed_run_carries_its_moving_average_on() -> None:
     domain = ToyDomain()
     whole = Trainer(domain, _cfg(epochs=3, ema_decay=0.8, keep="last"), log=None)

@@ -3,6 +3,8 @@ and the diffusion baseline."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_training_backpropagates_through_the_unrolled_descent() -> None:
 
 def test_training_lowers_the_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    cfg = _cfg(train_steps=2, langevin_noise=0.0)
+    cfg = _cfg(train_steps=2, langevin_noise=0.0, ranking_weight=0.0)
     policy = EBTPolicy(cfg, STATE)
     obs = policy.normalizer.obs(_obs(8))
     target = torch.rand(8, 16, 2) * 2 - 1
@@ -69,6 +71,59 @@ def test_training_lowers_the_loss_on_a_fixed_batch() -> None:
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_ranking_loss_teaches_the_energy_to_rank_the_demonstration_first() -> None:
+    """The InfoNCE term starts near log(1 + K) (energies that do not rank) and falls well below it; then the
+    demonstration's energy is below its noised copies' and below a far chunk's."""
+    from services.robot_policy.training import ranking_loss
+
+    torch.manual_seed(0)
+    cfg = _cfg(ranking_negatives=3, ranking_noise=0.5)
+    policy = EBTPolicy(cfg, STATE)
+    obs = policy.normalizer.obs(_obs(8))
+    target = torch.rand(8, 16, 2) * 2 - 1
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(80):
+        descended = torch.randn_like(target) * 0.5
+        loss = ranking_loss(policy, obs, target, descended)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert abs(losses[0] - math.log(4)) < 0.3 and sum(losses[-10:]) / 10 < 0.4 * losses[0], losses[::10]
+    with torch.no_grad():
+        demo = policy.energy(obs, target)
+        noised = policy.energy(obs, target + 0.3 * torch.randn_like(target))
+        far = policy.energy(obs, -target)
+    assert (demo < noised).float().mean() >= 0.75 and (demo < far).all()
+
+
+def test_descent_starts_mix_noise_warm_and_noised_demonstrations() -> None:
+    from services.robot_policy.training import descent_starts
+
+    torch.manual_seed(0)
+    target = torch.zeros(4000, 16, 2)
+    previous = torch.full((4000, 16, 2), 5.0)  # warm starts sit near 5, noised demonstrations near 0
+    init = descent_starts(_cfg(warm_start_prob=0.3, denoise_start_prob=0.2, init_noise=1.0), previous, target)
+    warm = (init - 5.0).abs().amax(dim=(1, 2)) < 0.5
+    spread = init.std(dim=(1, 2))
+    assert warm.float().mean() == pytest.approx(0.3, abs=0.03)
+    # noise starts have std 1; noised demonstrations std U(0, 1): about 0.2 + 0.5 * 0.2 of all below 0.5
+    assert (~warm & (spread < 0.5)).float().mean() == pytest.approx(0.2 * 0.5, abs=0.03)
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        _cfg(warm_start_prob=0.6, denoise_start_prob=0.5)
+
+
+def test_the_step_size_has_its_own_optimizer_group() -> None:
+    from pipelines.trainer import param_groups
+
+    policy = EBTPolicy(_cfg(alpha_lr_scale=10.0), STATE)
+    groups = param_groups(policy, 1e-4, decay_1d=True)
+    (own,) = [g for g in groups if g.get("lr_scale")]
+    assert own["params"] == [policy.log_alpha] and own["lr_scale"] == 10.0 and own["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(policy.parameters()))
 
 
 def test_plan_keeps_the_lowest_energy_candidate_and_reports_steps() -> None:
