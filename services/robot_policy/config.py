@@ -111,6 +111,11 @@ class RobotPolicyEvalConfig:
     descent_steps: tuple[int, ...] = (2, 1, 4)  # EBT descent budgets evaluated, the first is the headline; 0: the
     # model's infer_steps
     candidates: int = 0  # 0: the model's candidates
+    # energy-triggered extra compute, on the first protocol at the first budget: a chunk whose final energy is
+    # above this quantile of the held-out demonstrations' is planned again with more steps and candidates (0: off)
+    escalate_quantile: float = 0.75
+    escalate_steps: int = 4
+    escalate_candidates: int = 8
     gif_episodes: int = 3  # episodes recorded into the rollout GIF
     ood_samples: int = 512  # observation histories for the energy-as-uncertainty check
     workers: int = 0  # parallel rollout tasks on Ray; 0: one per CPU of the cluster, 1: in this process
@@ -118,6 +123,9 @@ class RobotPolicyEvalConfig:
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("episodes", "max_steps", "ood_samples"))
         require_at_least(self, 0, ("seed_start", "candidates", "gif_episodes", "workers"))
+        require_at_least(self, 1, ("escalate_steps", "escalate_candidates"))
+        if not 0.0 <= self.escalate_quantile < 1.0:
+            raise ValueError(f"escalate_quantile={self.escalate_quantile} must be in [0, 1)")
         if not self.resets or not self.descent_steps:
             raise ValueError("resets and descent_steps need at least one value each")
         if min(self.descent_steps) < 0:

@@ -50,7 +50,8 @@ def reset_env(env: Any, seed: int, reset: str = "legacy") -> tuple[Any, dict[str
 
 
 def rollout(policy: PolicyBase, seed: int, *, max_steps: int = 300, steps: int | None = None,
-            candidates: int | None = None, record: bool = False, reset: str = "legacy") -> dict[str, Any]:
+            candidates: int | None = None, record: bool = False, reset: str = "legacy",
+            escalate: dict[str, Any] | None = None) -> dict[str, Any]:
     """One seeded episode; returns max reward and coverage, success, per-chunk energies/latencies and
     optional frames."""
     from .data import make_env
@@ -69,7 +70,8 @@ def rollout(policy: PolicyBase, seed: int, *, max_steps: int = 300, steps: int |
         while t < max_steps and not success:
             obs_t = torch.as_tensor(np.stack(history), dtype=torch.float32)[None]
             started = time.perf_counter()
-            plan = policy.plan(obs_t, previous, steps=steps, candidates=candidates, generator=generator)
+            plan = policy.plan(obs_t, previous, steps=steps, candidates=candidates, generator=generator,
+                               **(escalate or {}))
             latencies.append((time.perf_counter() - started) * 1000)
             energies.append(float(plan.energy[0]))
             steps_used.append(plan.steps)
@@ -179,6 +181,42 @@ def _gif(frames: list[list[np.ndarray]]) -> bytes:
     return buffer.getvalue()
 
 
+def _held_out_histories(cfg: RobotPolicyConfig, data: str | None, samples: int) -> torch.Tensor:
+    """Up to ``samples`` observation histories of the held-out (test and validation) demonstration windows."""
+    from torch.utils.data import ConcatDataset
+
+    from shared import registry
+
+    split = registry.get("robot_policy").load_data(cfg.replace(data=data or cfg.data))
+    windows: ConcatDataset[Any] = ConcatDataset([split.test, split.val])  # type: ignore[list-item]
+    pick = np.random.default_rng(0).choice(len(windows), min(len(windows), samples), replace=False)
+    return torch.stack([windows[int(i)][0] for i in pick])
+
+
+def _escalation(policy: EBTPolicy, saved: RobotPolicyState, held_out: torch.Tensor, seeds: list[int], workers: int,
+                settings: RobotPolicyEvalConfig, steps: int, candidates: int | None) -> dict[str, float]:
+    """Energy-triggered extra compute on the headline protocol: a chunk whose final energy after ``steps``
+    steps is above the ``escalate_quantile`` quantile of the held-out demonstrations' final energies (same
+    budget) is planned again with ``escalate_steps`` steps and ``escalate_candidates`` candidates."""
+    generator = torch.Generator().manual_seed(0)
+    energies = policy.plan(held_out, None, steps=steps, candidates=candidates, generator=generator).energy
+    threshold = float(torch.quantile(energies.double(), settings.escalate_quantile))
+    escalate = {"escalate_above": threshold, "escalate_steps": settings.escalate_steps,
+                "escalate_candidates": settings.escalate_candidates}
+    runs = run_episodes(policy, saved, seeds, set(), workers, max_steps=settings.max_steps, steps=steps,
+                        candidates=candidates, reset=settings.resets[0], escalate=escalate)
+    score = _score(runs)
+    used = np.concatenate([r["descent_steps"] for r in runs])
+    score.update(threshold=threshold, descent_steps=float(used.mean()),
+                 escalated_fraction=float((used > steps).mean()))
+    print(f"  energy-triggered extra compute ({settings.resets[0]} initial states, {steps} steps, above the "
+          f"{settings.escalate_quantile:g} quantile {threshold:.3f}: {settings.escalate_steps} more steps x "
+          f"{settings.escalate_candidates} candidates): mean max reward {score['mean_max_reward']:.3f} ± "
+          f"{score['mean_max_reward_se']:.3f}, {score['descent_steps']:.2f} steps per chunk, "
+          f"{score['escalated_fraction']:.0%} of chunks escalated", flush=True)
+    return score
+
+
 def _score(results: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of the per-episode maximum reward and coverage with their standard errors over episodes, and the
     success rate."""
@@ -262,21 +300,15 @@ def evaluate_policy(model: nn.Module, cfg: RobotPolicyConfig, saved: RobotPolicy
         shown = results[:3]
         figures["energy_vs_step.png"] = energy_descent_figure(
             [t for r in results for t in r["traces"]], [r["energies"] for r in shown], [r["coverage"] for r in shown])
+        obs = _held_out_histories(cfg, data, settings.ood_samples)
         # energy as uncertainty: held-out demonstration histories vs perturbed copies
-        from torch.utils.data import ConcatDataset
-
-        from shared import registry
-
-        split = registry.get("robot_policy").load_data(cfg.replace(data=data or cfg.data))
-        windows: ConcatDataset[Any] = ConcatDataset([split.test, split.val])  # type: ignore[list-item]
-        pick = np.random.default_rng(0).choice(len(windows), min(len(windows), settings.ood_samples),
-                                               replace=False)
-        obs = torch.stack([windows[int(i)][0] for i in pick])
         ood = energy_uncertainty(policy, obs)
         metrics.update(energy_in_distribution=float(ood["in"].mean()),
                        energy_perturbed=float(ood["ood"][60.0].mean()), energy_ood_auroc=ood["auroc"][60.0],
                        energy_ood_auroc_by_jitter_px={f"{k:g}": v for k, v in ood["auroc"].items()})
         figures["energy_ood.png"] = ood_figure(ood["in"], ood["ood"], ood["auroc"])
+        if settings.escalate_quantile > 0:
+            metrics["escalation"] = _escalation(policy, saved, obs, seeds, workers, settings, budgets[0], candidates)
     metrics["per_episode_max_reward"] = [round(r["max_reward"], 4) for r in results]
     metrics["per_episode_max_coverage"] = [round(r["max_coverage"], 4) for r in results]
     return EvaluationResult(metrics=metrics, figures=figures, files=files)

@@ -152,28 +152,53 @@ class EBTPolicy(PolicyBase):
 
     def plan(self, obs: Tensor, previous: Tensor | None = None, *, steps: int | None = None,
              candidates: int | None = None, early_stop_tol: float | None = None,
-             generator: torch.Generator | None = None) -> Plan:
-        """Raw obs history (B, To, 5) [and the previous raw chunk (B, Ta, 2)] -> the lowest-energy chunk."""
+             generator: torch.Generator | None = None, escalate_above: float | None = None,
+             escalate_steps: int = 4, escalate_candidates: int = 8) -> Plan:
+        """Raw obs history (B, To, 5) [and the previous raw chunk (B, Ta, 2)] -> the lowest-energy chunk.
+
+        Energy-triggered extra compute: with ``escalate_above``, the observations whose final energy stays above
+        it are planned again with ``escalate_steps`` steps and ``escalate_candidates`` candidates (the chunk
+        found so far is one of them), and keep whichever chunk has the lower energy; ``steps`` and ``passes``
+        then count both rounds."""
         cfg = self.cfg
         steps = cfg.infer_steps if steps is None else steps
         n_cand = cfg.candidates if candidates is None else candidates
         tol = cfg.early_stop_tol if early_stop_tol is None else early_stop_tol
-        batch = obs.shape[0]
         with autograd_enabled():
-            obs_n = self.normalizer.obs(obs.clone()).repeat_interleave(n_cand, dim=0)  # (B*C, To, F)
-            init = cfg.init_noise * torch.randn(batch * n_cand, cfg.action_horizon, ACTION_DIM, generator=generator,
-                                                device=obs.device)
+            obs_1 = self.normalizer.obs(obs.clone())
+            starts = None
             if previous is not None:  # warm start: candidate 0 of each observation starts from the shifted plan
-                warm = shift_chunk(self.normalizer.action(previous.clone().float()), cfg.action_exec)
-                init = init.view(batch, n_cand, *init.shape[1:]).clone()
-                init[:, 0] = warm
-                init = init.view(batch * n_cand, *init.shape[2:])
+                starts = shift_chunk(self.normalizer.action(previous.clone().float()), cfg.action_exec)
             alpha = self.alpha.detach()
-        descent = EnergyDescentInferer(steps, n_cand, tol)(lambda actions: self.energy(obs_n, actions), init,
+        best, energy, taken, trace, passes = self._descend(obs_1, starts, steps, n_cand, tol, generator, alpha)
+        if escalate_above is not None and bool((energy > escalate_above).any()):
+            hard = (energy > escalate_above).nonzero().squeeze(1)
+            more = self._descend(obs_1[hard], best[hard], escalate_steps, escalate_candidates, tol, generator, alpha)
+            better = more[1] < energy[hard]
+            rows = hard[better]
+            best, energy = best.clone(), energy.clone()
+            best[rows], energy[rows] = more[0][better], more[1][better]
+            taken, passes, trace = taken + more[2], passes + more[4], trace + more[3]
+        raw = self.normalizer.unaction(best.clamp(-1.0, 1.0))
+        return Plan(actions=raw, energy=energy, steps=taken, energy_trace=trace, passes=passes)
+
+    def _descend(self, obs_n: Tensor, starts: Tensor | None, steps: int, n_cand: int, tol: float,
+                 generator: torch.Generator | None, alpha: Tensor) -> tuple[Tensor, Tensor, int, list[float], int]:
+        """Normalized obs (B, To, F) [and a normalized start for candidate 0 of each] -> the descent's best
+        chunk (B, Ta, 2) and energy (B,), steps, trace and passes."""
+        cfg = self.cfg
+        batch = obs_n.shape[0]
+        with autograd_enabled():  # (tensors made under torch.inference_mode could not enter the descent)
+            init = cfg.init_noise * torch.randn(batch * n_cand, cfg.action_horizon, ACTION_DIM, generator=generator,
+                                                device=obs_n.device)
+            if starts is not None:
+                init = init.view(batch, n_cand, *init.shape[1:]).clone()
+                init[:, 0] = starts
+                init = init.view(batch * n_cand, *init.shape[2:])
+            obs_c = obs_n.repeat_interleave(n_cand, dim=0)  # (B*C, To, F)
+        descent = EnergyDescentInferer(steps, n_cand, tol)(lambda actions: self.energy(obs_c, actions), init,
                                                            step_size=alpha)
-        raw = self.normalizer.unaction(descent.best.clamp(-1.0, 1.0))
-        return Plan(actions=raw, energy=descent.energy, steps=descent.steps, energy_trace=descent.trace,
-                    passes=descent.passes)
+        return descent.best, descent.energy, descent.steps, descent.trace, descent.passes
 
 
 def cosine_betas(steps: int, max_beta: float = 0.999) -> Tensor:

@@ -107,6 +107,7 @@ def test_score_signature_depends_on_every_setting_and_the_data() -> None:
     assert base != score_signature(RobotPolicyEvalConfig(), "other.zarr")
     # every setting, sorted: the initial-state protocols and descent budgets are part of it (scores tagged before
     # them were coverage on gym-pusht's reset: another signature, so production is scored again)
-    assert base == ('{"candidates": 0, "data": "", "descent_steps": [2, 1, 4], "episodes": 50, "gif_episodes": 3, '
+    assert base == ('{"candidates": 0, "data": "", "descent_steps": [2, 1, 4], "episodes": 50, '
+                    '"escalate_candidates": 8, "escalate_quantile": 0.75, "escalate_steps": 4, "gif_episodes": 3, '
                     '"max_steps": 300, "ood_samples": 512, "resets": ["legacy", "gym"], "seed_start": 100000, '
                     '"workers": 0}')

@@ -60,6 +60,9 @@ def test_evaluation_reports_the_issue_metrics() -> None:
     assert result.metrics["initial_states"] == "legacy" and result.metrics["max_descent_steps"] == 2
     assert table["legacy"]["steps_2"]["mean_max_reward"] == result.metrics["mean_max_reward"]
     assert 1 <= table["gym"]["steps_4"]["descent_steps"] <= 4 and table["gym"]["steps_1"]["descent_steps"] == 1
+    escalation = result.metrics["escalation"]  # the headline protocol again, extra compute above the threshold
+    assert 0.0 <= escalation["escalated_fraction"] <= 1.0 and 0.0 <= escalation["mean_max_reward"] <= 1.0
+    assert 2 <= escalation["descent_steps"] <= 2 + 4 and np.isfinite(escalation["threshold"])
     rewards = result.metrics["per_episode_max_reward"]
     assert result.metrics["mean_max_reward"] == pytest.approx(np.mean(rewards), abs=1e-4)
     assert set(result.figures) == {"energy_vs_step.png", "energy_ood.png"}

@@ -10,7 +10,7 @@ import torch
 
 from services.robot_policy.config import RobotPolicyConfig
 from services.robot_policy.data import RobotPolicyState
-from services.robot_policy.model import DiffusionPolicy, EBTPolicy, cosine_betas, shift_chunk
+from services.robot_policy.model import DiffusionPolicy, EBTPolicy, Plan, cosine_betas, shift_chunk
 from services.robot_policy.training import ebt_loss
 from shared.saved import tensor
 
@@ -161,6 +161,32 @@ def test_plan_works_under_inference_mode_as_in_serving() -> None:
     with torch.inference_mode():
         plan = policy.plan(_obs(2), steps=2, early_stop_tol=0.0)
     assert plan.steps == 2 and torch.isfinite(plan.energy).all()
+
+
+def test_energy_triggered_extra_compute_only_where_the_energy_stays_high() -> None:
+    """Rows above the threshold are planned again with more steps and candidates and keep the lower energy;
+    rows below it keep the first round's chunk; an unreachable threshold changes nothing."""
+    torch.manual_seed(0)
+    policy = EBTPolicy(_cfg(step_size=1e-2), STATE).eval()
+    obs = _obs(6)
+
+    def plan(**kw: object) -> Plan:
+        with torch.inference_mode():  # as the service runs it
+            return policy.plan(obs, steps=2, candidates=2, early_stop_tol=0.0,
+                               generator=torch.Generator().manual_seed(0), **kw)  # type: ignore[arg-type]
+
+    base = plan()
+    unchanged = plan(escalate_above=float("inf"))
+    assert torch.equal(unchanged.actions, base.actions) and unchanged.steps == 2 and unchanged.passes == base.passes
+    threshold = float(base.energy.median())
+    more = plan(escalate_above=threshold, escalate_steps=3, escalate_candidates=4)
+    high = base.energy > threshold
+    assert high.any() and (~high).any()
+    assert more.steps == 2 + 3 and more.passes == base.passes + 7
+    assert torch.equal(more.actions[~high], base.actions[~high]) and torch.equal(more.energy[~high], base.energy[~high])
+    assert (more.energy[high] <= base.energy[high]).all()
+    everywhere = plan(escalate_above=float("-inf"), escalate_steps=3, escalate_candidates=4)
+    assert (everywhere.energy <= base.energy).all() and (everywhere.energy < base.energy).any()
 
 
 def test_diffusion_baseline_trains_and_samples_in_the_action_range() -> None:
