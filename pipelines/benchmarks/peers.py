@@ -32,6 +32,7 @@ faster). The last line is a JSON object.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import importlib.util
 import json
@@ -135,6 +136,7 @@ def _isolated_imports(folder: Path) -> Iterator[None]:
 def load_reference(model: str, root: Path) -> Callable[[types.SimpleNamespace], nn.Module]:
     """The reference's ``Model`` class, imported from a temporary copy of its packages."""
     folder = Path(tempfile.mkdtemp(prefix=f"tessera_ref_{model}_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the class stays usable until the process ends
     for package in REFERENCE_PACKAGES:
         if (root / package).is_dir():
             shutil.copytree(root / package, folder / package,
