@@ -140,3 +140,14 @@ def test_score_means_and_standard_errors() -> None:
     assert score["mean_max_reward"] == pytest.approx(0.5) and score["success_rate"] == pytest.approx(1 / 3)
     assert score["mean_max_reward_se"] == pytest.approx(np.std([1.0, 0.5, 0.0], ddof=1) / np.sqrt(3))
     assert score["mean_max_coverage"] == pytest.approx((0.96 + 0.475) / 3)
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"resets": ()}, "at least one value"),
+    ({"descent_steps": (2, -1)}, "must be >= 0"),
+    ({"escalate_quantile": 1.0}, "must be in \\[0, 1\\)"),
+    ({"escalate_candidates": 0}, "escalate_candidates=0"),
+])
+def test_evaluation_settings_are_checked(changes: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        RobotPolicyEvalConfig(**changes)
