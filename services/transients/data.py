@@ -456,9 +456,30 @@ def object_globals(curve: Curve, use_redshift: bool) -> np.ndarray:
                      np.log1p(span) / 3.0 - 1.0], dtype=np.float32)
 
 
-def tokens(curve: Curve, use_redshift: bool) -> dict[str, np.ndarray]:
+def n_curve_features(n_bands: int) -> int:
+    """Width of :func:`curve_features` for ``n_bands`` bands: each baseline feature and its missing flag."""
+    from .baseline import feature_names
+
+    return 2 * len(feature_names(n_bands))
+
+
+def curve_features(curves: Sequence[Curve], n_bands: int) -> np.ndarray:
+    """The feature baseline's light-curve features of ``curves`` (the `light-curve` package's Bazin and linear
+    fits, amplitude, variability statistics, per band; colours and peak-time differences; rise and decline) as
+    extra global inputs of the `native` model (N, n_curve_features): each signed-log scaled and clipped, then a
+    flag per feature that is 1 where it could not be computed (too few points; its value is then 0)."""
+    from .baseline import extract_features
+
+    raw = extract_features(curves, n_bands).astype(np.float64)  # (N, F), NaN where undefined
+    missing = ~np.isfinite(raw)
+    scaled = np.clip(_slog(np.where(missing, 0.0, raw)) / 3.0, -VALUE_CLIP, VALUE_CLIP)
+    return np.concatenate([scaled, missing], axis=1).astype(np.float32)
+
+
+def tokens(curve: Curve, use_redshift: bool, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The `native` model's input of one light curve: per observation its time since the first detection
-    (days), band index and scaled values (N_VALUES); per object its global features (N_GLOBALS)."""
+    (days), band index and scaled values (N_VALUES); per object its global features (N_GLOBALS, then
+    ``features``, its :func:`curve_features` row, when the model takes them)."""
     det = curve.detected
     flux, err, t = curve.flux, curve.flux_err, curve.mjd
     scale, t0 = _scale_and_start(curve)
@@ -476,14 +497,21 @@ def tokens(curve: Curve, use_redshift: bool) -> dict[str, np.ndarray]:
                        _slog(t - t_peak) / 4.0, _slog(t - t0) / 4.0, colour, colour_gap], axis=1)  # (n, N_VALUES)
     return {"time": (t - t0).astype(np.float32), "band": curve.passband.astype(np.int64),
             "values": np.clip(values, -VALUE_CLIP, VALUE_CLIP).astype(np.float32),
-            "globals": object_globals(curve, use_redshift)}
+            "globals": object_globals(curve, use_redshift) if features is None
+            else np.concatenate([object_globals(curve, use_redshift), features]).astype(np.float32)}
 
 
 class CurveDataset(Dataset[dict[str, Any]]):
     """Tokenized light curves with their labels; ``train`` augments each access."""
 
-    def __init__(self, curves: Sequence[Curve], labels: np.ndarray, cfg: TransientsConfig, train: bool = False) -> None:
+    def __init__(self, curves: Sequence[Curve], labels: np.ndarray, cfg: TransientsConfig, train: bool = False,
+                 n_bands: int = 2) -> None:
         self.curves, self.labels, self.cfg, self.train = list(curves), labels, cfg, train
+        self.n_bands = n_bands
+        # the features of unaugmented curves are computed once; a training view's are computed per access
+        self.features: np.ndarray | None = None
+        if cfg.lc_features and not train:
+            self.features = curve_features(self.curves, n_bands)
 
     def __len__(self) -> int:
         return len(self.curves)
@@ -493,7 +521,10 @@ class CurveDataset(Dataset[dict[str, Any]]):
         if self.train:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seed
             curve = augment(curve, self.cfg, rng)
-        return {**tokens(curve, self.cfg.use_redshift), "label": int(self.labels[index])}
+        features = None
+        if self.cfg.lc_features:
+            features = self.features[index] if self.features is not None else curve_features([curve], self.n_bands)[0]
+        return {**tokens(curve, self.cfg.use_redshift, features), "label": int(self.labels[index])}
 
 
 class GridDataset(Dataset[dict[str, Any]]):
@@ -517,7 +548,7 @@ class Batch:
     time: Tensor  # packed (T,) / padded (B, L) float32
     band: Tensor  # (T,) / (B, L) int64
     values: Tensor  # (T, N_VALUES) / (B, L, N_VALUES)
-    globals: Tensor  # (B, N_GLOBALS)
+    globals: Tensor  # (B, N_GLOBALS [+ n_curve_features])
     labels: Tensor  # (B,) int64
     cu_seqlens: Tensor | None = None  # (B + 1,) int32 when packed
     max_seqlen: int = 0

@@ -17,7 +17,7 @@ import torch
 from shared.serving import RequestError
 
 from .curves import Curve
-from .data import collate_grids, collate_packed, object_globals, tokens
+from .data import collate_grids, collate_packed, curve_features, object_globals, tokens
 from .training import decide, ood_scores
 
 MAX_OBJECTS = 256  # objects per request
@@ -108,7 +108,11 @@ def model_inputs(loaded: Any, curves: Sequence[Curve]) -> Any:
         items = [{"grid": g, "globals": object_globals(c, cfg.use_redshift), "label": 0}
                  for g, c in zip(grids, curves, strict=True)]
         return collate_grids(items)
-    return collate_packed([{**tokens(c, cfg.use_redshift), "label": 0} for c in curves])
+    if not getattr(cfg, "lc_features", False):
+        return collate_packed([{**tokens(c, cfg.use_redshift), "label": 0} for c in curves])
+    features = curve_features(curves, len(state.bands))
+    return collate_packed([{**tokens(c, cfg.use_redshift, f), "label": 0}
+                           for c, f in zip(curves, features, strict=True)])
 
 
 @torch.inference_mode()

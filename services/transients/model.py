@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from shared.layers import Encoder, EncoderLayer, SinusoidalPositionalEncoding, make_norm
 
 from .config import TransientsConfig
-from .data import N_GLOBALS, N_VALUES, REDSHIFT_GLOBAL, Batch, TransientsState
+from .data import N_GLOBALS, N_VALUES, REDSHIFT_GLOBAL, Batch, TransientsState, n_curve_features
 
 
 class ContinuousTime(nn.Module):
@@ -95,7 +95,7 @@ class Classifier(nn.Module):
     globals_mask: Tensor
 
     def __init__(self, cfg: TransientsConfig, n_classes: int, temperature: float,
-                 class_counts: tuple[int, ...] = (), pooled_dim: int | None = None) -> None:
+                 class_counts: tuple[int, ...] = (), pooled_dim: int | None = None, n_globals: int = N_GLOBALS) -> None:
         super().__init__()
         self.label_smoothing = cfg.label_smoothing
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -103,12 +103,12 @@ class Classifier(nn.Module):
         weights = class_weights_for(counts, weight_power(cfg))
         self.register_buffer("class_weights", weights, persistent=False)  # (K,) cross-entropy weights
         self.register_buffer("decision_bias", decision_bias_for(counts, cfg), persistent=False)  # (K,)
-        mask = torch.ones(N_GLOBALS)
+        mask = torch.ones(n_globals)
         if not cfg.use_redshift:
             mask[REDSHIFT_GLOBAL] = 0.0
-        self.register_buffer("globals_mask", mask, persistent=False)  # (N_GLOBALS,)
+        self.register_buffer("globals_mask", mask, persistent=False)  # (n_globals,)
         pooled_dim = cfg.d_model if pooled_dim is None else pooled_dim
-        self.head = nn.Sequential(nn.Linear(pooled_dim + N_GLOBALS, cfg.d_model), nn.GELU(),
+        self.head = nn.Sequential(nn.Linear(pooled_dim + n_globals, cfg.d_model), nn.GELU(),
                                   nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, n_classes))
 
     def decide(self, logits: Tensor) -> Tensor:
@@ -116,7 +116,7 @@ class Classifier(nn.Module):
         return (logits.float() + self.decision_bias.to(logits.device)).argmax(dim=-1)
 
     def globals_of(self, globals_: Tensor) -> Tensor:
-        return globals_ * self.globals_mask.to(globals_.dtype)  # (B, N_GLOBALS)
+        return globals_ * self.globals_mask.to(globals_.dtype)  # (B, n_globals)
 
     def classify(self, pooled: Tensor, globals_: Tensor) -> Tensor:
         logits = self.head(torch.cat([pooled, globals_], dim=-1))  # (B, K)
@@ -127,12 +127,14 @@ class NativeClassifier(Classifier):
     def __init__(self, cfg: TransientsConfig, n_bands: int, n_classes: int, temperature: float = 1.0,
                  class_counts: tuple[int, ...] = ()) -> None:
         d = cfg.d_model
-        super().__init__(cfg, n_classes, temperature, class_counts, pooled_dim=2 * d if cfg.pooling == "both" else d)
+        n_globals = N_GLOBALS + (n_curve_features(n_bands) if cfg.lc_features else 0)
+        super().__init__(cfg, n_classes, temperature, class_counts, pooled_dim=2 * d if cfg.pooling == "both" else d,
+                         n_globals=n_globals)
         self.pooling, self.n_heads = cfg.pooling, cfg.n_heads
         self.values = nn.Linear(N_VALUES, d)
         self.band = nn.Embedding(n_bands, d)
         self.time = ContinuousTime(d, cfg.time_scale_max)
-        self.globals_proj = nn.Linear(N_GLOBALS, d)
+        self.globals_proj = nn.Linear(n_globals, d)
         self.encoder = Encoder([EncoderLayer(d, cfg.n_heads, cfg.d_ff, dropout=cfg.dropout)
                                 for _ in range(cfg.n_layers)], norm=make_norm("layer", d))
         if cfg.pooling != "mean":
