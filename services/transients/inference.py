@@ -108,9 +108,7 @@ def model_inputs(loaded: Any, curves: Sequence[Curve]) -> Any:
         items = [{"grid": g, "globals": object_globals(c, cfg.use_redshift), "label": 0}
                  for g, c in zip(grids, curves, strict=True)]
         return collate_grids(items)
-    if not getattr(cfg, "lc_features", False):
-        return collate_packed([{**tokens(c, cfg.use_redshift), "label": 0} for c in curves])
-    features = curve_features(curves, len(state.bands))
+    features = curve_features(curves, len(state.bands)) if cfg.lc_features else [None] * len(curves)
     return collate_packed([{**tokens(c, cfg.use_redshift, f), "label": 0}
                            for c, f in zip(curves, features, strict=True)])
 

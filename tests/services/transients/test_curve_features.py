@@ -81,4 +81,3 @@ def test_only_the_native_model_takes_them() -> None:
     assert TransientsConfig(lc_features=True).lc_features
     with pytest.raises(ValueError, match="native model"):
         TransientsConfig(model="t2", lc_features=True)
-
