@@ -89,7 +89,7 @@ class TransientsDomain(Domain):
             datasets: list[Any] = [GridDataset(grids[p], globals_[p], labelled.labels[p]) for p in parts]
         else:
             datasets = [CurveDataset([labelled.curves[i] for i in p], labelled.labels[p], cfg, train=k == 0,
-                                     n_bands=len(bands)) for k, p in enumerate(parts)]
+                                     n_bands=len(bands), wavelengths=wavelengths) for k, p in enumerate(parts)]
         return DataBundle(train=datasets[0], val=datasets[1], test=datasets[2], state=state)
 
     def build_model(self, cfg: TransientsConfig, state: TransientsState) -> torch.nn.Module:

@@ -97,6 +97,12 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
     drop_point_prob: float = 0.1  # each observation dropped with this probability
     drop_band_prob: float = 0.1  # one band removed with this probability (when more than one is seen)
     flux_noise: float = 1.0  # flux += flux_noise * flux_err * N(0, 1)
+    gp_resample_prob: float = 0.0  # `native` only: a training view redrawn from the curve's 2-D GP (the t2
+    # kernel, fitted once per training curve) with this probability before the cuts and drops: times moved by up
+    # to gp_time_jitter days, fluxes a joint posterior draw plus each point's noise. BTS validation, seeds 0-2,
+    # P = 1 against 0: macro AUC mean 0.927 (0.924), at 5 detections 0.747 (0.748), balanced accuracy 0.611
+    # (0.630), ECE 0.054 (0.046); 1.35x the training time. Not the default: no gain beyond the seeds' spread
+    gp_time_jitter: float = 1.0  # days
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,7 +116,9 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
-        for name in ("truncate_prob", "drop_point_prob", "drop_band_prob"):
+        if self.gp_resample_prob and self.model != "native":
+            raise ValueError(f"gp_resample_prob > 0 redraws the native model's training views, not {self.model!r}'s")
+        for name in ("truncate_prob", "drop_point_prob", "drop_band_prob", "gp_resample_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -122,7 +130,7 @@ class TransientsConfig(RunSettings, batch_size=64, lr=1e-3, lr_schedule="cosine"
         for name in ("window_days", "gp_wavelength_scale", "time_scale_max"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        require_at_least(self, 0, ("flux_noise",))
+        require_at_least(self, 0, ("flux_noise", "gp_time_jitter"))
         if self.grouping not in ("auto", "none", *GROUPINGS):
             raise ValueError(f"grouping={self.grouping!r}: expected auto, none or one of {list(GROUPINGS)}")
 

@@ -27,6 +27,7 @@ from shared.saved import SavedState
 
 from .config import GROUPINGS, SURVEYS, TransientsConfig
 from .curves import Curve
+from .gp import FittedGP, fit_gps, one_blas_thread
 
 LIGHT_CURVE_COLUMNS = ("object_id", "mjd", "passband", "flux", "flux_err")
 REDSHIFT_COLUMNS = ("redshift", "hostgal_specz", "hostgal_photoz")
@@ -377,10 +378,29 @@ def _truncation_k(n_det: int, cfg: TransientsConfig, rng: np.random.Generator) -
     return int(rng.integers(low, n_det + 1))
 
 
-def augment(curve: Curve, cfg: TransientsConfig, rng: np.random.Generator) -> Curve:
-    """A training view of ``curve`` as an alert stream would deliver it: cut after its k-th detection (k uniform,
-    or log-uniform so that the first few detections are common), points and a band dropped, flux perturbed by its
-    errors. At least one detection always stays."""
+def resample(curve: Curve, gp: FittedGP, wavelengths: Sequence[float], time_jitter: float,
+             rng: np.random.Generator) -> Curve:
+    """The light curve redrawn from its Gaussian process (avocado's augmentation, without the redshift shift):
+    every observation moved in time by up to ``time_jitter`` days (uniform), the fluxes there one joint draw from
+    the GP posterior plus noise from each point's own error; bands, errors and detection flags stay."""
+    t = curve.mjd + rng.uniform(-time_jitter, time_jitter, len(curve))
+    order = np.argsort(t, kind="stable")
+    t, band, err = t[order], curve.passband[order], curve.flux_err[order]
+    wl = np.asarray(wavelengths, dtype=np.float64)[band]
+    flux = gp.sample(t, wl, rng) * gp.scale + err * rng.standard_normal(len(t))
+    return Curve(curve.object_id, t, band, flux, err, curve.detected[order], curve.redshift)
+
+
+def augment(curve: Curve, cfg: TransientsConfig, rng: np.random.Generator, gp: FittedGP | None = None,
+            wavelengths: Sequence[float] = ()) -> Curve:
+    """A training view of ``curve`` as an alert stream would deliver it: with ``gp``, redrawn from it with
+    probability ``gp_resample_prob`` (:func:`resample`), then cut after its k-th detection (k uniform, or
+    log-uniform so that the first few detections are common), points and a band dropped, flux perturbed by its
+    errors (a redrawn view has its noise already). At least one detection always stays."""
+    redrawn = gp is not None and cfg.gp_resample_prob > 0 and rng.random() < cfg.gp_resample_prob
+    if redrawn:
+        assert gp is not None
+        curve = resample(curve, gp, wavelengths, cfg.gp_time_jitter, rng)
     if cfg.truncate_prob and rng.random() < cfg.truncate_prob:
         n_det = int(curve.detected.sum())
         if n_det > cfg.min_detections:
@@ -394,7 +414,7 @@ def augment(curve: Curve, cfg: TransientsConfig, rng: np.random.Generator) -> Cu
     if not (keep & curve.detected).any():
         keep[np.flatnonzero(curve.detected)[0]] = True
     curve = curve.select(keep)
-    if cfg.flux_noise:
+    if cfg.flux_noise and not redrawn:
         noisy = curve.flux + cfg.flux_noise * curve.flux_err * rng.normal(size=len(curve))
         curve = Curve(curve.object_id, curve.mjd, curve.passband, noisy, curve.flux_err, curve.detected,
                       curve.redshift)
@@ -505,9 +525,15 @@ class CurveDataset(Dataset[dict[str, Any]]):
     """Tokenized light curves with their labels; ``train`` augments each access."""
 
     def __init__(self, curves: Sequence[Curve], labels: np.ndarray, cfg: TransientsConfig, train: bool = False,
-                 n_bands: int = 2) -> None:
+                 n_bands: int = 2, wavelengths: Sequence[float] = ()) -> None:
         self.curves, self.labels, self.cfg, self.train = list(curves), labels, cfg, train
-        self.n_bands = n_bands
+        self.n_bands, self.wavelengths = n_bands, tuple(wavelengths)
+        # each training curve's GP, fitted once, when training views are redrawn from it
+        self.gps: list[FittedGP] | None = None
+        if train and cfg.gp_resample_prob > 0:
+            if len(self.wavelengths) != n_bands:
+                raise ValueError(f"gp_resample_prob > 0 needs the {n_bands} bands' wavelengths")
+            self.gps = fit_gps(self.curves, self.wavelengths, wavelength_scale=cfg.gp_wavelength_scale)
         # the features of unaugmented curves are computed once; a training view's are computed per access
         self.features: np.ndarray | None = None
         if cfg.lc_features and not train:
@@ -520,7 +546,11 @@ class CurveDataset(Dataset[dict[str, Any]]):
         curve = self.curves[index]
         if self.train:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seed
-            curve = augment(curve, self.cfg, rng)
+            if self.gps is None:
+                curve = augment(curve, self.cfg, rng)
+            else:
+                with one_blas_thread():
+                    curve = augment(curve, self.cfg, rng, self.gps[index], self.wavelengths)
         features = None
         if self.cfg.lc_features:
             features = self.features[index] if self.features is not None else curve_features([curve], self.n_bands)[0]

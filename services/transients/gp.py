@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from scipy.linalg import LinAlgError, cho_solve, cholesky, solve_triangular
@@ -115,6 +116,23 @@ class FittedGP:
         var = self.amplitude - np.einsum("nm,nm->m", v, v)
         return mean, np.sqrt(np.clip(var, 0.0, None))
 
+    def sample(self, times: np.ndarray, wavelengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One joint draw of the latent normalised flux at (times, wavelengths) from the posterior, (m,): the mean
+        plus L z, L the Cholesky factor of the posterior covariance (jittered when it is numerically singular, as
+        it is at points next to precise observations); the mean alone if no jitter helps."""
+        dt2 = (times[None, :] - self.t[:, None]) ** 2 / self.time_scale**2
+        dw2 = (wavelengths[None, :] - self.wl[:, None]) ** 2 / self.wavelength_scale**2
+        cross = self.amplitude * _matern32(dt2 + dw2)[0]  # (n, m)
+        mean = cross.T @ self.alpha
+        v = solve_triangular(self.chol, cross, lower=True, check_finite=False)  # (n, m)
+        qt2 = (times[:, None] - times[None, :]) ** 2 / self.time_scale**2
+        qw2 = (wavelengths[:, None] - wavelengths[None, :]) ** 2 / self.wavelength_scale**2
+        cov = self.amplitude * _matern32(qt2 + qw2)[0] - v.T @ v  # (m, m)
+        chol = _cholesky(cov, np.full(len(times), 1e-6 * self.amplitude), self.amplitude)
+        if chol is None:
+            return mean
+        return mean + chol @ rng.standard_normal(len(times))
+
 
 def fit_gp(curve: Curve, wavelengths: Sequence[float], *, wavelength_scale: float = 6000.0) -> FittedGP:
     """Fit astronet's 2-D Matern-3/2 GP to a (trimmed) light curve by maximum likelihood on flux / scale."""
@@ -180,6 +198,37 @@ def gp_grid(curve: Curve, wavelengths: Sequence[float], *, steps: int = 100, win
     mean = mean.reshape(n_bands, steps).T.astype(np.float32)  # (steps, n_bands)
     std = std.reshape(n_bands, steps).T.astype(np.float32)
     return Grid(times - start, mean, std, gp.scale)
+
+
+_CONTROLLER: list[Any] = []
+
+
+def one_blas_thread() -> AbstractContextManager[Any]:
+    """A context in which numpy/scipy's BLAS runs on one thread. The GP's matrices are small: on a busy machine
+    (a training process's own threads beside them) threaded BLAS made redrawing a light curve 4-8x slower."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return nullcontext()
+    if not _CONTROLLER:  # building the controller lists the loaded libraries (milliseconds); limiting is cheap
+        _CONTROLLER.append(ThreadpoolController())
+    return cast(AbstractContextManager[Any], _CONTROLLER[0].limit(limits=1, user_api="blas"))
+
+
+def _fit_whole(curve: Curve, wavelengths: Sequence[float], wavelength_scale: float) -> FittedGP:
+    return fit_gp(curve, wavelengths, wavelength_scale=wavelength_scale)
+
+
+def fit_gps(curves: Sequence[Curve], wavelengths: Sequence[float], *, wavelength_scale: float = 6000.0,
+            progress: bool = True) -> list[FittedGP]:
+    """The GP of every light curve, fitted on all its observations (for resampled training views)."""
+    fn = partial(_fit_whole, wavelengths=tuple(wavelengths), wavelength_scale=wavelength_scale)
+    with one_blas_thread():
+        if progress and len(curves) > 100:
+            from tqdm import tqdm
+
+            return [fn(c) for c in tqdm(curves, desc="GP fits", unit="curve")]
+        return [fn(c) for c in curves]
 
 
 def _grid_mean(curve: Curve, wavelengths: Sequence[float], steps: int, window_days: float,

@@ -17,6 +17,7 @@ from services.transients.data import (
     find_metadata,
     group_of,
     load_labelled,
+    resample,
     split_objects,
     synthetic_curves,
     tokens,
@@ -144,3 +145,28 @@ def test_the_ztf_bright_transient_survey_reads_into_five_classes() -> None:
     plasticc = str(DATA / "plasticc_sample_training_set.csv")
     sample = load_labelled(plasticc, None, TransientsConfig(data=plasticc, min_class_objects=1))
     assert sample.survey == "lsst" and len(sample.curves) == 10 and sample.classes == ["42", "65", "88", "90", "92"]
+
+
+def test_gp_resampled_views_keep_the_bands_and_follow_the_curve() -> None:
+    from services.transients.gp import fit_gp
+
+    curve = synthetic_curves(20, seed=4)[0][0]
+    wavelengths = (4746.48, 6366.38)
+    gp = fit_gp(curve, wavelengths)
+    rng = np.random.default_rng(1)
+    view = resample(curve, gp, wavelengths, 1.0, rng)
+    assert len(view) == len(curve) and np.all(np.diff(view.mjd) >= 0)
+    assert np.all(np.abs(np.sort(view.mjd) - np.sort(curve.mjd)) <= 1.0 + 1e-9)
+    assert sorted(view.passband.tolist()) == sorted(curve.passband.tolist())
+    assert view.detected.sum() == curve.detected.sum()
+    # the redrawn fluxes follow the light curve: within a few errors of it, and not equal to it
+    near = np.abs(view.flux - np.interp(view.mjd, curve.mjd, curve.flux)) / view.flux_err
+    assert np.median(near) < 3 and not np.allclose(view.flux, curve.flux)
+    # augment redraws with gp_resample_prob and only then; without a GP it never does
+    cfg = TransientsConfig(gp_resample_prob=1.0, truncate_prob=0.0, drop_point_prob=0.0, drop_band_prob=0.0)
+    assert not np.array_equal(augment(curve, cfg, np.random.default_rng(2), gp, wavelengths).mjd, curve.mjd)
+    assert np.array_equal(augment(curve, cfg, np.random.default_rng(2)).mjd, curve.mjd)
+    off = TransientsConfig(gp_resample_prob=0.0, truncate_prob=0.0, drop_point_prob=0.0, drop_band_prob=0.0)
+    assert np.array_equal(augment(curve, off, np.random.default_rng(2), gp, wavelengths).mjd, curve.mjd)
+    with pytest.raises(ValueError, match="gp_resample_prob"):
+        TransientsConfig(model="t2", gp_resample_prob=0.5)

@@ -125,3 +125,19 @@ def test_deterministic_and_workers_agree() -> None:
     assert serial.shape == (6, 100, 2) and serial.dtype == np.float32
     np.testing.assert_array_equal(serial[0], first.mean)
     np.testing.assert_array_equal(gp_grids(curves, ZTF, steps=100, workers=2, progress=False), serial)
+
+
+def test_posterior_draws_have_the_posterior_mean_and_spread() -> None:
+    curve = two_band_curve(n=25, seed=3)
+    gp = fit_gp(curve, ZTF)
+    times = np.array([5.0, 33.0, 61.0, 88.0, 120.0])  # inside the data, and beyond it (larger spread)
+    wavelengths = np.array([ZTF[0], ZTF[1], ZTF[0], ZTF[1], ZTF[0]])
+    mean, std = gp.predict(times, wavelengths)
+    rng = np.random.default_rng(0)
+    draws = np.stack([gp.sample(times, wavelengths, rng) for _ in range(4000)])  # (4000, 5)
+    assert np.allclose(draws.mean(axis=0), mean, atol=4 * std.max() / np.sqrt(4000))
+    assert np.allclose(draws.std(axis=0), std, rtol=0.1, atol=1e-3)
+    assert std[-1] > 3 * std[1]  # 30 days past the last point the GP is unsure
+    # one joint draw: neighbouring times move together (correlated), unlike independent noise
+    pair = np.stack([gp.sample(np.array([150.0, 150.5]), np.array([ZTF[0], ZTF[0]]), rng) for _ in range(2000)])
+    assert np.corrcoef(pair.T)[0, 1] > 0.9
