@@ -106,13 +106,20 @@ class FittedGP:
     scale: float  # flux normalisation
     success: bool  # whether the likelihood fit converged (else the guess was used)
 
+    def _kernel(self, t1: np.ndarray, w1: np.ndarray, t2: np.ndarray, w2: np.ndarray) -> np.ndarray:
+        """The fitted kernel between points (t1, w1) and (t2, w2): (len(t1), len(t2))."""
+        dt2 = (t1[:, None] - t2[None, :]) ** 2 / self.time_scale**2
+        dw2 = (w1[:, None] - w2[None, :]) ** 2 / self.wavelength_scale**2
+        return self.amplitude * _matern32(dt2 + dw2)[0]
+
+    def _conditioned(self, times: np.ndarray, wavelengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior mean at the query points (m,) and L^-1 K(train, query) (n, m)."""
+        cross = self._kernel(self.t, self.wl, times, wavelengths)  # (n, m)
+        return cross.T @ self.alpha, solve_triangular(self.chol, cross, lower=True, check_finite=False)
+
     def predict(self, times: np.ndarray, wavelengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of the latent normalised flux at (times, wavelengths), both (m,)."""
-        dt2 = (times[None, :] - self.t[:, None]) ** 2 / self.time_scale**2
-        dw2 = (wavelengths[None, :] - self.wl[:, None]) ** 2 / self.wavelength_scale**2
-        cross = self.amplitude * _matern32(dt2 + dw2)[0]  # (n, m)
-        mean = cross.T @ self.alpha
-        v = solve_triangular(self.chol, cross, lower=True, check_finite=False)  # (n, m)
+        mean, v = self._conditioned(times, wavelengths)
         var = self.amplitude - np.einsum("nm,nm->m", v, v)
         return mean, np.sqrt(np.clip(var, 0.0, None))
 
@@ -120,14 +127,8 @@ class FittedGP:
         """One joint draw of the latent normalised flux at (times, wavelengths) from the posterior, (m,): the mean
         plus L z, L the Cholesky factor of the posterior covariance (jittered when it is numerically singular, as
         it is at points next to precise observations); the mean alone if no jitter helps."""
-        dt2 = (times[None, :] - self.t[:, None]) ** 2 / self.time_scale**2
-        dw2 = (wavelengths[None, :] - self.wl[:, None]) ** 2 / self.wavelength_scale**2
-        cross = self.amplitude * _matern32(dt2 + dw2)[0]  # (n, m)
-        mean = cross.T @ self.alpha
-        v = solve_triangular(self.chol, cross, lower=True, check_finite=False)  # (n, m)
-        qt2 = (times[:, None] - times[None, :]) ** 2 / self.time_scale**2
-        qw2 = (wavelengths[:, None] - wavelengths[None, :]) ** 2 / self.wavelength_scale**2
-        cov = self.amplitude * _matern32(qt2 + qw2)[0] - v.T @ v  # (m, m)
+        mean, v = self._conditioned(times, wavelengths)
+        cov = self._kernel(times, wavelengths, times, wavelengths) - v.T @ v  # (m, m)
         chol = _cholesky(cov, np.full(len(times), 1e-6 * self.amplitude), self.amplitude)
         if chol is None:
             return mean
