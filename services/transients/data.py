@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -397,10 +398,9 @@ def augment(curve: Curve, cfg: TransientsConfig, rng: np.random.Generator, gp: F
     probability ``gp_resample_prob`` (:func:`resample`), then cut after its k-th detection (k uniform, or
     log-uniform so that the first few detections are common), points and a band dropped, flux perturbed by its
     errors (a redrawn view has its noise already). At least one detection always stays."""
-    redrawn = gp is not None and cfg.gp_resample_prob > 0 and rng.random() < cfg.gp_resample_prob
-    if redrawn:
-        assert gp is not None
-        curve = resample(curve, gp, wavelengths, cfg.gp_time_jitter, rng)
+    redrawn = False
+    if gp is not None and cfg.gp_resample_prob > 0 and rng.random() < cfg.gp_resample_prob:
+        curve, redrawn = resample(curve, gp, wavelengths, cfg.gp_time_jitter, rng), True
     if cfg.truncate_prob and rng.random() < cfg.truncate_prob:
         n_det = int(curve.detected.sum())
         if n_det > cfg.min_detections:
@@ -546,11 +546,8 @@ class CurveDataset(Dataset[dict[str, Any]]):
         curve = self.curves[index]
         if self.train:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))  # follows torch's seed
-            if self.gps is None:
-                curve = augment(curve, self.cfg, rng)
-            else:
-                with one_blas_thread():
-                    curve = augment(curve, self.cfg, rng, self.gps[index], self.wavelengths)
+            with nullcontext() if self.gps is None else one_blas_thread():
+                curve = augment(curve, self.cfg, rng, None if self.gps is None else self.gps[index], self.wavelengths)
         features = None
         if self.cfg.lc_features:
             features = self.features[index] if self.features is not None else curve_features([curve], self.n_bands)[0]

@@ -19,12 +19,12 @@ scale), which makes the grid comparable across objects; astronet robust-scales i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 from scipy.linalg import LinAlgError, cho_solve, cholesky, solve_triangular
@@ -36,6 +36,7 @@ GUESS_TIME_SCALE = 20.0  # days: initial Matern time length scale (astronet, avo
 TIME_SCALE_BOUNDS = (1.0, 1000.0)  # days: bounds of the fitted time length scale
 AMPLITUDE_BOUND = 10.0  # log-variance may move this far from its guess, log(0.25 * scale^2)
 _SQRT3 = math.sqrt(3.0)
+T = TypeVar("T")
 _JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the amplitude, tried in turn when Cholesky fails
 
 
@@ -216,20 +217,40 @@ def one_blas_thread() -> AbstractContextManager[Any]:
     return cast(AbstractContextManager[Any], _CONTROLLER[0].limit(limits=1, user_api="blas"))
 
 
-def _fit_whole(curve: Curve, wavelengths: Sequence[float], wavelength_scale: float) -> FittedGP:
-    return fit_gp(curve, wavelengths, wavelength_scale=wavelength_scale)
-
-
 def fit_gps(curves: Sequence[Curve], wavelengths: Sequence[float], *, wavelength_scale: float = 6000.0,
             progress: bool = True) -> list[FittedGP]:
     """The GP of every light curve, fitted on all its observations (for resampled training views)."""
-    fn = partial(_fit_whole, wavelengths=tuple(wavelengths), wavelength_scale=wavelength_scale)
+    fn = partial(fit_gp, wavelengths=tuple(wavelengths), wavelength_scale=wavelength_scale)
     with one_blas_thread():
-        if progress and len(curves) > 100:
-            from tqdm import tqdm
+        return list(_each_curve(fn, curves, "GP fits", workers=1, progress=progress))
 
-            return [fn(c) for c in tqdm(curves, desc="GP fits", unit="curve")]
-        return [fn(c) for c in curves]
+
+def _each_curve(fn: Callable[[Curve], T], curves: Sequence[Curve], desc: str, *, workers: int,
+                progress: bool) -> Iterator[T]:
+    """``fn`` of every curve in order, in ``workers`` single-threaded processes when more than one, with a
+    progress bar for more than 100 curves."""
+    bar = None
+    if progress and len(curves) > 100:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(curves), desc=desc, unit="curve")
+    try:
+        if workers > 1 and len(curves) > 1:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
+                chunk = max(1, len(curves) // (workers * 16))
+                for result in pool.map(fn, curves, chunksize=chunk):
+                    if bar is not None:
+                        bar.update()
+                    yield result
+        else:
+            for curve in curves:
+                result = fn(curve)
+                if bar is not None:
+                    bar.update()
+                yield result
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _grid_mean(curve: Curve, wavelengths: Sequence[float], steps: int, window_days: float,
@@ -253,23 +274,6 @@ def gp_grids(curves: Sequence[Curve], wavelengths: Sequence[float], *, steps: in
     fn = partial(_grid_mean, wavelengths=tuple(wavelengths), steps=steps, window_days=window_days,
                  wavelength_scale=wavelength_scale)
     out = np.empty((len(curves), steps, len(wavelengths)), dtype=np.float32)
-    bar = None
-    if progress and len(curves) > 100:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(curves), desc="GP grids", unit="curve")
-    if workers > 1 and len(curves) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
-            chunk = max(1, len(curves) // (workers * 16))
-            for i, grid in enumerate(pool.map(fn, curves, chunksize=chunk)):
-                out[i] = grid
-                if bar is not None:
-                    bar.update()
-    else:
-        for i, curve in enumerate(curves):
-            out[i] = fn(curve)
-            if bar is not None:
-                bar.update()
-    if bar is not None:
-        bar.close()
+    for i, grid in enumerate(_each_curve(fn, curves, "GP grids", workers=workers, progress=progress)):
+        out[i] = grid
     return out
