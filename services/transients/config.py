@@ -144,8 +144,10 @@ class TransientsEvalConfig:
     baseline: bool = True  # train and score the light-curve-feature gradient-boosting baseline in the same run
     ece_bins: int = 15
     seed: int = 0
+    bootstrap: int = 1000  # resamples of the test objects (stratified by class) for the 95 % intervals; 0: none
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("ece_bins",))
+        require_at_least(self, 0, ("bootstrap",))
         if any(k < 1 for k in self.early):
             raise ValueError(f"early={list(self.early)}: every cut must be >= 1 detection")

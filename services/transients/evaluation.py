@@ -21,10 +21,19 @@ from shared.registry import EvaluationResult
 from .config import TransientsConfig, TransientsEvalConfig
 from .curves import Curve
 from .data import TransientsState, load_labelled, synthetic_curves
-from .metrics import classification_metrics, confusion_figure, early_figure, reliability_figure
+from .metrics import (
+    bootstrap_scores,
+    classification_metrics,
+    confusion_figure,
+    early_figure,
+    percentile_interval,
+    reliability_figure,
+    stratified_resamples,
+)
 
 METRICS = ("macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss", "ece",
            "brier")
+INTERVAL_METRICS = ("macro_auc", "balanced_accuracy", "macro_f1", "log_loss", "ece")  # the issue's targets and more
 
 
 def training_curves(cfg: TransientsConfig, state: TransientsState) -> tuple[list[Curve], np.ndarray]:
@@ -59,6 +68,39 @@ def scores(y: np.ndarray, proba: np.ndarray, classes: list[str], bins: int,
     line stays strict JSON."""
     found = classification_metrics(y, proba, classes, bins=bins, pred=pred)
     return {k: round(float(found[k]), 5) if np.isfinite(found[k]) else None for k in METRICS}
+
+
+def _rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(interval[0], 5), round(interval[1], 5)]
+
+
+def add_intervals(metrics: dict[str, Any], y: np.ndarray, systems: dict[str, dict[str, np.ndarray]],
+                  picked: dict[str, dict[str, np.ndarray | None]], classes: list[str],
+                  settings: TransientsEvalConfig) -> None:
+    """95 % intervals from a stratified bootstrap over the test objects: ``ci95`` {metric: [low, high]} beside each
+    system's scores (whole curves and every cut) and, with a baseline, ``model_minus_baseline`` {cut: {metric:
+    {"value", "ci95"}}}: the paired differences (the same resamples for both), so an interval above 0 means the
+    model is ahead on these objects beyond what their sampling explains."""
+    resamples = stratified_resamples(y, settings.bootstrap, seed=settings.seed)
+    cuts = list(next(iter(systems.values())))
+    differences: dict[str, dict[str, Any]] = {}
+    for cut in cuts:
+        drawn = bootstrap_scores(y, {name: (by_cut[cut], picked[name][cut]) for name, by_cut in systems.items()},
+                                 classes, resamples, bins=settings.ece_bins, keys=INTERVAL_METRICS,
+                                 progress=f"bootstrap, {cut if cut == 'all' else cut + ' detections'}")
+        for name, values in drawn.items():
+            target = metrics[name] if cut == "all" else metrics[name]["early"][cut]
+            target["ci95"] = {k: _rounded(percentile_interval(v)) for k, v in values.items()}
+        if "model" in drawn and "baseline" in drawn:
+            ours, theirs = ((metrics[name] if cut == "all" else metrics[name]["early"][cut])
+                            for name in ("model", "baseline"))
+            differences[cut] = {
+                k: {"value": None if ours[k] is None or theirs[k] is None else round(ours[k] - theirs[k], 5),
+                    "ci95": _rounded(percentile_interval(drawn["model"][k] - drawn["baseline"][k]))}
+                for k in INTERVAL_METRICS}
+    if differences:
+        metrics["model_minus_baseline"] = differences
+    metrics["bootstrap"] = {"resamples": settings.bootstrap, "stratified_by": "class", "level": 0.95}
 
 
 def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: TransientsState, data: str | None,
@@ -96,6 +138,8 @@ def evaluate_classifier(model: nn.Module, cfg: TransientsConfig, state: Transien
     for name, by_cut in systems.items():
         found = {cut: scores(test_y, p, classes, settings.ece_bins, picked[name][cut]) for cut, p in by_cut.items()}
         metrics[name] = {**found["all"], "early": {str(k): found[str(k)] for k in settings.early}}
+    if settings.bootstrap:
+        add_intervals(metrics, test_y, systems, picked, classes, settings)
     metrics.update({"classes": classes, "n_objects": len(test), "split": split,
                     "class_counts": {c: int((test_y == i).sum()) for i, c in enumerate(classes)},
                     "model_ms_per_object": round(1000 * model_seconds / max(1, sum(len(c) for c in cuts.values())), 4)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -128,10 +128,11 @@ def _mean_or_nan(values: list[float]) -> float:
 
 
 def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], bins: int = 15,
-                           pred: np.ndarray | None = None) -> dict[str, float]:
+                           pred: np.ndarray | None = None, keys: Collection[str] | None = None) -> dict[str, float]:
     """The evaluation's scores of one system on one split (see the module docstring for absent classes).
     ``pred`` (N,): the system's top classes, for balanced accuracy, macro-F1 and accuracy (default: the argmax of
-    ``proba``); the ranking, calibration and probability scores use ``proba``."""
+    ``proba``); the ranking, calibration and probability scores use ``proba``. ``keys``: only these scores are
+    computed (the bootstrap asks for a few of them a thousand times), NaN for the others."""
     y, proba = _check(y, proba)
     pred = _check_pred(pred, proba)
     n_classes = proba.shape[1]
@@ -143,17 +144,21 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
         keys = ("macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss",
                 "ece", "brier")
         return {**dict.fromkeys(keys, math.nan), **out}
+    def wanted(key: str) -> bool:
+        return keys is None or key in keys
+
     onehot = np.eye(n_classes)[y]  # (N, K)
     aucs, pr_aucs = [], []
     for k in range(n_classes):
         positives = int(onehot[:, k].sum())
-        if positives:
+        if positives and wanted("macro_pr_auc"):
             pr_aucs.append(float(average_precision_score(onehot[:, k], proba[:, k])))
-        if 0 < positives < n:
+        if 0 < positives < n and wanted("macro_auc"):
             aucs.append(float(roc_auc_score(onehot[:, k], proba[:, k])))
     out["macro_auc"] = _mean_or_nan(aucs)
     flat = onehot.ravel()
-    out["micro_auc"] = float(roc_auc_score(flat, proba.ravel())) if 0 < flat.sum() < flat.size else math.nan
+    out["micro_auc"] = (float(roc_auc_score(flat, proba.ravel())) if 0 < flat.sum() < flat.size
+                        and wanted("micro_auc") else math.nan)
     out["macro_pr_auc"] = _mean_or_nan(pr_aucs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" when a class is absent
@@ -164,6 +169,56 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
     out["ece"] = expected_calibration_error(y, proba, bins)
     out["brier"] = brier(y, proba)
     return out
+
+
+# ---------------------------------------------------------------- bootstrap intervals over the test objects
+
+
+def stratified_resamples(y: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """(samples, N) indices into ``y``: each row draws, within every class, as many objects as the class has, with
+    replacement (a stratified bootstrap: a class of 4 test objects is never left out of a resample, so macro
+    scores keep their classes and a resample cannot be undefined where the sample is not)."""
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    rng = np.random.default_rng(seed)
+    out = np.empty((samples, len(y)), dtype=np.int64)
+    start = 0
+    for k in np.unique(y):
+        members = np.flatnonzero(y == k)
+        out[:, start:start + len(members)] = rng.choice(members, size=(samples, len(members)))
+        start += len(members)
+    return out
+
+
+def bootstrap_scores(y: np.ndarray, systems: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+                     classes: Sequence[str], resamples: np.ndarray, bins: int = 15,
+                     keys: Sequence[str] = ("macro_auc", "balanced_accuracy", "macro_f1", "log_loss", "ece"),
+                     progress: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """``keys`` of :func:`classification_metrics` for every system ({name: (proba, top classes or None)}) on each
+    row of ``resamples`` (the same rows for every system, so differences between systems are paired) ->
+    {name: {key: (samples,)}}."""
+    from tqdm import tqdm
+
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    out = {name: {k: np.empty(len(resamples)) for k in keys} for name in systems}
+    rows = tqdm(resamples, desc=progress, unit="resample", disable=progress is None, leave=False, mininterval=2.0)
+    for i, idx in enumerate(rows):
+        for name, (proba, pred) in systems.items():
+            found = classification_metrics(y[idx], proba[idx], classes, bins=bins,
+                                           pred=None if pred is None else pred[idx], keys=keys)
+            for k in keys:
+                out[name][k][i] = found[k]
+    return out
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    """The central ``level`` percentile interval of bootstrap values (NaNs ignored); None when none is finite."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return None
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 # ---------------------------------------------------------------- figures (Figure objects, no pyplot state: Agg)

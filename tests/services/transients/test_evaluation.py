@@ -11,7 +11,7 @@ import torch
 
 from services.transients.config import TransientsEvalConfig
 from services.transients.data import synthetic_curves
-from services.transients.evaluation import METRICS, evaluate_classifier
+from services.transients.evaluation import INTERVAL_METRICS, METRICS, evaluate_classifier
 from shared import registry
 
 BTS_TYPE = {"SN Ia": "SN Ia-91T", "SN II": "SN IIP", "SN Ibc": "SN Ic-BL", "SLSN": "SLSN-I", "other": "TDE"}
@@ -37,9 +37,20 @@ def _check(metrics: dict, early: tuple[int, ...]) -> None:
 
 def test_the_model_and_the_baseline_are_scored_on_the_test_split(trained: tuple) -> None:
     model, cfg, state = trained
-    result = evaluate_classifier(model, cfg, state, None, TransientsEvalConfig(early=(3, 5)))
+    result = evaluate_classifier(model, cfg, state, None, TransientsEvalConfig(early=(3, 5), bootstrap=50))
     metrics = result.metrics
     _check(metrics, (3, 5))
+    # 95 % intervals beside every score set, and the paired model - baseline differences
+    assert metrics["bootstrap"]["resamples"] == 50
+    for system in ("model", "baseline"):
+        for values in (metrics[system], *metrics[system]["early"].values()):
+            assert set(values["ci95"]) == set(INTERVAL_METRICS)
+            low, high = values["ci95"]["macro_auc"]
+            assert 0.0 <= low <= high <= 1.0
+    assert set(metrics["model_minus_baseline"]) == {"all", "3", "5"}
+    gap = metrics["model_minus_baseline"]["all"]["macro_auc"]
+    assert gap["value"] == pytest.approx(metrics["model"]["macro_auc"] - metrics["baseline"]["macro_auc"], abs=1e-4)
+    assert gap["ci95"][0] <= gap["ci95"][1]
     assert metrics["classes"] == list(state.classes) and metrics["split"] == "test"
     assert metrics["n_objects"] == len(state.objects["test"]) == sum(metrics["class_counts"].values())
     assert {"confusion.png", "reliability.png", "early_classification.png"} <= set(result.figures)
@@ -54,6 +65,7 @@ def test_with_data_every_labelled_object_of_the_file_is_scored(trained: tuple, t
     pd.DataFrame({"object_id": [c.object_id for c in curves],
                   "type": [BTS_TYPE[names[k]] for k in labels]}).to_csv(tmp_path / "new_metadata.csv", index=False)
     result = evaluate_classifier(model, cfg, state, str(tmp_path / "new_lightcurves.csv"),
-                                 TransientsEvalConfig(early=(3,)))
+                                 TransientsEvalConfig(early=(3,), bootstrap=0))
     _check(result.metrics, (3,))
+    assert "ci95" not in result.metrics["model"] and "model_minus_baseline" not in result.metrics  # bootstrap=0
     assert result.metrics["split"] == "external" and result.metrics["n_objects"] == 40

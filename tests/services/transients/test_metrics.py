@@ -11,14 +11,17 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, roc_auc
 
 from services.transients.metrics import (
     PLASTICC_WEIGHTS,
+    bootstrap_scores,
     brier,
     class_weights,
     classification_metrics,
     confusion_figure,
     early_figure,
     expected_calibration_error,
+    percentile_interval,
     reliability,
     reliability_figure,
+    stratified_resamples,
     weighted_log_loss,
 )
 
@@ -138,3 +141,44 @@ def test_figures(sample: tuple[np.ndarray, np.ndarray]) -> None:
     fig = early_figure(curves, metric="macro_auc")
     assert isinstance(fig, Figure)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["3", "5", "10", "all"]
+
+
+def test_stratified_resamples_keep_every_class_count_and_draw_within_the_class() -> None:
+    y = np.array([2, 0, 0, 1, 0, 2, 0, 0, 0, 1, 0, 4])  # shuffled, one class of one object, class 3 absent
+    rows = stratified_resamples(y, samples=200, seed=3)
+    assert rows.shape == (200, len(y))
+    for row in rows:
+        assert np.array_equal(np.bincount(y[row], minlength=5), np.bincount(y, minlength=5))
+    assert len(np.unique(rows[:, 0])) > 1  # rows differ: an actual resampling, not the sample itself
+    assert np.array_equal(stratified_resamples(y, 200, seed=3), rows)  # reproducible from the seed
+
+
+def test_bootstrap_intervals_hold_the_sample_and_pair_the_systems(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = sample
+    rng = np.random.default_rng(1)
+    noise = rng.dirichlet(np.ones(4), size=len(y))  # an uninformative system
+    rows = stratified_resamples(y, samples=300, seed=0)
+    drawn = bootstrap_scores(y, {"good": (proba, None), "noise": (noise, None), "same": (proba, None)},
+                             ["a", "b", "c", "d"], rows)
+    point = classification_metrics(y, proba, ["a", "b", "c", "d"])
+    for key in ("macro_auc", "balanced_accuracy", "macro_f1", "log_loss", "ece"):
+        low, high = percentile_interval(drawn["good"][key])
+        assert low < high
+        if key != "ece":  # a resample's ECE is biased upwards (fewer distinct objects per bin), the rest hold it
+            assert low <= point[key] <= high
+    # paired: a system against itself differs by exactly 0 on every resample; the informative one beats noise
+    assert percentile_interval(drawn["good"]["macro_auc"] - drawn["same"]["macro_auc"]) == (0.0, 0.0)
+    assert percentile_interval(drawn["good"]["macro_auc"] - drawn["noise"]["macro_auc"])[0] > 0.1
+    # the given top classes are what balanced accuracy scores
+    picked = bootstrap_scores(y, {"all_a": (proba, np.zeros(len(y), dtype=np.int64))}, ["a", "b", "c", "d"], rows,
+                              keys=("balanced_accuracy",))
+    assert np.allclose(picked["all_a"]["balanced_accuracy"], 0.25)
+    assert percentile_interval(np.array([np.nan, np.nan])) is None
+
+
+def test_only_the_asked_scores_are_computed(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = sample
+    every = classification_metrics(y, proba, ["a", "b", "c", "d"])
+    some = classification_metrics(y, proba, ["a", "b", "c", "d"], keys=("macro_auc", "ece"))
+    assert some["macro_auc"] == every["macro_auc"] and some["ece"] == every["ece"]
+    assert math.isnan(some["micro_auc"]) and math.isnan(some["macro_pr_auc"])
