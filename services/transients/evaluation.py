@@ -22,6 +22,8 @@ from .config import TransientsConfig, TransientsEvalConfig
 from .curves import Curve
 from .data import TransientsState, load_labelled, synthetic_curves
 from .metrics import (
+    INTERVAL_SCORES,
+    SCORES,
     bootstrap_scores,
     classification_metrics,
     confusion_figure,
@@ -31,9 +33,8 @@ from .metrics import (
     stratified_resamples,
 )
 
-METRICS = ("macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss", "ece",
-           "brier")
-INTERVAL_METRICS = ("macro_auc", "balanced_accuracy", "macro_f1", "log_loss", "ece")  # the issue's targets and more
+METRICS = SCORES  # every score, in the JSON of each system and cut
+INTERVAL_METRICS = INTERVAL_SCORES  # the issue's targets and more, with 95 % intervals
 
 
 def training_curves(cfg: TransientsConfig, state: TransientsState) -> tuple[list[Curve], np.ndarray]:
@@ -82,18 +83,16 @@ def add_intervals(metrics: dict[str, Any], y: np.ndarray, systems: dict[str, dic
     {"value", "ci95"}}}: the paired differences (the same resamples for both), so an interval above 0 means the
     model is ahead on these objects beyond what their sampling explains."""
     resamples = stratified_resamples(y, settings.bootstrap, seed=settings.seed)
-    cuts = list(next(iter(systems.values())))
     differences: dict[str, dict[str, Any]] = {}
-    for cut in cuts:
+    for cut in systems["model"]:
         drawn = bootstrap_scores(y, {name: (by_cut[cut], picked[name][cut]) for name, by_cut in systems.items()},
                                  classes, resamples, bins=settings.ece_bins, keys=INTERVAL_METRICS,
                                  progress=f"bootstrap, {cut if cut == 'all' else cut + ' detections'}")
+        point = {name: metrics[name] if cut == "all" else metrics[name]["early"][cut] for name in drawn}
         for name, values in drawn.items():
-            target = metrics[name] if cut == "all" else metrics[name]["early"][cut]
-            target["ci95"] = {k: _rounded(percentile_interval(v)) for k, v in values.items()}
-        if "model" in drawn and "baseline" in drawn:
-            ours, theirs = ((metrics[name] if cut == "all" else metrics[name]["early"][cut])
-                            for name in ("model", "baseline"))
+            point[name]["ci95"] = {k: _rounded(percentile_interval(v)) for k, v in values.items()}
+        if "baseline" in drawn:
+            ours, theirs = point["model"], point["baseline"]
             differences[cut] = {
                 k: {"value": None if ours[k] is None or theirs[k] is None else round(ours[k] - theirs[k], 5),
                     "ci95": _rounded(percentile_interval(drawn["model"][k] - drawn["baseline"][k]))}

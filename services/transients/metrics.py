@@ -27,6 +27,10 @@ PLASTICC_WEIGHTS: dict[int, float] = {6: 1.0, 15: 2.0, 16: 1.0, 42: 1.0, 52: 1.0
                                       65: 1.0, 67: 1.0, 88: 1.0, 90: 1.0, 92: 1.0, 95: 1.0, 99: 2.0}
 
 _CLIP = 1e-15  # Kaggle's clipping of submitted probabilities
+# every score of classification_metrics, and the ones the evaluation's bootstrap intervals are drawn for
+SCORES = ("macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss", "ece",
+          "brier")
+INTERVAL_SCORES = ("macro_auc", "balanced_accuracy", "macro_f1", "log_loss", "ece")
 
 
 def _plasticc_target(name: str) -> int | None:
@@ -131,8 +135,9 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
                            pred: np.ndarray | None = None, keys: Collection[str] | None = None) -> dict[str, float]:
     """The evaluation's scores of one system on one split (see the module docstring for absent classes).
     ``pred`` (N,): the system's top classes, for balanced accuracy, macro-F1 and accuracy (default: the argmax of
-    ``proba``); the ranking, calibration and probability scores use ``proba``. ``keys``: only these scores are
-    computed (the bootstrap asks for a few of them a thousand times), NaN for the others."""
+    ``proba``); the ranking, calibration and probability scores use ``proba``. ``keys``: the ranking scores (ROC
+    and PR AUCs, the costly ones) not among them are skipped and NaN (the bootstrap asks for a few scores a
+    thousand times)."""
     y, proba = _check(y, proba)
     pred = _check_pred(pred, proba)
     n_classes = proba.shape[1]
@@ -141,9 +146,8 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
     n = len(y)
     out: dict[str, float] = {"n": float(n)}
     if not n:
-        keys = ("macro_auc", "micro_auc", "macro_pr_auc", "balanced_accuracy", "macro_f1", "accuracy", "log_loss",
-                "ece", "brier")
-        return {**dict.fromkeys(keys, math.nan), **out}
+        return {**dict.fromkeys(SCORES, math.nan), **out}
+
     def wanted(key: str) -> bool:
         return keys is None or key in keys
 
@@ -191,7 +195,7 @@ def stratified_resamples(y: np.ndarray, samples: int, seed: int = 0) -> np.ndarr
 
 def bootstrap_scores(y: np.ndarray, systems: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
                      classes: Sequence[str], resamples: np.ndarray, bins: int = 15,
-                     keys: Sequence[str] = ("macro_auc", "balanced_accuracy", "macro_f1", "log_loss", "ece"),
+                     keys: Sequence[str] = INTERVAL_SCORES,
                      progress: str | None = None) -> dict[str, dict[str, np.ndarray]]:
     """``keys`` of :func:`classification_metrics` for every system ({name: (proba, top classes or None)}) on each
     row of ``resamples`` (the same rows for every system, so differences between systems are paired) ->
