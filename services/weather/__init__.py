@@ -98,7 +98,9 @@ class WeatherDomain(Domain):
         if relaxed:
             metrics.update({f"relaxation_step{k + 1}": float(row.mean()) for k, row in enumerate(relaxation)})
         fitted = dataclasses.replace(state, damping=damping.cpu(),
-                                     relaxation=relaxation.cpu() if relaxed else state.relaxation)
+                                     relaxation=relaxation.cpu() if relaxed else state.relaxation,
+                                     relaxation_keeps_mean=bool(getattr(model, "keep_mean", False)) if relaxed
+                                     else state.relaxation_keeps_mean)
         return Calibration(state=fitted, metrics=metrics)
 
     def figures(self, model: torch.nn.Module, data: DataBundle, cfg: Any) -> dict[str, Figure]:

@@ -47,6 +47,9 @@ class WeatherState(SavedState):
     climatology: Tensor | None = None  # (2 * harmonics + 1, C, H, W) normalized daily cycle (forcings.fit_climatology)
     damping: Tensor | None = None  # (steps, C) factors on the predicted change, fitted on validation
     relaxation: Tensor | None = None  # (steps, C) factors toward the climatology, fitted with the damping
+    # how those factors were fitted: toward the climatology plus the state's area-mean anomaly (True) or toward
+    # the climatology (False); None: before the choice existed (False, how those models were fitted)
+    relaxation_keeps_mean: bool | None = None
     tendency_std: Tensor | None = None  # (C,) normalized; with normalize_tendency the unit of the change
 
     @property

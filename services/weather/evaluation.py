@@ -60,12 +60,15 @@ def diurnal_persistence(values: np.ndarray, inits: np.ndarray, lead_hours: list[
 
 def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tuple[int, int],
                                 fit_inits: np.ndarray, inits: np.ndarray, lead_hours: list[int],
-                                data_step_hours: float, weights: np.ndarray, harmonics: int = 2) -> np.ndarray | None:
+                                data_step_hours: float, weights: np.ndarray, harmonics: int = 2,
+                                keep_mean: bool = False) -> np.ndarray | None:
     """(N, L, C, H, W) diurnal persistence moved a fraction r of the way to the training period's daily-cycle
     climatology at the valid time (``harmonics`` harmonics, as the model's calibration), r in [0, 1] per lead and
     channel fitted by least squares over ``fit_inits`` (validation initial times). It is the model's
-    calibration with no network: what the network's learned change has to improve on. None where diurnal
-    persistence is (see :func:`diurnal_persistence`)."""
+    calibration with no network: what the network's learned change has to improve on; with ``keep_mean`` (the
+    model's ``relaxation_mean`` keep) the climatology plus the base state's own latitude-weighted area-mean
+    anomaly, as :meth:`WXFormer.pull` (the base is a day before the valid time: the climatology's hour is the
+    same). None where diurnal persistence is (see :func:`diurnal_persistence`)."""
     base = diurnal_persistence(values, inits, lead_hours, data_step_hours)
     fit_base = diurnal_persistence(values, fit_inits, lead_hours, data_step_hours)
     if base is None or fit_base is None:
@@ -79,13 +82,19 @@ def relaxed_diurnal_persistence(values: np.ndarray, times: np.ndarray, train: tu
         valid = times[starts[:, None] + np.round(steps).astype(int)[None]]
         return np.einsum("nlj,jchw->nlchw", daily_harmonics(utc_hours(valid), harmonics), coef)
 
+    def pull(clim: np.ndarray, base: np.ndarray) -> np.ndarray:
+        towards = clim - base
+        if keep_mean:
+            towards = towards - (towards * weights).sum(axis=(-2, -1), keepdims=True) / weights.sum()
+        return towards
+
     clim, fit_clim = climate(inits), climate(fit_inits)
     truth = np.stack([values[fit_inits + int(s)] for s in np.round(steps)], axis=1)
-    towards = fit_clim - fit_base
+    towards = pull(fit_clim, fit_base)
     num = ((truth - fit_base) * towards * weights).sum(axis=(0, 3, 4))  # (L, C)
     den = (towards * towards * weights).sum(axis=(0, 3, 4))
     r = np.clip(np.where(den > 0, num / np.maximum(den, 1e-30), 0.0), 0.0, 1.0)
-    return base + r[None, :, :, None, None] * (clim - base)
+    return base + r[None, :, :, None, None] * pull(clim, base)
 
 
 def raw_forecast(model: Any, state: WeatherState, history: np.ndarray, init_times: np.ndarray,
@@ -161,7 +170,8 @@ def evaluate_forecasts(model: Any, cfg: Any, state: WeatherState, data: str | No
         day = int(round(24 / fields.step_hours))  # a day of validation record before each start
         val_inits = starts(periods[1], 1, day + 1, lead_steps * o, 1)
         relaxed = relaxed_diurnal_persistence(values, times, periods[0], val_inits, inits, lead_hours,
-                                              fields.step_hours, weights, cfg.climatology_harmonics)
+                                              fields.step_hours, weights, cfg.climatology_harmonics,
+                                              bool(getattr(model, "keep_mean", False)))
         if relaxed is not None:
             forecasts["relaxed_diurnal_persistence"] = relaxed
     mse = {k: weighted_mse(v, truth, weights) for k, v in forecasts.items()}  # (N, L, C)

@@ -215,6 +215,10 @@ class WXFormer(nn.Module):
         self.register_buffer("tendency", tendency.float().view(-1, 1, 1), persistent=False)
 
         self.base_lag = cfg.base_lag  # read by advance
+        # read by pull: as the saved relaxation factors were fitted, else as the config asks on this grid
+        saved_keep = state.relaxation_keeps_mean
+        self.keep_mean = bool(saved_keep) if saved_keep is not None or state.relaxation is not None \
+            else cfg.relaxation_keeps_mean(grid.is_global)
         # (K, C, 1, 1) factors on the predicted change of rollout step k (the last one beyond K), fitted on
         # validation after training (training.fit_calibration) and saved in the state; none: the change as predicted.
         self.register_buffer("damping", torch.ones(0, self.n_channels, 1, 1), persistent=False)
@@ -303,9 +307,21 @@ class WXFormer(nn.Module):
         if relax is not None:
             if hours is None:
                 raise ValueError("this model relaxes toward the climatology: give the hour of its initial states")
-            climate = self.climate(hours + (step + 1) * self.step_hours).to(nxt.dtype)
-            nxt = nxt + relax.to(nxt.dtype) * (climate - base)
+            nxt = nxt + relax.to(nxt.dtype) * self.pull(base, hours + (step + 1) * self.step_hours)
         return nxt
+
+    def pull(self, base: Tensor, valid_hours: Tensor) -> Tensor:
+        """Where relaxation moves a forecast from its ``base`` state (B, C, H, W), per unit of its factor: to the
+        climatology at ``valid_hours`` (B,). With ``keep_mean`` (``relaxation_mean`` keep, or auto on a global
+        grid) the target is that climatology plus the base state's own area-mean anomaly (latitude-weighted, per
+        channel), so relaxation draws the anomaly's pattern toward the climatology's and leaves its area mean, a
+        warm or cold spell over the whole domain, as the base state and the network have it."""
+        towards = self.climate(valid_hours).to(base.dtype) - base
+        if self.keep_mean:
+            at_base = self.climate(valid_hours - self.base_lag * self.step_hours).to(base.dtype) - base
+            w = (self.lat_weights / self.lat_weights.sum()).to(base.dtype)
+            towards = towards - (at_base * w).sum(dim=(-2, -1), keepdim=True)
+        return towards
 
     def _step_factors(self, factors: Tensor, what: str) -> Tensor:
         """(K, C) factors checked and shaped (K, C, 1, 1) on the model's device; an empty tensor means none."""

@@ -139,9 +139,10 @@ def fit_calibration(model: Any, batches: Collection[Any], device: torch.device, 
     steps that ``batches`` do not reach, so that the first steps' factors are the same with or without it.
 
     Step by step, with the factors of the earlier steps applied: the latitude-weighted least-squares fit of the
-    true change (target minus the base state) by ``a * predicted change + r * (climatology - base)`` for each
-    channel, bounded to [0, 1] (a damping above 1 would amplify the network's errors over a long rollout). With
-    ``damping`` off a stays 1; with ``relaxation`` off, or a model without a climatology, r stays 0."""
+    true change (target minus the base state) by ``a * predicted change + r * pull`` for each channel (pull: the
+    climatology minus the base, :meth:`WXFormer.pull`), bounded to [0, 1] (a damping above 1 would amplify the
+    network's errors over a long rollout). With ``damping`` off a stays 1; with ``relaxation`` off, or a model
+    without a climatology, r stays 0."""
     lag = int(getattr(model, "base_lag", 1))
     weights = model.lat_weights
     relaxation = relaxation and len(getattr(model, "climatology", ())) > 0
@@ -164,7 +165,7 @@ def fit_calibration(model: Any, batches: Collection[Any], device: torch.device, 
             history = torch.cat([history, *(s[:, None] for s in states)], dim=1)[:, -history.shape[1]:]
             base = history[:, -lag]
             feats = [model(history, forcing[:, k], forcing[:, k + 1]).double()]
-            feats.append((model.climate(hours + (k + 1) * model.step_hours) - base).double() if relaxation
+            feats.append(model.pull(base, hours + (k + 1) * model.step_hours).double() if relaxation
                          else torch.zeros_like(feats[0]))
             true = (target[:, k] - base).double()
             for i in range(2):

@@ -390,3 +390,58 @@ def test_normalized_tendencies_scale_the_change_and_are_saved(tmp_path: Any) -> 
     state.save(tmp_path)
     again = WeatherState.load(tmp_path)
     assert again.tendency_std is not None and torch.equal(again.tendency_std, state.tendency_std)
+
+
+def test_relaxation_that_keeps_the_mean_pulls_the_pattern_and_fits_truth_that_does() -> None:
+    """With ``relaxation_mean="keep"`` relaxation moves the anomaly's pattern toward the climatology and leaves
+    its latitude-weighted area mean: truth that relaxes so, from a state 2 K warmer than the climatology
+    everywhere, is fitted exactly (relaxation 0.3) and the calibrated rollout keeps the domain 2 K warm, where
+    plain relaxation pulls the mean toward the climatology's."""
+    from services.weather.training import fit_calibration, rollout
+
+    g = torch.Generator().manual_seed(1)
+    clim = torch.randn(3, 1, 8, 8, generator=g)
+    saved = dataclasses.replace(_state(np.linspace(60, 50, 8), np.linspace(0, 7, 8), channels=1), climatology=clim)
+    model = _ChangeOracle(_cfg(spectral_norm=False, relaxation_mean="keep"), saved).eval()  # type: ignore[arg-type]
+    w = model.lat_weights / model.lat_weights.sum()
+
+    def area_mean(x: torch.Tensor) -> torch.Tensor:
+        return (x * w).sum(dim=(-2, -1))
+
+    n, steps = 8, 3
+    hours = torch.randint(0, 24, (n,), generator=g).float()
+    forcing = torch.zeros(n, steps + 3, 5, 8, 8)  # the oracle's change is forcing[:, k + 1, :1]: none here
+    history = (model.climate(hours) + 2.0 + 0.5 * torch.randn(n, 1, 8, 8, generator=g))[:, None]  # (n, 1, 1, H, W)
+    pull = model.pull(history[:, -1], hours + 6)
+    anomaly_now = area_mean(history[:, -1] - model.climate(hours))
+    target = model.climate(hours + 6) + anomaly_now[..., None, None]
+    assert torch.allclose(pull, target - history[:, -1], atol=1e-5)  # toward the climatology + the mean anomaly
+    state, targets = history[:, -1], []
+    for k in range(steps):
+        state = state + 0.3 * model.pull(state, hours + 6 * (k + 1))
+        targets.append(state)
+    truth = torch.stack(targets, dim=1)
+    windows = [(history[:4], forcing[:4], truth[:4], hours[:4]), (history[4:], forcing[4:], truth[4:], hours[4:])]
+    _, relaxation = fit_calibration(model, windows, torch.device("cpu"), steps, damping=False)
+    assert torch.allclose(relaxation, torch.full((steps, 1), 0.3), atol=1e-4)
+    with torch.no_grad():
+        states = torch.stack(rollout(model, history, forcing, steps, hours), dim=1)
+    assert torch.allclose(states, truth, atol=1e-4)
+    # relaxation moves the area mean only by the climatology's own change between the base's hour and the valid
+    # one: with a climatology without a daily cycle the 2 K warm spell is kept, where plain relaxation pulls it in
+    flat = dataclasses.replace(saved, climatology=clim * torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1, 1),
+                               relaxation=torch.full((steps, 1), 0.3))
+    # a saved model relaxes as its factors were fitted, whatever the config says
+    keeping = _ChangeOracle(_cfg(spectral_norm=False),  # type: ignore[arg-type]
+                            dataclasses.replace(flat, relaxation_keeps_mean=True)).eval()
+    plain = _ChangeOracle(_cfg(spectral_norm=False, relaxation_mean="keep"),  # type: ignore[arg-type]
+                          dataclasses.replace(flat, relaxation_keeps_mean=False)).eval()
+    legacy = _ChangeOracle(_cfg(spectral_norm=False, relaxation_mean="keep"), flat)  # type: ignore[arg-type]
+    assert keeping.keep_mean and not plain.keep_mean and not legacy.keep_mean  # saved before the choice: relax
+    start = area_mean(history[:, -1] - keeping.climate(hours))
+    with torch.no_grad():
+        kept = rollout(keeping, history, forcing, steps, hours)[-1]
+        pulled = rollout(plain, history, forcing, steps, hours)[-1]
+    assert torch.allclose(area_mean(kept - keeping.climate(hours)), start, atol=1e-4)
+    assert torch.allclose(area_mean(pulled - plain.climate(hours)), 0.7 ** steps * start, atol=1e-4)
+
