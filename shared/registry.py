@@ -168,6 +168,13 @@ class Domain(abc.ABC):
         samples of one shape). Variable-length samples (light curves) pack or pad here."""
         return None
 
+    def pretraining(self, cfg: Any, state: Any) -> Any | None:
+        """Settings of a run on other data (for example simulated examples) that goes before a new run of
+        ``cfg`` on ``state``'s data: the trainer runs it first, untracked, and starts from its network. None
+        (the default): the network starts from its own initialisation. Not asked when a run resumes from a
+        checkpoint or starts from given weights (``--init-from``); the settings it returns must ask for none."""
+        return None
+
     def supports_ddp(self, cfg: Any) -> bool:
         """Whether DistributedDataParallel can wrap the model. Losses that differentiate through a gradient
         (``create_graph=True``) cannot run under DDP; the trainer then averages gradients itself."""

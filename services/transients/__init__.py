@@ -97,6 +97,21 @@ class TransientsDomain(Domain):
 
         return build(cfg, state)
 
+    def pretraining(self, cfg: TransientsConfig, state: TransientsState) -> TransientsConfig | None:
+        """The native network on data first learns on ``pretrain_objects`` synthetic light curves (the offline
+        default's generator: ZTF g and r, the same five classes) for ``pretrain_epochs``, with this run's other
+        settings; None for t2, for synthetic data itself and for data of other bands than ZTF's."""
+        if cfg.model != "native" or not cfg.data or not cfg.pretrain_objects:
+            return None
+        from .data import synthetic_curves
+
+        if state.survey != "ztf" or list(state.classes) != list(synthetic_curves(1)[2]):
+            print(f"transients: no pretraining on synthetic light curves: they have ZTF's g and r and the classes "
+                  f"{synthetic_curves(1)[2]}, the data {list(state.bands)} and {list(state.classes)}", flush=True)
+            return None
+        return dataclasses.replace(cfg, data=None, metadata=None, synthetic_objects=cfg.pretrain_objects,
+                                   epochs=cfg.pretrain_epochs, patience=cfg.pretrain_epochs)
+
     def collate(self, cfg: TransientsConfig) -> Callable[[list[Any]], Any] | None:
         from .data import collate_grids, collate_packed, collate_padded
 
