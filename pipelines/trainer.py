@@ -205,9 +205,8 @@ class Trainer:
 
         self.data = data or domain.load_data(cfg)
         self.pretrained: dict[str, Any] | None = None  # what the domain's pretraining run gave (None: none ran)
-        pretrained = self._pretrain() if pretrain and checkpoint is None and init_weights is None else None
-        if pretrained is not None:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        start_weights = self._pretrain() if pretrain and checkpoint is None and init_weights is None else None
+        if start_weights is not None:
             torch.manual_seed(int(cfg.seed))  # this run's initialisation, shuffling and dropout as without it
         model = domain.build_model(cfg, self.data.state).to(self.device)
         # Fused AdamW: one kernel for all parameters (CPU and CUDA): the optimizer step of iTransformer on CPU
@@ -228,8 +227,8 @@ class Trainer:
         elif init_weights is not None:
             load_weights(model, dict(init_weights))
             self.log("started from the given weights")
-        elif pretrained is not None:
-            load_weights(model, pretrained)
+        elif start_weights is not None:
+            load_weights(model, start_weights)
         # The moving average of the weights (ema_decay > 0): a frozen copy that validation, the kept epoch and the
         # registered model use; resumed from the checkpoint's when there is one.
         self.ema: torch.nn.Module | None = None

@@ -103,11 +103,11 @@ class TransientsDomain(Domain):
         settings; None for t2, for synthetic data itself and for data of other bands than ZTF's."""
         if cfg.model != "native" or not cfg.data or not cfg.pretrain_objects:
             return None
-        from .data import synthetic_curves
+        from .data import SYNTHETIC_CLASSES
 
-        if state.survey != "ztf" or list(state.classes) != list(synthetic_curves(1)[2]):
+        if state.survey != "ztf" or list(state.classes) != list(SYNTHETIC_CLASSES):
             print(f"transients: no pretraining on synthetic light curves: they have ZTF's g and r and the classes "
-                  f"{synthetic_curves(1)[2]}, the data {list(state.bands)} and {list(state.classes)}", flush=True)
+                  f"{list(SYNTHETIC_CLASSES)}, the data {list(state.bands)} and {list(state.classes)}", flush=True)
             return None
         return dataclasses.replace(cfg, data=None, metadata=None, synthetic_objects=cfg.pretrain_objects,
                                    epochs=cfg.pretrain_epochs, patience=cfg.pretrain_epochs)
