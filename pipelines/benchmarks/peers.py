@@ -384,9 +384,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r[f'{phase}_ratio']:6.2f}x  max |diff| {r['max_abs_diff']:.1e}")
         if "skipped" in r:
             print(f"  {model}: reference skipped: {r['skipped']}")
+    from services.forecasting.model_itransformer import MATMUL_ENV_VAR, matmul_choices
+
+    choices, library = matmul_choices(), os.environ.get(MATMUL_ENV_VAR, "auto").strip().lower() or "auto"
+    if library == "auto":
+        print(f"ours' fp32 products, timed per shape: {choices['onednn']} shapes on oneDNN, {choices['mkl']} on MKL")
+    else:
+        print(f"ours' fp32 products: all on {library} ({MATMUL_ENV_VAR})")
     print(json.dumps({"benchmark": "peers", "batch": args.batch, "threads": torch.get_num_threads(),
                       "clock": args.clock, "cpu": cpu_name(), "same_optimizer": args.same_optimizer,
-                      "precision": args.precision,
+                      "precision": args.precision, "matmul": library, "matmul_choices": choices,
                       "results": results}))
 
 

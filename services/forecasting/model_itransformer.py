@@ -11,9 +11,10 @@ Built from :mod:`shared.layers`; the published model uses post-norm layers (``no
 Three savings over the plain composition of those layers (:meth:`ITransformer.forward_plain`, kept as the
 ground truth of the tests), measured by ``python -m pipelines.benchmarks.peers``; the parameters and the
 state_dict are the same:
-- fp32 Linear layers on CPU run their forward and both backward matmuls on oneDNN (:func:`linear`): on the
-  project's AMD EPYC machines MKL's sgemm, behind ``F.linear``, reaches about half of oneDNN's throughput. The
-  same products, summed in another order (differences of float rounding, ~1e-6 relative);
+- fp32 Linear layers on CPU run their forward and both backward matmuls each on the faster of oneDNN and MKL
+  for its shape on this machine, timed once per shape (:func:`linear`): on some of the project's AMD EPYC
+  machines MKL's sgemm, behind ``F.linear``, reaches about half of oneDNN's throughput, on others MKL is up to
+  1.6x ahead. The same products, summed in another order (differences of float rounding, ~1e-6 relative);
 - the calendar tokens only serve as keys and values: in the last layer only the variate tokens are queried,
   and that layer's output projection, feed-forward block and norms, the final norm and the head run on the
   variate rows alone (the ETTh1 setting has 7 variate and 4 calendar tokens). The forecast is the same
@@ -34,6 +35,7 @@ state_dict are the same:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +94,18 @@ def _onednn_linear_op() -> Callable[..., Tensor] | None:
 
 
 _ONEDNN_LINEAR = _onednn_linear_op()
+# Which library runs an fp32 CPU product: "auto" (the default) times both once per shape and keeps the faster,
+# "onednn" or "mkl" (torch's own ``F.linear`` / ``torch.mm``, MKL's sgemm on x86) forces one.
+MATMUL_ENV_VAR = "TESSERA_CPU_MATMUL"
+_MATMUL_CHOICES = ("auto", "onednn", "mkl")
+# (M rounded up to a power of two, K, N, whether each operand is contiguous, bias, threads) -> True where
+# oneDNN measured faster.
+_ONEDNN_FASTER: dict[tuple[Any, ...], bool] = {}
+
+
+def _mkl_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)ᵀ + bias through torch's own product (MKL's sgemm on x86)."""
+    return F.linear(x, weight, bias)
 
 
 def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -100,14 +114,62 @@ def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` with the forward and both backward matmuls on oneDNN (fp32, no reduced precision)."""
+def _min_time(fn: Callable[[], Tensor], repeats: int = 3) -> float:
+    fn()  # warm: oneDNN builds its primitive, MKL its buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _prefers_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether oneDNN runs this product faster than MKL here: timed once per shape and layout (M rounded up to a
+    power of two; a few calls of each, a few ms in all), then remembered for the process.
+
+    Which library wins depends on the CPU: on the project's AMD EPYC family 26 machines (AVX-512) oneDNN ran
+    the fp32 products at about twice MKL's rate, on family 25 model 17 (AVX-512) at about the same, on family
+    25 model 1 (AVX2 only) MKL ran iTransformer's products 1.1-1.6x faster (``python -m
+    pipelines.benchmarks.peers`` prints how many shapes went to each)."""
+    choice = os.environ.get(MATMUL_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _MATMUL_CHOICES:
+        raise ValueError(f"{MATMUL_ENV_VAR}={choice!r}: expected one of {', '.join(_MATMUL_CHOICES)}")
+    if choice != "auto":
+        return choice == "onednn"
+    rows = 1 << max(x.shape[0] - 1, 0).bit_length()
+    key = (rows, x.shape[1], weight.shape[0], x.is_contiguous(), weight.is_contiguous(), bias is not None,
+           torch.get_num_threads())
+    faster = _ONEDNN_FASTER.get(key)
+    if faster is None:
+        with torch.no_grad():
+            onednn = _min_time(lambda: _onednn_matmul(x, weight, bias))
+            mkl = _min_time(lambda: _mkl_matmul(x, weight, bias))
+        faster = _ONEDNN_FASTER[key] = onednn < mkl
+    return faster
+
+
+def matmul_choices() -> dict[str, int]:
+    """How many of the products timed so far in this process run on each library."""
+    onednn = sum(_ONEDNN_FASTER.values())
+    return {"onednn": onednn, "mkl": len(_ONEDNN_FASTER) - onednn}
+
+
+def _cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)ᵀ + bias, fp32 on CPU, on whichever library is faster for it here."""
+    if _prefers_onednn(x, weight, bias):
+        return _onednn_matmul(x, weight, bias)
+    return _mkl_matmul(x, weight, bias)
+
+
+class _CPULinear(torch.autograd.Function):
+    """``F.linear`` with the forward and both backward matmuls each on the faster of oneDNN and MKL (fp32)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_matmul(x, weight, bias)
+        return _cpu_matmul(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -115,20 +177,19 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_matmul(grad, weight.t(), None)  # (M, K)
+            grad_x = _cpu_matmul(grad, weight.t(), None)  # (M, K)
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn_matmul(grad.t(), x.t(), None)  # (N, K)
+            grad_w = _cpu_matmul(grad.t(), x.t(), None)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=0)
         return grad_x, grad_w, grad_b
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; fp32 on CPU runs its matmuls on oneDNN (see the module docstring).
-
-    On the AMD EPYC CPUs of this project's machines MKL's sgemm, behind ``F.linear``, reaches about half the
-    throughput of oneDNN's kernels. Elsewhere (CUDA, bf16 autocast, reduced dtypes, torch builds without
-    oneDNN, ``torch.backends.mkldnn.enabled = False``) this is ``F.linear``.
+    """``F.linear(x, weight, bias)``; fp32 on CPU runs its forward and backward matmuls each on the faster of
+    oneDNN and MKL for its shape on this machine (see :func:`_prefers_onednn`; ``TESSERA_CPU_MATMUL`` forces
+    one). Elsewhere (CUDA, bf16 autocast, reduced dtypes, torch builds without oneDNN,
+    ``torch.backends.mkldnn.enabled = False``) this is ``F.linear``.
     """
     if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
             or x.numel() == 0 or not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu")):
@@ -136,9 +197,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        out = _OneDNNLinear.apply(flat, weight, bias)
+        out = _CPULinear.apply(flat, weight, bias)
     else:
-        out = _onednn_matmul(flat, weight, bias)
+        out = _cpu_matmul(flat, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

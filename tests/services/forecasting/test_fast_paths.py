@@ -1,9 +1,11 @@
-"""The forecasting models' fast paths compute what the plain ones do: oneDNN linear, cheap dropout masks,
+"""The forecasting models' fast paths compute what the plain ones do: linear on the faster of oneDNN and MKL,
+cheap dropout masks,
 iTransformer's pruned last layer; and the peer benchmark's loader of reference code."""
 
 from __future__ import annotations
 
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import services.forecasting.model_autoformer as autoformer_module
+import services.forecasting.model_itransformer as itransformer_module
 from pipelines.benchmarks import peers
 from services.forecasting.config import ForecastingConfig
 from services.forecasting.model_autoformer import Autoformer
@@ -25,8 +28,10 @@ def _cfg(**overrides: object) -> ForecastingConfig:
     return ForecastingConfig(**settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("library", ["auto", "onednn", "mkl"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_f_linear_with_gradients(bias: bool) -> None:
+def test_linear_matches_f_linear_with_gradients(bias: bool, library: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, library)
     torch.manual_seed(0)
     x = torch.randn(4, 7, 9, 16)[:, :, ::2].requires_grad_()  # strided input
     w = torch.randn(24, 16, requires_grad=True)
@@ -45,6 +50,58 @@ def test_linear_matches_f_linear_with_gradients(bias: bool) -> None:
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(linear(x, w, b), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+needs_onednn = pytest.mark.skipif(itransformer_module._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+
+
+def _slowed(fn, seconds: float):  # type: ignore[no-untyped-def]
+    def slow(*args: object) -> torch.Tensor:
+        time.sleep(seconds)
+        return fn(*args)
+    return slow
+
+
+@needs_onednn
+@pytest.mark.parametrize("slow", ["onednn", "mkl"])
+def test_linear_times_both_libraries_once_per_shape_and_keeps_the_faster(
+        slow: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, "auto")
+    monkeypatch.setattr(itransformer_module, "_ONEDNN_FASTER", {})
+    calls = {"onednn": 0, "mkl": 0}
+
+    def counted(name: str, fn):  # type: ignore[no-untyped-def]
+        def run(*args: object) -> torch.Tensor:
+            calls[name] += 1
+            return fn(*args)
+        return run
+
+    onednn, mkl = itransformer_module._onednn_matmul, itransformer_module._mkl_matmul
+    monkeypatch.setattr(itransformer_module, "_onednn_matmul",
+                        counted("onednn", _slowed(onednn, 0.02) if slow == "onednn" else onednn))
+    monkeypatch.setattr(itransformer_module, "_mkl_matmul",
+                        counted("mkl", _slowed(mkl, 0.02) if slow == "mkl" else mkl))
+    x, w = torch.randn(40, 16), torch.randn(8, 16)
+    with torch.inference_mode():
+        first = linear(x, w)
+        timed = dict(calls)
+        assert timed["onednn"] >= 2 and timed["mkl"] >= 2  # both timed on the first call of the shape
+        for _ in range(3):
+            torch.testing.assert_close(linear(x, w), first)
+        linear(torch.randn(37, 16), w)  # 37 rows share 40's power-of-two bucket (64): no new timing
+    fast = "mkl" if slow == "onednn" else "onednn"
+    assert calls[slow] == timed[slow]
+    assert calls[fast] == timed[fast] + 4
+    assert itransformer_module.matmul_choices() == {"onednn": int(fast == "onednn"), "mkl": int(fast == "mkl")}
+    torch.testing.assert_close(first, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rejects_an_unknown_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, "blas")
+    if itransformer_module._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear: F.linear always, the setting is not read")
+    with pytest.raises(ValueError, match="TESSERA_CPU_MATMUL='blas'"):
+        linear(torch.randn(3, 8), torch.randn(4, 8))
 
 
 def test_linear_falls_back_for_other_dtypes_and_autocast() -> None:
