@@ -1,9 +1,12 @@
 """Benchmark: closed-loop load on every domain's JSON endpoint, beside a no-op BentoML endpoint of the same shape.
 
     python -m pipelines.benchmarks.load [--clients 100] [--seconds 60] [--domains forecasting,transients,...]
+        [--body forecasting=request.json ...]
 
 Needs the stack up with models served (``make demo``, or ``tessera up`` and ``tessera train``). For each domain,
-``--clients`` clients each send the domain's example request (``Domain.example_request``, the Swagger example),
+``--clients`` clients each send the domain's example request (``Domain.example_request``, the Swagger example,
+which fits the demo's models; ``--body DOMAIN=FILE`` sends a JSON body of your own instead, for a model trained
+on other data),
 wait for the answer and send the next, for ``--seconds``. Every answer is counted by status (429s with and
 without ``Retry-After``; a client waits as Retry-After says before it asks again, unless
 ``--ignore-retry-after``) and every failed exchange by transport error (a dropped or refused connection, a
@@ -174,13 +177,15 @@ def in_flight_limit(domain: str) -> int:
 
 
 def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop: bool = True,
-        noop_port: int = NOOP_PORT, honour_retry_after: bool = True) -> dict[str, Any]:
-    """Load each domain's endpoint, then (``noop``) the no-op twins of those that answered; the figures."""
+        noop_port: int = NOOP_PORT, honour_retry_after: bool = True,
+        given_bodies: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load each domain's endpoint, then (``noop``) the no-op twins of those that answered; the figures.
+    ``given_bodies``: the request per domain where it is not the domain's example request."""
     results: dict[str, Any] = {}
     bodies, answers = {}, {}
     for name in domains:
         url = service_url(name) + json_route(name)
-        body = registry.get(name).example_request()
+        body = (given_bodies or {}).get(name) or registry.get(name).example_request()
         status, answer = record_answer(url, body)
         if status != 200:
             results[name] = {"skipped": f"the example request got {status}: {str(answer)[:300]}"}
@@ -210,6 +215,22 @@ def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop
     return results
 
 
+def parse_bodies(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``DOMAIN=FILE`` pairs -> {domain: the file's JSON}; a usage error (exit 2) names what is wrong."""
+    bodies: dict[str, Any] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--body {item!r}: expected DOMAIN=FILE")
+        if name not in registry.names():
+            parser.error(f"--body {item!r}: unknown domain {name!r} (one of: {', '.join(registry.names())})")
+        try:
+            bodies[name] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--body {item!r}: {exc}")
+    return bodies
+
+
 def table(results: dict[str, Any]) -> str:
     head = (f"{'domain':<14}{'route':<15}{'2xx/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'2xx':>7}{'429':>6}{'5xx':>5}"
             f"{'dropped':>8}{'limit':>6}{'no-op/s':>9}{'ratio':>7}")
@@ -235,12 +256,16 @@ def main() -> None:
     parser.add_argument("--noop-port", type=int, default=NOOP_PORT)
     parser.add_argument("--ignore-retry-after", action="store_true",
                         help="clients ask again at once after a 429 (default: they wait as Retry-After says)")
+    parser.add_argument("--body", action="append", default=[], metavar="DOMAIN=FILE",
+                        help="send this JSON file as the domain's request instead of its example request (for a "
+                             "model trained on other data than the demo's); repeatable")
     args = parser.parse_args()
     from infra.stack import service_url
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    given = parse_bodies(args.body, parser)
     results = run(domains, args.clients, args.seconds, service_url, noop=not args.no_noop, noop_port=args.noop_port,
-                  honour_retry_after=not args.ignore_retry_after)
+                  honour_retry_after=not args.ignore_retry_after, given_bodies=given)
     print(table(results))
     failed = [n for n, r in results.items() if "skipped" not in r and (r["server_errors"] or r["dropped"])]
     if failed:

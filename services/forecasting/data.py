@@ -65,22 +65,40 @@ def mark_names(step: pd.Timedelta) -> list[str]:
     return ["day_of_month", "week_of_year", "month_of_year"]
 
 
-CALENDAR = {  # feature name -> its value in [0, 1] for each time (computed only when a model uses it)
-    "minute_of_hour": lambda t: t.minute / 59.0,
-    "hour_of_day": lambda t: t.hour / 23.0,
-    "day_of_week": lambda t: t.dayofweek / 6.0,
-    "day_of_month": lambda t: (t.day - 1) / 30.0,
-    "day_of_year": lambda t: (t.dayofyear - 1) / 365.0,
-    "week_of_year": lambda t: (t.isocalendar().week.to_numpy() - 1) / 52.0,
-    "month_of_year": lambda t: (t.month - 1) / 11.0,
+def _units(times: np.ndarray, unit: str) -> np.ndarray:
+    """datetime64[ns] -> whole ``unit``s since 1970 (floored, also before 1970) as int64."""
+    return times.astype(f"datetime64[{unit}]").astype(np.int64)
+
+
+def _days_since(times: np.ndarray, start_unit: str) -> np.ndarray:
+    """Days since the start of each time's month ("M") or year ("Y")."""
+    days = times.astype("datetime64[D]")
+    return (days - days.astype(f"datetime64[{start_unit}]").astype("datetime64[D]")).astype(np.int64)
+
+
+# feature name -> its value in [0, 1] for each time (datetime64[ns], wall-clock), what pandas' field accessors
+# give (minute, hour, dayofweek, day, dayofyear, ISO week, month), computed with numpy's calendar arithmetic:
+# a served request's 192 times in ~20 µs instead of pandas' ~400 µs
+CALENDAR = {
+    "minute_of_hour": lambda t: (_units(t, "m") % 60) / 59.0,
+    "hour_of_day": lambda t: (_units(t, "h") % 24) / 23.0,
+    "day_of_week": lambda t: ((_units(t, "D") + 3) % 7) / 6.0,  # 1970-01-01 was a Thursday (Monday = 0)
+    "day_of_month": lambda t: _days_since(t, "M") / 30.0,
+    "day_of_year": lambda t: _days_since(t, "Y") / 365.0,
+    "week_of_year": lambda t: (pd.DatetimeIndex(t).isocalendar().week.to_numpy() - 1) / 52.0,
+    "month_of_year": lambda t: (_units(t, "M") % 12) / 11.0,
 }
 
 
-def calendar_features(times: pd.DatetimeIndex, names: Sequence[str]) -> np.ndarray:
-    """(T, F) features scaled to [-0.5, 0.5]."""
+def calendar_features(times: pd.DatetimeIndex | np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """(T, F) features scaled to [-0.5, 0.5]; ``times`` tz-aware ones count in their own wall-clock time."""
     if not names:
         return np.zeros((len(times), 0), dtype=np.float32)
-    return np.stack([np.asarray(CALENDAR[n](times), dtype=np.float64) - 0.5 for n in names],
+    index = pd.DatetimeIndex(times)
+    if index.tz is not None:
+        index = index.tz_localize(None)  # wall-clock time, as pandas' accessors count it
+    values = index.to_numpy(dtype="datetime64[ns]")
+    return np.stack([np.asarray(CALENDAR[n](values), dtype=np.float64) - 0.5 for n in names],
                     axis=1).astype(np.float32)
 
 

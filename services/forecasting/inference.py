@@ -33,7 +33,12 @@ def pack(meta: dict[str, Any], values: np.ndarray, times: pd.DatetimeIndex | Non
     packed[:seq_len, :n] = values[-seq_len:]
     if marks:
         assert times is not None and meta["step_seconds"]
-        span = times[-seq_len:].append(future_times(times[-1], pd.Timedelta(seconds=meta["step_seconds"]), pred_len))
+        step = pd.Timedelta(seconds=meta["step_seconds"])
+        if times.tz is None:  # numpy's datetime64 arithmetic: a served request's span in a few µs
+            past = times[-seq_len:].to_numpy(dtype="datetime64[ns]")
+            span = np.concatenate([past, past[-1] + step.to_timedelta64() * np.arange(1, pred_len + 1)])
+        else:
+            span = times[-seq_len:].append(future_times(times[-1], step, pred_len))
         packed[:, n:] = calendar_features(span, marks)
     return packed
 
@@ -88,7 +93,7 @@ def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], 
     if timestamps is not None:
         if len(timestamps) != len(rows):
             raise RequestError(f"{len(timestamps)} timestamps for {len(rows)} rows")
-        times = pd.DatetimeIndex(pd.to_datetime([t.replace(tzinfo=None) for t in timestamps]))
+        times = pd.DatetimeIndex(np.array([t.replace(tzinfo=None) for t in timestamps], dtype="datetime64[ns]"))
         if len(times) > 1 and not (np.diff(times.asi8) > 0).all():
             raise RequestError("timestamps must be strictly increasing")
     elif meta["marks"]:
@@ -104,6 +109,11 @@ def future_stamps(meta: dict[str, Any], times: pd.DatetimeIndex | None, steps: i
     if times is None:
         return None
     step = pd.Timedelta(seconds=meta["step_seconds"]) if meta["step_seconds"] else times[-1] - times[-2]
+    if times.tz is None and times[-1].nanosecond == 0 and times[-1].microsecond == 0 and step.value % 10**9 == 0:
+        # whole seconds: numpy writes what Timestamp.isoformat() does, 'YYYY-MM-DDTHH:MM:SS', ~10x faster
+        last = times[-1].to_datetime64().astype("datetime64[s]")
+        return np.datetime_as_string(last + step.to_timedelta64().astype("timedelta64[s]")
+                                     * np.arange(1, steps + 1)).tolist()
     return [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
 
 

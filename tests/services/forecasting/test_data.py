@@ -70,6 +70,34 @@ def test_calendar_features_are_scaled_to_half_unit_range() -> None:
     assert feats.min() >= -0.5 and feats.max() <= 0.5
 
 
+def _pandas_calendar(times: pd.DatetimeIndex) -> np.ndarray:
+    """The features from pandas' own field accessors: what the numpy arithmetic must give."""
+    fields = [times.minute / 59.0, times.hour / 23.0, times.day_of_week / 6.0, (times.day - 1) / 30.0,
+              (times.day_of_year - 1) / 365.0, (times.isocalendar().week.to_numpy() - 1) / 52.0,
+              (times.month - 1) / 11.0]
+    return (np.stack([np.asarray(f, dtype=np.float64) for f in fields], axis=1) - 0.5).astype(np.float32)
+
+
+CALENDAR_NAMES = ["minute_of_hour", "hour_of_day", "day_of_week", "day_of_month", "day_of_year", "week_of_year",
+                  "month_of_year"]
+
+
+def test_calendar_features_are_pandas_fields_also_before_1970_and_in_leap_years() -> None:
+    rng = np.random.default_rng(0)
+    ns = rng.integers(pd.Timestamp("1890-01-01").value, pd.Timestamp("2110-01-01").value, 5000)
+    edges = pd.DatetimeIndex(["1969-12-31 23:59:59", "1970-01-01", "2000-02-29 12:00", "2000-12-31 23:00",
+                              "1900-03-01", "2024-12-30 00:00"])
+    times = pd.DatetimeIndex(ns).append(edges)
+    np.testing.assert_array_equal(calendar_features(times, CALENDAR_NAMES), _pandas_calendar(times))
+    # a datetime64 array gives the same as its index
+    np.testing.assert_array_equal(calendar_features(times.to_numpy(), CALENDAR_NAMES), _pandas_calendar(times))
+
+
+def test_calendar_features_of_tz_aware_times_count_wall_clock_time() -> None:
+    times = pd.date_range("2021-03-27", periods=72, freq="h", tz="Europe/London")  # across the clock change
+    np.testing.assert_array_equal(calendar_features(times, CALENDAR_NAMES), _pandas_calendar(times))
+
+
 def test_readers_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_table(tmp_path / "missing.csv")

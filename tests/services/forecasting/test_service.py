@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -131,3 +131,27 @@ def test_a_dropped_connection_to_the_runner_is_retried_then_a_503() -> None:
     front.__dict__["runner"] = Runner(drops=5)
     with pytest.raises(ModelUnavailable, match="the model runner could not answer"):
         asyncio.run(front.model_meta(refresh=True))
+
+
+def test_packed_calendar_rows_and_future_stamps_are_those_of_pandas(loaded: LoadedModel) -> None:
+    """The numpy fast paths of pack and future_stamps give what pandas' date arithmetic gives."""
+    import pandas as pd
+
+    from services.forecasting.data import calendar_features, future_times
+
+    meta = _meta(loaded)
+    packed, times, steps = _check(_request(rows=70), meta)
+    seq_len, pred_len = meta["seq_len"], meta["pred_len"]
+    step = pd.Timedelta(seconds=meta["step_seconds"])
+    span = times[-seq_len:].append(future_times(times[-1], step, pred_len))
+    np.testing.assert_array_equal(packed[:, 3:], calendar_features(span, meta["marks"]))
+    expected = [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
+    assert inference.future_stamps(meta, times, steps) == expected
+    # sub-second times keep pandas' own formatting
+    odd = pd.DatetimeIndex([times[-2], times[-1] + pd.Timedelta(milliseconds=250)])
+    assert inference.future_stamps(meta, odd, 2) == [
+        t.isoformat() for t in pd.date_range(odd[-1] + step, periods=2, freq=step)]
+    # tz-aware timestamps are read as their wall-clock time, as before
+    aware = _request(rows=70, timestamps=[t.to_pydatetime().replace(tzinfo=UTC)
+                                          for t in times])
+    np.testing.assert_array_equal(_check(aware, meta)[0], packed)
