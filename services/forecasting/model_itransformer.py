@@ -149,6 +149,30 @@ def _prefers_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return faster
 
 
+# forward key -> True where MKL measured faster for the forward and both backward products of that Linear
+_ALL_MKL: dict[tuple[Any, ...], bool] = {}
+
+
+def _all_on_mkl(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the forward and both backward products of this Linear (x (M, K), weight (N, K)) all run on MKL:
+    then ``F.linear`` with torch's own autograd does the same work without a Python backward. Timed with a
+    stand-in gradient the first time a shape comes (:func:`_prefers_onednn` remembers each product)."""
+    choice = os.environ.get(MATMUL_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice != "auto":
+        return choice == "mkl"
+    key = (1 << max(x.shape[0] - 1, 0).bit_length(), x.shape[1], weight.shape[0], x.is_contiguous(),
+           weight.is_contiguous(), bias is not None, torch.get_num_threads())
+    all_mkl = _ALL_MKL.get(key)
+    if all_mkl is None:
+        with torch.no_grad():
+            x_, w_ = x.detach(), weight.detach()
+            grad = torch.ones(x.shape[0], weight.shape[0])  # values do not change a product's time; no RNG draw
+            all_mkl = _ALL_MKL[key] = not (_prefers_onednn(x_, w_, None if bias is None else bias.detach())
+                                           or _prefers_onednn(grad, w_.t(), None)
+                                           or _prefers_onednn(grad.t(), x_.t(), None))
+    return all_mkl
+
+
 def matmul_choices() -> dict[str, int]:
     """How many of the products timed so far in this process run on each library."""
     onednn = sum(_ONEDNN_FASTER.values())
@@ -197,6 +221,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
+        if _all_on_mkl(flat, weight, bias):
+            return F.linear(x, weight, bias)
         out = _CPULinear.apply(flat, weight, bias)
     else:
         out = _cpu_matmul(flat, weight, bias)

@@ -96,6 +96,27 @@ def test_linear_times_both_libraries_once_per_shape_and_keeps_the_faster(
     torch.testing.assert_close(first, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+def _python_backward(out: torch.Tensor) -> bool:
+    """Whether the graph's last two nodes include the Python backward of ``_CPULinear``."""
+    nodes = [out.grad_fn] + [n for n, _ in out.grad_fn.next_functions if n is not None]  # type: ignore[union-attr]
+    return any("CPULinear" in type(n).__name__ for n in nodes)
+
+
+@needs_onednn
+def test_linear_leaves_autograd_to_torch_where_every_product_runs_on_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w = torch.randn(40, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, "mkl")
+    assert not _python_backward(linear(x, w))  # torch's own backward, no Python in it
+    monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, "onednn")
+    assert _python_backward(linear(x, w))
+    monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, "auto")  # oneDNN made slow: all three on MKL
+    monkeypatch.setattr(itransformer_module, "_ONEDNN_FASTER", {})
+    monkeypatch.setattr(itransformer_module, "_ALL_MKL", {})
+    monkeypatch.setattr(itransformer_module, "_onednn_matmul", _slowed(itransformer_module._onednn_matmul, 0.02))
+    assert not _python_backward(linear(x, w))
+    assert itransformer_module.matmul_choices() == {"onednn": 0, "mkl": 3}  # forward, grad of x, grad of w
+
+
 def test_linear_rejects_an_unknown_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(itransformer_module.MATMUL_ENV_VAR, "blas")
     if itransformer_module._ONEDNN_LINEAR is None:
