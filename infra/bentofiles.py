@@ -76,7 +76,11 @@ def bentofile(domain: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m infra.bentofiles",
+                            description=(__doc__ or "").splitlines()[0]).parse_args(argv)
     for name in registry.names():
         path = ROOT / "services" / name / "bentofile.yaml"
         path.write_text(bentofile(name))

@@ -9,6 +9,7 @@ then sends each service the example input of its domain through the domain's own
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -40,7 +41,12 @@ def _production(results: list[dict[str, Any]], domain: str) -> int | None:
     return max(promoted) if promoted else None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.demo", description=(__doc__ or "").split("\n\n")[0].replace("\n", " "),
+        epilog="TESSERA_DATA=FILE trains on that file instead of the synthetic data (each domain takes it when "
+               "it reads its kind); TESSERA_HOME sets where the stack keeps its state (default .tessera/).")
+    parser.parse_args(argv)
     started = time.monotonic()
     data = os.environ.get("TESSERA_DATA") or None
     if data:

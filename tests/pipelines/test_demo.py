@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipelines.demo import data_for
 from shared import registry
 
@@ -22,3 +24,19 @@ def test_a_table_goes_to_forecasting_and_light_curves_with_their_metadata_to_tra
     (tmp_path / "survey_metadata.csv").write_text("object_id,type\n")
     assert _takers(curves) == ["transients"]
     assert _takers(tmp_path / "replay.zarr") == ["robot_policy"] and _takers(tmp_path / "notes.md") == []
+
+
+def test_help_prints_usage_and_starts_nothing(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.demo as demo
+
+    def fail() -> None:
+        raise AssertionError("--help started the stack")
+
+    monkeypatch.setattr(demo.stack, "up", fail)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--help"])
+    assert exit_.value.code == 0 and "TESSERA_DATA" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--domains", "x"])  # an unknown option is a usage error (2), not a demo
+    assert exit_.value.code == 2
