@@ -98,8 +98,7 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 # "onednn" or "mkl" (torch's own ``F.linear`` / ``torch.mm``, MKL's sgemm on x86) forces one.
 MATMUL_ENV_VAR = "TESSERA_CPU_MATMUL"
 _MATMUL_CHOICES = ("auto", "onednn", "mkl")
-# (M rounded up to a power of two, K, N, whether each operand is contiguous, bias, threads) -> True where
-# oneDNN measured faster.
+# a product's shape key (_shape_key) -> True where oneDNN measured faster
 _ONEDNN_FASTER: dict[tuple[Any, ...], bool] = {}
 
 
@@ -124,6 +123,22 @@ def _min_time(fn: Callable[[], Tensor], repeats: int = 3) -> float:
     return best
 
 
+def _matmul_setting() -> str:
+    """``TESSERA_CPU_MATMUL``: auto (the default), onednn or mkl; anything else is an error naming it."""
+    choice = os.environ.get(MATMUL_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _MATMUL_CHOICES:
+        raise ValueError(f"{MATMUL_ENV_VAR}={choice!r}: expected one of {', '.join(_MATMUL_CHOICES)}")
+    return choice
+
+
+def _shape_key(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Any, ...]:
+    """What a product's speed is remembered by: M rounded up to a power of two, K, N, whether each operand is
+    contiguous, the bias, the threads."""
+    rows = 1 << max(x.shape[0] - 1, 0).bit_length()
+    return (rows, x.shape[1], weight.shape[0], x.is_contiguous(), weight.is_contiguous(), bias is not None,
+            torch.get_num_threads())
+
+
 def _prefers_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether oneDNN runs this product faster than MKL here: timed once per shape and layout (M rounded up to a
     power of two; a few calls of each, a few ms in all), then remembered for the process.
@@ -132,14 +147,10 @@ def _prefers_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     the fp32 products at about twice MKL's rate, on family 25 model 17 (AVX-512) at about the same, on family
     25 model 1 (AVX2 only) MKL ran iTransformer's products 1.1-1.6x faster (``python -m
     pipelines.benchmarks.peers`` prints how many shapes went to each)."""
-    choice = os.environ.get(MATMUL_ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in _MATMUL_CHOICES:
-        raise ValueError(f"{MATMUL_ENV_VAR}={choice!r}: expected one of {', '.join(_MATMUL_CHOICES)}")
+    choice = _matmul_setting()
     if choice != "auto":
         return choice == "onednn"
-    rows = 1 << max(x.shape[0] - 1, 0).bit_length()
-    key = (rows, x.shape[1], weight.shape[0], x.is_contiguous(), weight.is_contiguous(), bias is not None,
-           torch.get_num_threads())
+    key = _shape_key(x, weight, bias)
     faster = _ONEDNN_FASTER.get(key)
     if faster is None:
         with torch.no_grad():
@@ -157,11 +168,10 @@ def _all_on_mkl(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether the forward and both backward products of this Linear (x (M, K), weight (N, K)) all run on MKL:
     then ``F.linear`` with torch's own autograd does the same work without a Python backward. Timed with a
     stand-in gradient the first time a shape comes (:func:`_prefers_onednn` remembers each product)."""
-    choice = os.environ.get(MATMUL_ENV_VAR, "auto").strip().lower() or "auto"
+    choice = _matmul_setting()
     if choice != "auto":
         return choice == "mkl"
-    key = (1 << max(x.shape[0] - 1, 0).bit_length(), x.shape[1], weight.shape[0], x.is_contiguous(),
-           weight.is_contiguous(), bias is not None, torch.get_num_threads())
+    key = _shape_key(x, weight, bias)
     all_mkl = _ALL_MKL.get(key)
     if all_mkl is None:
         with torch.no_grad():
