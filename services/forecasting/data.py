@@ -78,7 +78,7 @@ def _days_since(times: np.ndarray, start_unit: str) -> np.ndarray:
 
 # feature name -> its value in [0, 1] for each time (datetime64[ns], wall-clock), what pandas' field accessors
 # give (minute, hour, dayofweek, day, dayofyear, ISO week, month), computed with numpy's calendar arithmetic:
-# a served request's 192 times in ~20 µs instead of pandas' ~400 µs
+# a served request's 192 times in ~0.1 ms instead of pandas' ~0.4 ms (this session's EPYC)
 CALENDAR = {
     "minute_of_hour": lambda t: (_units(t, "m") % 60) / 59.0,
     "hour_of_day": lambda t: (_units(t, "h") % 24) / 23.0,
