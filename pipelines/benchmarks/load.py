@@ -12,8 +12,11 @@ without ``Retry-After``; a client waits as Retry-After says before it asks again
 ``--ignore-retry-after``) and every failed exchange by transport error (a dropped or refused connection, a
 timeout); latencies (p50, p99) are of the 2xx answers, and answers/s counts 2xx only. Then the same load goes to
 a no-op BentoML service (``pipelines.benchmarks.noop_service``) with the same request and response schemas
-and the answer recorded from the real endpoint: the serving overhead's ceiling, measured in the same run. The
-last line is one JSON object with every figure. Traffic stays on loopback.
+and the answer recorded from the real endpoint: the serving overhead's ceiling, measured in the same run. For
+both, the CPU time the serving processes spent per 2xx answer (the processes listening on the port and their
+children: the BentoML server and its workers) and the load generator's own: with the clients on the same cores,
+the sum sets the rate, and the difference between the service and its twin is what Tessera's code and the
+model cost per answer. The last line is one JSON object with every figure. Traffic stays on loopback.
 
 Targets (issue 20): 0 5xx and 0 dropped connections; 429 (with Retry-After) only above the service's in-flight
 limit (``TESSERA_<DOMAIN>_MAX_IN_FLIGHT``); 2xx answers/s at least 70 % of the no-op endpoint's.
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from shared import registry
 
@@ -80,6 +84,49 @@ class Tally:
                 "answers_per_s": round(self.ok / self.seconds, 2) if self.seconds else 0.0,
                 "p50_ms": round(p50 * 1e3, 1) if p50 is not None else None,
                 "p99_ms": round(p99 * 1e3, 1) if p99 is not None else None, "first_error": self.first_error}
+
+
+def serving_processes(port: int) -> list[psutil.Process]:
+    """The processes with a listening socket on ``port`` (a BentoML server and the workers it passed the socket
+    to) and all their children."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter():
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in process.net_connections(kind="tcp")):
+                for member in (process, *process.children(recursive=True)):
+                    found[member.pid] = member
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return list(found.values())
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds the ``processes`` have used so far (those that exited count no more)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        total += times.user + times.system
+    return total
+
+
+def measured(url: str, body: dict[str, Any], clients: int, seconds: float, honour_retry_after: bool) -> dict[str, Any]:
+    """One closed-loop run on ``url`` with the CPU time per 2xx answer of the serving processes and of this
+    process (the clients)."""
+    from urllib.parse import urlsplit
+
+    servers = serving_processes(urlsplit(url).port or 80)
+    me = psutil.Process()
+    before_server, before_client = cpu_seconds(servers), cpu_seconds([me])
+    tally = asyncio.run(closed_loop(url, body, clients, seconds, honour_retry_after=honour_retry_after))
+    server, client = cpu_seconds(servers) - before_server, cpu_seconds([me]) - before_client
+    per = 1000.0 / max(tally.ok, 1)
+    return {**tally.summary(), "server_processes": len(servers), "server_cpu_s": round(server, 2),
+            "server_cpu_ms_per_answer": round(server * per, 3) if servers and tally.ok else None,
+            "client_cpu_ms_per_answer": round(client * per, 3) if tally.ok else None}
 
 
 async def closed_loop(url: str, body: dict[str, Any], clients: int, seconds: float,
@@ -195,8 +242,8 @@ def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop
         bodies[name], answers[json_route(name)] = body, answer
         asyncio.run(closed_loop(url, body, min(clients, 8), 2.0))  # warm-up
         print(f"{name}: {clients} clients for {seconds:.0f} s on {url} ...", flush=True)
-        tally = asyncio.run(closed_loop(url, body, clients, seconds, honour_retry_after=honour_retry_after))
-        results[name] = {"route": json_route(name), "in_flight_limit": in_flight_limit(name), **tally.summary()}
+        results[name] = {"route": json_route(name), "in_flight_limit": in_flight_limit(name),
+                         **measured(url, body, clients, seconds, honour_retry_after)}
     if noop and bodies:
         with tempfile.TemporaryDirectory() as folder:
             process = start_noop(answers, noop_port, Path(folder))
@@ -205,10 +252,8 @@ def run(domains: list[str], clients: int, seconds: float, service_url: Any, noop
                     url = f"http://127.0.0.1:{noop_port}{json_route(name)}"
                     asyncio.run(closed_loop(url, body, min(clients, 8), 2.0))
                     print(f"{name}: the same load on the no-op twin ...", flush=True)
-                    tally = asyncio.run(closed_loop(url, body, clients, seconds,
-                                                    honour_retry_after=honour_retry_after))
-                    results[name]["noop"] = tally.summary()
-                    if tally.ok:
+                    results[name]["noop"] = measured(url, body, clients, seconds, honour_retry_after)
+                    if results[name]["noop"]["answers_2xx"]:
                         results[name]["ratio_to_noop"] = round(results[name]["answers_per_s"]
                                                                / results[name]["noop"]["answers_per_s"], 3)
             finally:
@@ -232,9 +277,13 @@ def parse_bodies(items: list[str], parser: argparse.ArgumentParser) -> dict[str,
     return bodies
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table(results: dict[str, Any]) -> str:
     head = (f"{'domain':<14}{'route':<15}{'2xx/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'2xx':>7}{'429':>6}{'5xx':>5}"
-            f"{'dropped':>8}{'limit':>6}{'no-op/s':>9}{'ratio':>7}")
+            f"{'dropped':>8}{'limit':>6}{'no-op/s':>9}{'ratio':>7}{'CPU ms/ans':>11}{'no-op':>7}{'client':>7}")
     lines = [head]
     for name, r in results.items():
         if "skipped" in r:
@@ -244,7 +293,9 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<14}{r['route']:<15}{r['answers_per_s']:>8.1f}{r['p50_ms'] or 0:>9.0f}"
                      f"{r['p99_ms'] or 0:>9.0f}{r['answers_2xx']:>7}{r['statuses'].get('429', 0):>6}"
                      f"{r['server_errors']:>5}{r['dropped']:>8}{r['in_flight_limit']:>6}"
-                     f"{noop.get('answers_per_s', 0):>9.1f}{r.get('ratio_to_noop', 0):>7.2f}")
+                     f"{noop.get('answers_per_s', 0):>9.1f}{r.get('ratio_to_noop', 0):>7.2f}"
+                     f"{_ms(r.get('server_cpu_ms_per_answer')):>11}{_ms(noop.get('server_cpu_ms_per_answer')):>7}"
+                     f"{_ms(r.get('client_cpu_ms_per_answer')):>7}")
     return "\n".join(lines)
 
 

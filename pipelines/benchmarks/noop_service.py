@@ -19,7 +19,7 @@ from typing import Any
 import bentoml
 
 from shared import registry
-from shared.serving import BENTO_MAX_CONCURRENCY
+from shared.serving import BENTO_MAX_CONCURRENCY, settle_heap
 
 ANSWERS_ENV = "TESSERA_NOOP_ANSWERS"
 
@@ -58,7 +58,10 @@ def _build() -> type:
         func = _endpoint(api.route, answer)
         members[func.__name__] = bentoml.api(func, route=api.route, input_spec=api.input_spec,
                                              output_spec=api.output_spec)
-    if len(members) == 1:  # BentoML needs one API at least; without answers the service has only this one
+    # the same heap settling as the real services (shared.serving.settle_heap), so that the twin is no slower
+    # for a reason the services have removed
+    members["settle"] = bentoml.on_startup(lambda self: settle_heap())
+    if len(members) == 2:  # BentoML needs one API at least; without answers the service has only this one
         members["noop_ping"] = bentoml.api(lambda self: {"ok": True}, route="/ping")
     return type("NoOp", (), members)
 

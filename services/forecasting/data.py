@@ -94,10 +94,13 @@ def calendar_features(times: pd.DatetimeIndex | np.ndarray, names: Sequence[str]
     """(T, F) features scaled to [-0.5, 0.5]; ``times`` tz-aware ones count in their own wall-clock time."""
     if not names:
         return np.zeros((len(times), 0), dtype=np.float32)
-    index = pd.DatetimeIndex(times)
-    if index.tz is not None:
-        index = index.tz_localize(None)  # wall-clock time, as pandas' accessors count it
-    values = index.to_numpy(dtype="datetime64[ns]")
+    if isinstance(times, np.ndarray) and times.dtype.kind == "M":  # already wall-clock datetime64: no pandas
+        values = times.astype("datetime64[ns]", copy=False)
+    else:
+        index = pd.DatetimeIndex(times)
+        if index.tz is not None:
+            index = index.tz_localize(None)  # wall-clock time, as pandas' accessors count it
+        values = index.to_numpy(dtype="datetime64[ns]")
     return np.stack([np.asarray(CALENDAR[n](values), dtype=np.float64) - 0.5 for n in names],
                     axis=1).astype(np.float32)
 

@@ -2,9 +2,9 @@
 
 The public service packs each request into one float32 array ``(L + H, N + F)``: the last ``seq_len`` raw
 rows of history in the first ``N`` channels, and calendar features for the history and the forecast span in
-the last ``F``. The model runner batches such arrays, standardizes with the training statistics, runs the
-model and returns ``(H + 1, N)`` per item: ``H`` forecast rows in original units plus one row holding the
-model version that produced them (so a response always names its model, even across a hot swap).
+the last ``F``. The service batches such arrays across requests (each checked against, and run on, the same
+model version), standardizes with the training statistics, runs the model and returns ``(H, N)`` per item:
+``H`` forecast rows in original units.
 """
 
 from __future__ import annotations
@@ -20,37 +20,35 @@ from shared.inferers import SimpleInferer
 from shared.serving import RequestError
 from shared.tracking import LoadedModel
 
-from .data import calendar_features, future_times, request_body
+from .data import calendar_features, request_body
 
 INFERER = SimpleInferer()  # one forward pass; the trainer's validation runs the model the same way
 
 
-def pack(meta: dict[str, Any], values: np.ndarray, times: pd.DatetimeIndex | None) -> np.ndarray:
-    """(L_in, N) raw history (+ its timestamps) -> (seq_len + pred_len, N + F) float32 runner input."""
+def pack(meta: dict[str, Any], values: np.ndarray, times: np.ndarray | None) -> np.ndarray:
+    """(L_in, N) raw history (+ its wall-clock times, datetime64[ns]) -> (seq_len + pred_len, N + F) float32
+    model input."""
     seq_len, pred_len, marks = meta["seq_len"], meta["pred_len"], meta["marks"]
     n = len(meta["columns"])
     packed = np.zeros((seq_len + pred_len, n + len(marks)), dtype=np.float32)
     packed[:seq_len, :n] = values[-seq_len:]
     if marks:
         assert times is not None and meta["step_seconds"]
-        step = pd.Timedelta(seconds=meta["step_seconds"])
-        if times.tz is None:  # numpy's datetime64 arithmetic: ~35 µs for a served request's span, pandas' ~110
-            past = times[-seq_len:].to_numpy(dtype="datetime64[ns]")
-            span = np.concatenate([past, past[-1] + step.to_timedelta64() * np.arange(1, pred_len + 1)])
-        else:
-            span = times[-seq_len:].append(future_times(times[-1], step, pred_len))
+        past = times[-seq_len:]
+        step = np.timedelta64(round(meta["step_seconds"] * 1e9), "ns")
+        span = np.concatenate([past, past[-1] + step * np.arange(1, pred_len + 1)])
         packed[:, n:] = calendar_features(span, marks)
     return packed
 
 
 @torch.inference_mode()
 def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
-    """(B, L + H, N + F) packed inputs -> (B, H + 1, N): forecasts in original units + a version row."""
+    """(B, L + H, N + F) packed inputs -> (B, H, N): forecasts in original units."""
     cfg, state = loaded.cfg, loaded.state
     n, f = len(state.columns), len(state.marks)
     expected = (cfg.seq_len + cfg.pred_len, n + f)
     if batch.ndim != 3 or tuple(batch.shape[1:]) != expected:
-        raise ValueError(f"runner input has shape {tuple(batch.shape)}; model v{loaded.version} expects "
+        raise ValueError(f"model input has shape {tuple(batch.shape)}; model v{loaded.version} expects "
                          f"(B, {expected[0]}, {expected[1]})")
     mean, std = state.mean.float(), state.std.float()
     tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
@@ -59,14 +57,24 @@ def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
     y_mark = tensor[:, cfg.seq_len - cfg.label_len :, n:] if f else None  # (B, label_len + H, F)
     device = next(loaded.model.parameters()).device
     pred = INFERER(loaded.model, x.to(device), *(m.to(device) if m is not None else None for m in (x_mark, y_mark)))
-    out = pred.float().cpu() * std + mean  # (B, H, N)
-    version_row = torch.full((out.shape[0], 1, n), float(loaded.version or 0))
-    return torch.cat([out, version_row], dim=1).numpy()
+    return (pred.float().cpu() * std + mean).numpy()  # (B, H, N)
+
+
+_UNIX_DAY = datetime(1970, 1, 1).toordinal()
+
+
+def wall_times(timestamps: list[datetime]) -> np.ndarray:
+    """The wall-clock times of ``timestamps`` (an offset, if any, dropped) as datetime64[ns]: from their fields,
+    about 10x faster than numpy's conversion of datetime objects (~0.4 against ~3 µs each)."""
+    micros = np.fromiter((((t.toordinal() - _UNIX_DAY) * 86_400 + t.hour * 3_600 + t.minute * 60 + t.second)
+                          * 1_000_000 + t.microsecond for t in timestamps), dtype=np.int64, count=len(timestamps))
+    return micros.view("datetime64[us]").astype("datetime64[ns]")
 
 
 def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], timestamps: list[datetime] | None,
-             horizon: int | None) -> tuple[np.ndarray, pd.DatetimeIndex | None, int]:
-    """Check a request against the served model; returns (packed runner input, timestamps, horizon).
+             horizon: int | None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Check a request against the served model; returns (packed model input, wall-clock times as datetime64[ns]
+    or None, horizon).
 
     Raises :class:`RequestError` (422) with the reason; schema-level checks (types, finite numbers, sizes)
     happen before, in the service's pydantic model."""
@@ -93,8 +101,8 @@ def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], 
     if timestamps is not None:
         if len(timestamps) != len(rows):
             raise RequestError(f"{len(timestamps)} timestamps for {len(rows)} rows")
-        times = pd.DatetimeIndex(np.array([t.replace(tzinfo=None) for t in timestamps], dtype="datetime64[ns]"))
-        if len(times) > 1 and not (np.diff(times.asi8) > 0).all():
+        times = wall_times(timestamps)
+        if len(times) > 1 and not (np.diff(times.view(np.int64)) > 0).all():
             raise RequestError("timestamps must be strictly increasing")
     elif meta["marks"]:
         raise RequestError(f"this model uses calendar features ({', '.join(meta['marks'])}); "
@@ -104,17 +112,22 @@ def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], 
     return pack(meta, values, times), times, steps
 
 
-def future_stamps(meta: dict[str, Any], times: pd.DatetimeIndex | None, steps: int) -> list[str] | None:
+def future_stamps(meta: dict[str, Any], times: np.ndarray | pd.DatetimeIndex | None, steps: int) -> list[str] | None:
     """ISO times of the ``steps`` forecast rows after the history's last time (None without timestamps)."""
     if times is None:
         return None
-    step = pd.Timedelta(seconds=meta["step_seconds"]) if meta["step_seconds"] else times[-1] - times[-2]
-    if times.tz is None and times[-1].nanosecond == 0 and times[-1].microsecond == 0 and step.value % 10**9 == 0:
+    if isinstance(times, pd.DatetimeIndex) and times.tz is not None:
+        times = times.tz_localize(None)  # wall-clock time
+    times = np.asarray(times, dtype="datetime64[ns]")
+    step = (np.timedelta64(round(meta["step_seconds"] * 1e9), "ns") if meta["step_seconds"]
+            else times[-1] - times[-2])
+    last = times[-1]
+    if last.astype(np.int64) % 10**9 == 0 and step.astype(np.int64) % 10**9 == 0:
         # whole seconds: numpy writes what Timestamp.isoformat() does, 'YYYY-MM-DDTHH:MM:SS', ~10x faster
-        last = times[-1].to_datetime64().astype("datetime64[s]")
-        return np.datetime_as_string(last + step.to_timedelta64().astype("timedelta64[s]")
+        return np.datetime_as_string(last.astype("datetime64[s]") + step.astype("timedelta64[s]")
                                      * np.arange(1, steps + 1)).tolist()
-    return [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
+    start = pd.Timestamp(last) + pd.Timedelta(step)
+    return [t.isoformat() for t in pd.date_range(start, periods=steps, freq=pd.Timedelta(step))]
 
 
 # --- the MLflow pyfunc model: a history table in, the forecast table out -----------------------------------

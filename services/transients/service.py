@@ -1,38 +1,26 @@
 """BentoML service of the transients domain: ``POST /classify`` on port 3003.
 
-Two services: ``Transients`` (public: checks every object, formats the answer; JSON at ``/classify``, a
-PLAsTiCC-layout CSV or Parquet upload at ``/classify_table``) and ``TransientsRunner`` (holds
-``models:/transients@production`` and classifies adaptive batches of objects gathered across requests).
+One process: it holds ``models:/transients@production``, checks every object of a request (JSON at
+``/classify``, a PLAsTiCC-layout CSV or Parquet upload at ``/classify_table``) against it, and classifies the
+objects of the requests that arrive together as one batch (:class:`shared.serving.BatchingService`).
 """
 
 from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.transients import inference
 from services.transients.client import example_request
 from services.transients.curves import Curve
-from shared.serving import (
-    BENTO_MAX_CONCURRENCY,
-    RUNNER_CONNECTION,
-    FrontService,
-    ModelRef,
-    ModelUnavailable,
-    RequestError,
-    RunnerService,
-    answers_errors,
-    guard,
-    setting,
-)
-
-MAX_LATENCY_MS = setting("transients", "MAX_LATENCY_MS", 5000)
+from shared.serving import BENTO_MAX_CONCURRENCY, BatchingService, ModelRef, RequestError, answers_errors, guard
+from shared.tracking import LoadedModel
 
 
 class LightCurve(BaseModel):
@@ -72,69 +60,28 @@ class ClassifyResponse(BaseModel):
     model: ModelRef
 
 
-def _encode(curve: Curve) -> dict[str, Any]:
-    return {"object_id": curve.object_id, "mjd": curve.mjd.tolist(), "passband": curve.passband.tolist(),
-            "flux": curve.flux.tolist(), "flux_err": curve.flux_err.tolist(), "detected": curve.detected.tolist(),
-            "redshift": curve.redshift}
-
-
-def _decode(item: dict[str, Any]) -> Curve:
-    import numpy as np
-
-    return Curve(item["object_id"], np.asarray(item["mjd"], dtype=np.float64), np.asarray(item["passband"], np.int64),
-                 np.asarray(item["flux"], dtype=np.float64), np.asarray(item["flux_err"], dtype=np.float64),
-                 np.asarray(item["detected"], dtype=bool), item.get("redshift"))
-
-
-@bentoml.service(name="transients_runner", workers=1, resources={"cpu": "2"},
-                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY},
-                 runner_connection=RUNNER_CONNECTION)
-class TransientsRunner(RunnerService):
-    """Holds ``models:/transients@production`` and classifies adaptive batches of objects."""
-
-    domain = "transients"
-
-    @bentoml.api(batchable=True, max_batch_size=512, max_latency_ms=MAX_LATENCY_MS)
-    def predict(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        try:
-            loaded = self.holder.get()
-        except ModelUnavailable as exc:
-            raise ServiceUnavailable(str(exc)) from None
-        curves = [_decode(item) for item in items]
-        found = inference.answers(loaded, curves, inference.classify(loaded, curves))
-        return [{**row, "version": str(loaded.version)} for row in found]
-
-
-@bentoml.service(name="transients", workers=1, traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
-class Transients(FrontService):
+@bentoml.service(name="transients", workers=1, resources={"cpu": "2"},
+                 traffic={"timeout": 60, "max_concurrency": BENTO_MAX_CONCURRENCY})
+class Transients(BatchingService):
     """Calibrated classes of astronomical transients from their light curves: send objects (times, bands, fluxes
     and errors) to `/classify`, or upload a table in the PLAsTiCC columns to `/classify_table`, and get each
     object's class probabilities, its top class and an out-of-distribution score.
-    (This front service checks and formats; a runner holds the model and batches objects across requests.)"""
+    (The objects of requests that arrive together are classified as one batch.)"""
 
-    runner = bentoml.depends(TransientsRunner)
+    domain = "transients"
+    max_batch_items = 512  # objects
 
-    async def _classify(self, curves_of: Any) -> ClassifyResponse:
+    def run_batch(self, loaded: LoadedModel, items: list[Curve]) -> list[dict[str, Any]]:
+        return inference.answers(loaded, items, inference.classify(loaded, items))
+
+    async def _classify(self, curves_of: Callable[[dict[str, Any]], list[Curve]]) -> ClassifyResponse:
         started = time.perf_counter()
-        for attempt in (0, 1):  # a model swapped meanwhile for one with other bands: refresh, check again
-            meta = await self.model_meta(refresh=attempt == 1)
-            curves: list[Curve] = curves_of(meta)
-            try:
-                rows = await self.runner.to_async.predict([_encode(c) for c in curves])
-            except ServiceUnavailable as exc:
-                raise ModelUnavailable(str(exc)) from None
-            except Exception as exc:
-                if attempt == 1:
-                    raise ModelUnavailable(f"the model runner could not answer: {exc}") from exc
-                continue
-            if all(row["version"] == str(meta["version"]) for row in rows):
-                break
-        meta = await self.model_meta(refresh=any(row["version"] != str(meta["version"]) for row in rows))
-        objects = [ObjectClasses(**{k: v for k, v in row.items() if k != "version"}) for row in rows]
-        return ClassifyResponse(objects=objects, classes=list(meta["classes"]),
+        loaded = self.holder.get()
+        meta = self.card_of(loaded)
+        rows = await self.batcher.submit(loaded, curves_of(meta))  # on the model the objects were checked on
+        return ClassifyResponse(objects=[ObjectClasses(**row) for row in rows], classes=list(meta["classes"]),
                                 latency_ms=(time.perf_counter() - started) * 1000,
-                                model=ModelRef(name=meta["name"], version=rows[0]["version"], run_id=meta["run_id"],
-                                               architecture=meta.get("architecture")))
+                                model=ModelRef(**loaded.describe()))
 
     @bentoml.api(route="/classify")
     @answers_errors

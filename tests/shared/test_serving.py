@@ -281,3 +281,24 @@ def test_services_bound_the_registry_client_unless_the_environment_says_otherwis
     import os
 
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+
+
+def test_settle_heap_freezes_what_is_alive_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from shared.serving import settle_heap
+
+    try:
+        gc.unfreeze()
+        monkeypatch.setenv("TESSERA_FREEZE_HEAP", "0")
+        settle_heap()
+        assert gc.get_freeze_count() == 0
+        monkeypatch.delenv("TESSERA_FREEZE_HEAP")
+        settle_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # the test process's modules, pytest, numpy...
+        assert sum(gc.get_count()) < 100  # nothing left for the collector to walk
+        settle_heap()  # again (after a model swap): unfreeze, collect, freeze
+        assert abs(gc.get_freeze_count() - frozen) < frozen // 10
+    finally:
+        gc.unfreeze()

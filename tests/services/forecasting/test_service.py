@@ -1,4 +1,4 @@
-"""Request validation and the packed runner path, without a server (the integration test covers HTTP)."""
+"""Request validation and the packed model path, without a server (the integration test covers HTTP)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def loaded() -> LoadedModel:
 
 
 def _meta(loaded: LoadedModel) -> dict:
-    """What the runner's /model answers (the public service validates requests against it)."""
+    """What /model answers (the service validates requests against it)."""
     return {**loaded.describe(), **registry.get("forecasting").describe(loaded.cfg, loaded.state)}
 
 
@@ -45,12 +45,11 @@ def _request(rows: int = 60, **changes: object) -> ForecastRequest:
     return ForecastRequest(**body)  # type: ignore[arg-type]
 
 
-def test_runner_output_matches_the_model_in_original_units(loaded: LoadedModel) -> None:
+def test_model_output_matches_the_model_in_original_units(loaded: LoadedModel) -> None:
     meta = _meta(loaded)
     packed, times, steps = _check(_request(), meta)
     out = inference.run(loaded, packed[None])
-    assert out.shape == (1, 24 + 1, 3) and steps == 24
-    assert (out[0, -1] == 7).all()  # the version row
+    assert out.shape == (1, 24, 3) and steps == 24
     # the same forecast computed directly from standardized tensors
     mean, std = loaded.state.mean.numpy(), loaded.state.std.numpy()
     x = torch.tensor((packed[:48, :3] - mean) / std, dtype=torch.float32)[None]
@@ -58,7 +57,7 @@ def test_runner_output_matches_the_model_in_original_units(loaded: LoadedModel) 
     y_mark = torch.tensor(packed[48 - 24 :, 3:])[None]
     with torch.inference_mode():
         direct = loaded.model(x, x_mark, y_mark)[0].numpy() * std + mean
-    np.testing.assert_allclose(out[0, :-1], direct, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[0], direct, rtol=1e-4, atol=1e-4)
 
 
 def test_columns_in_another_order_are_reordered(loaded: LoadedModel) -> None:
@@ -101,36 +100,9 @@ def test_schema_rejects_non_finite_unknown_and_empty(changes: dict) -> None:
         _request(**changes)
 
 
-def test_runner_refuses_arrays_of_another_model(loaded: LoadedModel) -> None:
+def test_the_model_path_refuses_arrays_of_another_model(loaded: LoadedModel) -> None:
     with pytest.raises(ValueError, match="expects"):
         inference.run(loaded, np.zeros((1, 10, 3), dtype=np.float32))
-
-
-def test_a_dropped_connection_to_the_runner_is_retried_then_a_503() -> None:
-    import asyncio
-
-    import aiohttp
-
-    from services.forecasting.service import Forecasting
-    from shared.serving import ModelUnavailable
-
-    class Runner:  # the runner's client, dropping the first `drops` calls as BentoML's sometimes does
-        def __init__(self, drops: int) -> None:
-            self.drops, self.calls = drops, 0
-            self.to_async = self
-
-        async def model_info(self) -> dict[str, object]:
-            self.calls += 1
-            if self.calls <= self.drops:
-                raise aiohttp.ServerDisconnectedError()
-            return {"name": "forecasting", "version": "3"}
-
-    front = Forecasting.inner.__new__(Forecasting.inner)
-    front.__dict__["runner"] = flaky = Runner(drops=2)
-    assert asyncio.run(front.model_meta()) == {"name": "forecasting", "version": "3"} and flaky.calls == 3
-    front.__dict__["runner"] = Runner(drops=5)
-    with pytest.raises(ModelUnavailable, match="the model runner could not answer"):
-        asyncio.run(front.model_meta(refresh=True))
 
 
 def test_packed_calendar_rows_and_future_stamps_are_those_of_pandas(loaded: LoadedModel) -> None:
@@ -140,7 +112,8 @@ def test_packed_calendar_rows_and_future_stamps_are_those_of_pandas(loaded: Load
     from services.forecasting.data import calendar_features, future_times
 
     meta = _meta(loaded)
-    packed, times, steps = _check(_request(rows=70), meta)
+    packed, stamps, steps = _check(_request(rows=70), meta)
+    times = pd.DatetimeIndex(stamps)
     seq_len, pred_len = meta["seq_len"], meta["pred_len"]
     step = pd.Timedelta(seconds=meta["step_seconds"])
     span = times[-seq_len:].append(future_times(times[-1], step, pred_len))
@@ -151,7 +124,23 @@ def test_packed_calendar_rows_and_future_stamps_are_those_of_pandas(loaded: Load
     odd = pd.DatetimeIndex([times[-2], times[-1] + pd.Timedelta(milliseconds=250)])
     assert inference.future_stamps(meta, odd, 2) == [
         t.isoformat() for t in pd.date_range(odd[-1] + step, periods=2, freq=step)]
+    # so does a tz-aware index, at its wall-clock time
+    assert inference.future_stamps(meta, times.tz_localize("Asia/Kolkata"), steps) == expected
     # tz-aware timestamps are read as their wall-clock time, as before
     aware = _request(rows=70, timestamps=[t.to_pydatetime().replace(tzinfo=UTC)
                                           for t in times])
     np.testing.assert_array_equal(_check(aware, meta)[0], packed)
+
+
+def test_wall_times_are_numpys_conversion_of_the_naive_datetimes() -> None:
+    """The fast field arithmetic of wall_times gives what numpy gives for the same datetimes, offsets dropped."""
+    from datetime import timezone
+
+    naive = [datetime(1969, 12, 31, 23, 59, 59, 999_999), datetime(2000, 2, 29, 12, 30, 1, 5),
+             datetime(2021, 1, 1), datetime(2262, 4, 11, 23, 47, 16)]
+    offset = timezone(timedelta(hours=5, minutes=30))
+    aware = [t.replace(tzinfo=offset) for t in naive[1:]] + [naive[0].replace(tzinfo=UTC)]
+    expected = np.array(naive[1:] + naive[:1], dtype="datetime64[ns]")
+    np.testing.assert_array_equal(inference.wall_times(naive[1:] + naive[:1]), expected)
+    np.testing.assert_array_equal(inference.wall_times(aware), expected)
+    assert inference.wall_times([]).shape == (0,)
