@@ -79,7 +79,7 @@ def test_a_service_started_while_mlflow_is_down_says_why_in_seconds_and_serves_o
             except httpx.TransportError:
                 return None
 
-        def says_why() -> httpx.Response | None:  # before, the runner may not answer yet (also a 503)
+        def says_why() -> httpx.Response | None:  # while BentoML starts, no answer yet
             response = model_answer()
             return response if response is not None and "registry unavailable" in response.text else None
 
