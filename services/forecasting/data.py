@@ -118,10 +118,6 @@ def request_body(frame: pd.DataFrame) -> dict[str, Any]:
     return body
 
 
-def future_times(last: pd.Timestamp, step: pd.Timedelta, horizon: int) -> pd.DatetimeIndex:
-    return pd.DatetimeIndex(last + step * np.arange(1, horizon + 1))
-
-
 def synthetic_frame(steps: int = 6000, n_vars: int = 7, seed: int = 0) -> pd.DataFrame:
     """An hourly multivariate series with known structure: trend, daily and weekly seasonality, lagged
     cross-variate coupling and AR(1) noise. Variable ``v{j}`` follows ``v0`` with a lag of ``3*j`` hours."""

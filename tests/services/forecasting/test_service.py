@@ -109,14 +109,14 @@ def test_packed_calendar_rows_and_future_stamps_are_those_of_pandas(loaded: Load
     """The numpy fast paths of pack and future_stamps give what pandas' date arithmetic gives."""
     import pandas as pd
 
-    from services.forecasting.data import calendar_features, future_times
+    from services.forecasting.data import calendar_features
 
     meta = _meta(loaded)
     packed, stamps, steps = _check(_request(rows=70), meta)
     times = pd.DatetimeIndex(stamps)
     seq_len, pred_len = meta["seq_len"], meta["pred_len"]
     step = pd.Timedelta(seconds=meta["step_seconds"])
-    span = times[-seq_len:].append(future_times(times[-1], step, pred_len))
+    span = times[-seq_len:].append(pd.DatetimeIndex(times[-1] + step * np.arange(1, pred_len + 1)))
     np.testing.assert_array_equal(packed[:, 3:], calendar_features(span, meta["marks"]))
     expected = [t.isoformat() for t in pd.date_range(times[-1] + step, periods=steps, freq=step)]
     assert inference.future_stamps(meta, times, steps) == expected
