@@ -307,8 +307,9 @@ class BatchingService(DomainService):
     checks its request against ``self.holder.get()`` (a 503 until a model exists), then awaits
     ``self.batcher.submit(loaded, items)``; :meth:`run_batch` runs the items of many requests together on the
     batcher's worker thread while the event loop goes on with other requests (:mod:`shared.batching`). One
-    process and no hop between a front and a model server: under load, most of a request's cost on a small
-    CPU box was that hop. ``max_batch_items`` caps a batch (``TESSERA_<DOMAIN>_MAX_BATCH`` overrides it)."""
+    process, no HTTP hop between a front service and a model runner (on 2 cores under 100 clients, removing the
+    hop took forecasting from 162 to 198 answers/s and transients from 133 to 182). ``max_batch_items`` caps a
+    batch (``TESSERA_<DOMAIN>_MAX_BATCH`` overrides it)."""
 
     max_batch_items: ClassVar[int] = 64
 
