@@ -197,7 +197,9 @@ class ModelHolder:
         self._lock = threading.Lock()
         self._last_check = 0.0
         self._stop = threading.Event()
+        self._serving = False  # the first load, from __init__: the service's on_startup settles the heap after it
         self.refresh()
+        self._serving = True
         self._thread = threading.Thread(target=self._poll, name=f"{domain}-model-poll", daemon=True)
         self._thread.start()
 
@@ -233,7 +235,8 @@ class ModelHolder:
             return False
         previous = self._current.version if self._current else None
         self._current, self._error = loaded, None
-        settle_heap()  # the model and what loading it left behind: out of the collector's way
+        if self._serving:
+            settle_heap()  # the model and what loading it left behind: out of the collector's way
         log.info("%s: now serving version %s (was %s)", self.domain, loaded.version, previous)
         return True
 
