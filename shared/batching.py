@@ -14,14 +14,11 @@ even if version 4 was loaded meanwhile), and a batch never mixes models.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-
-log = logging.getLogger("tessera.batching")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,21 +33,18 @@ class _Work(Generic[T, R]):
 
 @dataclass
 class BatchStats:
-    """What a batcher has run so far (``/metrics``-style counters, and what the tests look at)."""
+    """What a batcher has run so far: batches, the requests and items in them, the largest batch."""
 
     batches: int = 0
     items: int = 0
     requests: int = 0
-    largest: int = 0
-    sizes: list[int] = field(default_factory=list)  # the last 1,000 batch sizes, in items
+    largest: int = 0  # items
 
     def add(self, requests: int, items: int) -> None:
         self.batches += 1
         self.requests += requests
         self.items += items
         self.largest = max(self.largest, items)
-        self.sizes.append(items)
-        del self.sizes[:-1000]
 
 
 class Batcher(Generic[T, R]):
@@ -80,11 +74,6 @@ class Batcher(Generic[T, R]):
             self._draining = True
             loop.create_task(self._drain())
         return await work.done
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued behind the batch that runs now."""
-        return len(self._queue)
 
     def _next_batch(self) -> list[_Work[T, R]]:
         """The oldest waiting request and, after it, every waiting request on the same model that still fits."""

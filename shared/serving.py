@@ -78,7 +78,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def answers_errors(func: F) -> F:
     """Decorate a service endpoint (sync or async): a :class:`RequestError` it raises becomes the error answer.
     The wrapper carries the endpoint's signature as ``__signature__``: BentoML reads the signature of an endpoint
-    on every call, and without it ``inspect`` unwraps and rebuilds it each time (~0.1 ms a request)."""
+    on every call, and without it ``inspect`` unwraps the wrapper first (16 against 2 µs here)."""
     signature = inspect.signature(func)
     if inspect.iscoroutinefunction(func):
         @functools.wraps(func)
@@ -289,10 +289,20 @@ class DomainService:
         torch.set_num_threads(declared_cpus(self))
         settle_heap()
 
+    _card: tuple[LoadedModel, dict[str, Any]] | None = None  # the last model card and its model
+
+    def card_of(self, loaded: LoadedModel) -> dict[str, Any]:
+        """``loaded``'s model card (what ``/model`` answers, and what requests are checked against), computed
+        once per model."""
+        held = self._card
+        if held is None or held[0] is not loaded:
+            card = {**loaded.describe(), **registry.get(self.domain).describe(loaded.cfg, loaded.state)}
+            held = self._card = (loaded, card)
+        return held[1]
+
     def model_card(self) -> dict[str, Any]:
         """What ``/model`` answers (raises :class:`ModelUnavailable` while there is no model)."""
-        loaded = self.holder.get()
-        return {**loaded.describe(), **registry.get(self.domain).describe(loaded.cfg, loaded.state)}
+        return self.card_of(self.holder.get())
 
     @bentoml.api(route="/model")
     @answers_errors
@@ -321,22 +331,10 @@ class BatchingService(DomainService):
         self.batcher: Batcher[Any, Any] = Batcher(
             self.run_batch, max_items=setting(self.domain, "MAX_BATCH", self.max_batch_items),
             name=f"{self.domain}-model")
-        self._card: tuple[LoadedModel, dict[str, Any]] | None = None
 
     def run_batch(self, loaded: LoadedModel, items: list[Any]) -> Sequence[Any]:
         """One result per item, computed with ``loaded`` (called on the batcher's thread)."""
         raise NotImplementedError
-
-    def card_of(self, loaded: LoadedModel) -> dict[str, Any]:
-        """``loaded``'s model card (what ``/model`` answers), computed once per model."""
-        held = self._card
-        if held is None or held[0] is not loaded:
-            held = self._card = (loaded, {**loaded.describe(), **registry.get(self.domain).describe(loaded.cfg,
-                                                                                                    loaded.state)})
-        return held[1]
-
-    def model_card(self) -> dict[str, Any]:
-        return self.card_of(self.holder.get())
 
     @bentoml.on_shutdown
     def stop_batcher(self) -> None:
