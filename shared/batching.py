@@ -2,7 +2,8 @@
 
 A :class:`Batcher` takes the work of many concurrent requests (each awaits ``submit``) and runs it as few calls
 of one function on a single worker thread, so that the event loop goes on parsing, checking and answering
-other requests while the model runs (torch releases the GIL inside its kernels). It batches continuously: while
+other requests while the model runs (the function may hand the work to another process and wait:
+:class:`shared.model_process.ModelProcess`, what the services do). It batches continuously: while
 one batch runs, new work queues; when the batch ends, everything queued (up to ``max_items``) forms the next
 one. An idle service runs a lone request at once, with no waiting window to tune, and a busy one runs batches
 as large as the load makes them.

@@ -4,7 +4,7 @@
   :class:`ModelHolder` on ``models:/<domain>@production``, hot-swapped when the alias moves), answers
   ``GET /model`` (and ``POST``) for every domain the same way, sets torch's threads from the service's
   ``resources=`` and stops the model poller on shutdown. :class:`BatchingService` adds batching of model calls
-  across requests in the same process (:mod:`shared.batching`).
+  across requests (:mod:`shared.batching`), run in a model process of its own (:mod:`shared.model_process`).
 - :func:`answers_errors`: the one error handler of every endpoint: a :class:`RequestError` becomes
   ``{"error": reason}`` with its status (a 4xx, or a 503 while there is no model).
 - :class:`RequestGuard` and :func:`guard`: an ASGI middleware in front of a service that refuses what
@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from shared import registry
 from shared.batching import Batcher
+from shared.model_process import ModelProcess, resolve
 from shared.tracking import PRODUCTION, LoadedModel, client, load_registered, production_version
 
 log = logging.getLogger("tessera.serving")
@@ -316,29 +317,46 @@ class DomainService:
 
 
 class BatchingService(DomainService):
-    """Base of a domain service whose model calls are batched across requests in its own process: an endpoint
-    checks its request against ``self.holder.get()`` (a 503 until a model exists), then awaits
-    ``self.batcher.submit(loaded, items)``; :meth:`run_batch` runs the items of many requests together on the
-    batcher's worker thread while the event loop goes on with other requests (:mod:`shared.batching`). One
-    process, no HTTP hop between a front service and a model runner (on 2 cores under 100 clients, removing the
-    hop took forecasting from 162 to 198 answers/s and transients from 133 to 182). ``max_batch_items`` caps a
-    batch (``TESSERA_<DOMAIN>_MAX_BATCH`` overrides it)."""
+    """Base of a domain service whose model calls are batched across requests: an endpoint checks its request
+    against ``self.holder.get()`` (a 503 until a model exists), then awaits ``self.batcher.submit(loaded,
+    items)``; the items of the requests that waited together run as one call of ``batch_function`` (a
+    module-level ``"package.module:function"``, ``(loaded, items) -> one result per item``) while the event
+    loop goes on with other requests (:mod:`shared.batching`). ``max_batch_items`` caps a batch
+    (``TESSERA_<DOMAIN>_MAX_BATCH`` overrides it).
 
+    The calls run in a child process of their own (:class:`shared.model_process.ModelProcess`): there the
+    model does not wait for the GIL behind the event loop. ``TESSERA_<DOMAIN>_MODEL_PROCESS=0`` runs them on a
+    thread of the service process instead (one process less, the model's memory once)."""
+
+    batch_function: ClassVar[str]
     max_batch_items: ClassVar[int] = 64
 
     def __init__(self) -> None:
         super().__init__()
+        self.model_process: ModelProcess | None = None
+        run: Callable[[LoadedModel, list[Any]], Sequence[Any]]
+        if setting(self.domain, "MODEL_PROCESS", 1):
+            run = self.model_process = ModelProcess(self.batch_function, name=f"{self.domain}-model")
+        else:
+            run = resolve(self.batch_function)
         self.batcher: Batcher[Any, Any] = Batcher(
-            self.run_batch, max_items=setting(self.domain, "MAX_BATCH", self.max_batch_items),
-            name=f"{self.domain}-model")
+            run, max_items=setting(self.domain, "MAX_BATCH", self.max_batch_items), name=f"{self.domain}-model")
 
-    def run_batch(self, loaded: LoadedModel, items: list[Any]) -> Sequence[Any]:
-        """One result per item, computed with ``loaded`` (called on the batcher's thread)."""
-        raise NotImplementedError
+    @bentoml.on_startup
+    def start_model_process(self) -> None:
+        """The child starts with the service (torch's import and the model's transfer are not a request's),
+        with the service's declared CPUs as torch's threads."""
+        if self.model_process is not None:
+            self.model_process.threads = max(1, declared_cpus(self) - 1)  # a core is the event loop's
+            loaded = self.holder.loaded
+            if loaded is not None:
+                self.model_process.warm(loaded)
 
     @bentoml.on_shutdown
     def stop_batcher(self) -> None:
         self.batcher.close()
+        if self.model_process is not None:
+            self.model_process.close()
 
 
 def packed_model(instance: Any) -> str | None:

@@ -10,7 +10,8 @@ model version), standardizes with the training statistics, runs the model and re
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,14 @@ from shared.tracking import LoadedModel
 from .data import calendar_features, request_body
 
 INFERER = SimpleInferer()  # one forward pass; the trainer's validation runs the model the same way
+
+
+class Checked(NamedTuple):
+    """A request checked against the served model, what the model process needs of it."""
+
+    history: np.ndarray  # (seq_len, N) raw values, the model's column order
+    times: np.ndarray | None  # their wall-clock times, datetime64[ns] (None: the model has no calendar features)
+    steps: int  # rows to answer (<= pred_len)
 
 
 def pack(meta: dict[str, Any], values: np.ndarray, times: np.ndarray | None) -> np.ndarray:
@@ -60,6 +69,23 @@ def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
     return (pred.float().cpu() * std + mean).numpy()  # (B, H, N)
 
 
+def plan(loaded: LoadedModel) -> dict[str, Any]:
+    """What :func:`pack` and :func:`future_stamps` read of the model card, from the model itself."""
+    cfg, state = loaded.cfg, loaded.state
+    return {"columns": list(state.columns), "seq_len": cfg.seq_len, "pred_len": cfg.pred_len,
+            "marks": list(state.marks), "step_seconds": state.step_seconds}
+
+
+def run_items(loaded: LoadedModel, items: list[Checked]) -> list[tuple[np.ndarray, list[str] | None]]:
+    """The service's batch (in its model process): checked requests -> per request the (steps, N) forecast and
+    the ISO times of its rows (None without timestamps). Packing (calendar features) and the answer's times are
+    computed here, off the service's event loop."""
+    meta = plan(loaded)
+    out = run(loaded, np.stack([pack(meta, item.history, item.times) for item in items]))
+    return [(forecast[: item.steps], future_stamps(meta, item.times, item.steps))
+            for forecast, item in zip(out, items, strict=True)]
+
+
 _UNIX_DAY = datetime(1970, 1, 1).toordinal()
 
 
@@ -72,9 +98,8 @@ def wall_times(timestamps: list[datetime]) -> np.ndarray:
 
 
 def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], timestamps: list[datetime] | None,
-             horizon: int | None) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Check a request against the served model; returns (packed model input, wall-clock times as datetime64[ns]
-    or None, horizon).
+             horizon: int | None) -> Checked:
+    """Check a request against the served model; what :func:`run_items` takes.
 
     Raises :class:`RequestError` (422) with the reason; schema-level checks (types, finite numbers, sizes)
     happen before, in the service's pydantic model."""
@@ -96,20 +121,24 @@ def validate(meta: dict[str, Any], columns: list[str], rows: list[list[float]], 
     if steps > pred_len:
         raise RequestError(f"horizon {steps} is above the trained horizon {pred_len}")
     order = [columns.index(c) for c in expected]
-    values = np.asarray(rows, dtype=np.float64)[:, order]
+    # flattened, then shaped: ~2x faster than np.asarray's shape discovery on a list of rows (24 against 57 µs
+    # for the demo's 96 x 7); every row's width was checked above
+    values = np.fromiter(chain.from_iterable(rows), np.float64, count=len(rows) * width).reshape(len(rows), width)
+    values = values[:, order]
     times = None
     if timestamps is not None:
         if len(timestamps) != len(rows):
             raise RequestError(f"{len(timestamps)} timestamps for {len(rows)} rows")
         times = wall_times(timestamps)
-        if len(times) > 1 and not (np.diff(times.view(np.int64)) > 0).all():
+        ticks = times.view(np.int64)
+        if not (ticks[1:] > ticks[:-1]).all():
             raise RequestError("timestamps must be strictly increasing")
     elif meta["marks"]:
         raise RequestError(f"this model uses calendar features ({', '.join(meta['marks'])}); "
                          f"send 'timestamps', one per row")
     if np.abs(values).max() > 1e30:
         raise RequestError("values must be finite numbers of reasonable magnitude")
-    return pack(meta, values, times), times, steps
+    return Checked(values[-seq_len:], times[-seq_len:] if times is not None else None, steps)
 
 
 def future_stamps(meta: dict[str, Any], times: np.ndarray | pd.DatetimeIndex | None, steps: int) -> list[str] | None:
@@ -153,13 +182,11 @@ def pyfunc_predict(loaded: LoadedModel, meta: dict[str, Any], model_input: Any,
     stamps = [pd.Timestamp(t).to_pydatetime() for t in body["timestamps"]] if "timestamps" in body else None
     horizon = params.get("horizon")
     try:
-        packed, times, steps = validate(meta, body["columns"], body["values"], stamps,
-                                        int(horizon) if horizon is not None else None)
+        checked = validate(meta, body["columns"], body["values"], stamps, int(horizon) if horizon is not None else None)
     except RequestError as exc:
         raise ValueError(str(exc)) from None
-    out = run(loaded, packed[None])[0][:steps]
+    [(out, future)] = run_items(loaded, [checked])
     frame = pd.DataFrame(out, columns=list(meta["columns"]))
-    future = future_stamps(meta, times, steps)
     if future is not None:
         frame.insert(0, loaded.state.time_column or "date", pd.to_datetime(future))
     return frame

@@ -1,7 +1,9 @@
 """BentoML service of the forecasting domain: ``POST /forecast`` on port 3001.
 
-One process: it holds ``models:/forecasting@production``, checks each request against it, and runs the model
-on batches of requests gathered while the previous batch ran (:class:`shared.serving.BatchingService`).
+It holds ``models:/forecasting@production``, checks each request against it on the event loop, and runs the
+model on batches of requests gathered while the previous batch ran, in its model process
+(:class:`shared.serving.BatchingService`): the calendar features, the model and the answer's times are computed
+there (``inference.run_items``).
 """
 
 from __future__ import annotations
@@ -9,13 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 
 import bentoml
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.forecasting import inference
 from services.forecasting.client import example_request
 from shared.serving import BENTO_MAX_CONCURRENCY, BatchingService, ModelRef, answers_errors, guard
-from shared.tracking import LoadedModel
 
 MAX_ROWS = 20_000
 MAX_COLUMNS = 2_000
@@ -50,10 +50,8 @@ class Forecasting(BatchingService):
     of every column. (Requests that arrive together run through the model as one batch.)"""
 
     domain = "forecasting"
+    batch_function = "services.forecasting.inference:run_items"
     max_batch_items = 64
-
-    def run_batch(self, loaded: LoadedModel, items: list[np.ndarray]) -> list[np.ndarray]:
-        return list(inference.run(loaded, np.stack(items)))
 
     @bentoml.api(route="/forecast")
     @answers_errors
@@ -61,12 +59,11 @@ class Forecasting(BatchingService):
         """Forecast the next `horizon` steps of every column from the recent history."""
         loaded = self.holder.get()
         meta = self.card_of(loaded)
-        packed, times, steps = inference.validate(meta, request.columns, request.values, request.timestamps,
-                                                  request.horizon)
-        out = (await self.batcher.submit(loaded, [packed]))[0]  # (H, N), on the model the request was checked on
+        checked = inference.validate(meta, request.columns, request.values, request.timestamps, request.horizon)
+        # on the model the request was checked on, in the model process: the forecast rows and their times
+        out, stamps = (await self.batcher.submit(loaded, [checked]))[0]
         # built from trusted values without validating them again (672 floats for the demo: ~70 µs a request)
-        return ForecastResponse.model_construct(columns=meta["columns"], values=out[:steps].tolist(),
-                                                timestamps=inference.future_stamps(meta, times, steps),
+        return ForecastResponse.model_construct(columns=meta["columns"], values=out.tolist(), timestamps=stamps,
                                                 model=ModelRef(**loaded.describe()))
 
 

@@ -143,7 +143,13 @@ def answers(loaded: Any, curves: Sequence[Curve], result: Classified) -> list[di
     return out
 
 
+def run_items(loaded: Any, curves: list[Curve]) -> list[dict[str, Any]]:
+    """The service's batch: the checked objects of many requests -> one answer row per object."""
+    return answers(loaded, curves, classify(loaded, curves))
+
+
 # --- the MLflow pyfunc model: a PLAsTiCC-layout table in, a table of probabilities out ----------------------
+
 
 def pyfunc_example(loaded: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     from .data import synthetic_curves

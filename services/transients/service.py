@@ -2,7 +2,8 @@
 
 One process: it holds ``models:/transients@production``, checks every object of a request (JSON at
 ``/classify``, a PLAsTiCC-layout CSV or Parquet upload at ``/classify_table``) against it, and classifies the
-objects of the requests that arrive together as one batch (:class:`shared.serving.BatchingService`).
+objects of the requests that arrive together as one batch in its model process
+(:class:`shared.serving.BatchingService`, ``inference.run_items``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from services.transients import inference
 from services.transients.client import example_request
 from services.transients.curves import Curve
 from shared.serving import BENTO_MAX_CONCURRENCY, BatchingService, ModelRef, RequestError, answers_errors, guard
-from shared.tracking import LoadedModel
 
 
 class LightCurve(BaseModel):
@@ -69,10 +69,9 @@ class Transients(BatchingService):
     (The objects of requests that arrive together are classified as one batch.)"""
 
     domain = "transients"
+    batch_function = "services.transients.inference:run_items"
     max_batch_items = 512  # objects
 
-    def run_batch(self, loaded: LoadedModel, items: list[Curve]) -> list[dict[str, Any]]:
-        return inference.answers(loaded, items, inference.classify(loaded, items))
 
     async def _classify(self, curves_of: Callable[[dict[str, Any]], list[Curve]]) -> ClassifyResponse:
         started = time.perf_counter()

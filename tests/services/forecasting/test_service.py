@@ -34,7 +34,9 @@ def _meta(loaded: LoadedModel) -> dict:
 
 
 def _check(request: ForecastRequest, meta: dict) -> tuple:
-    return inference.validate(meta, request.columns, request.values, request.timestamps, request.horizon)
+    """(packed model input, the history's times, steps) of a request."""
+    checked = inference.validate(meta, request.columns, request.values, request.timestamps, request.horizon)
+    return inference.pack(meta, checked.history, checked.times), checked.times, checked.steps
 
 
 def _request(rows: int = 60, **changes: object) -> ForecastRequest:
@@ -58,6 +60,20 @@ def test_model_output_matches_the_model_in_original_units(loaded: LoadedModel) -
     with torch.inference_mode():
         direct = loaded.model(x, x_mark, y_mark)[0].numpy() * std + mean
     np.testing.assert_allclose(out[0], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_checked_requests_gives_each_its_forecast_rows_and_times(loaded: LoadedModel) -> None:
+    """run_items (what the model process runs) = pack, run and future_stamps, request by request."""
+    meta = _meta(loaded)
+    requests = [_request(), _request(rows=70, horizon=5), _request(values=[[1.0, 2.0, float(i)] for i in range(60)])]
+    checked = [inference.validate(meta, r.columns, r.values, r.timestamps, r.horizon) for r in requests]
+    answers = inference.run_items(loaded, checked)
+    assert [len(rows) for rows, _ in answers] == [24, 5, 24]
+    for item, (rows, stamps) in zip(checked, answers, strict=True):
+        alone = inference.run(loaded, inference.pack(meta, item.history, item.times)[None])[0][: item.steps]
+        np.testing.assert_allclose(rows, alone, rtol=1e-5, atol=1e-5)
+        assert stamps == inference.future_stamps(meta, item.times, item.steps)
+    assert answers[1][1][0] == "2021-01-03T22:00:00"  # the hour after the 70th (index 69) row
 
 
 def test_columns_in_another_order_are_reordered(loaded: LoadedModel) -> None:
@@ -127,8 +143,7 @@ def test_packed_calendar_rows_and_future_stamps_are_those_of_pandas(loaded: Load
     # so does a tz-aware index, at its wall-clock time
     assert inference.future_stamps(meta, times.tz_localize("Asia/Kolkata"), steps) == expected
     # tz-aware timestamps are read as their wall-clock time, as before
-    aware = _request(rows=70, timestamps=[t.to_pydatetime().replace(tzinfo=UTC)
-                                          for t in times])
+    aware = _request(rows=70, timestamps=[t.replace(tzinfo=UTC) for t in _request(rows=70).timestamps])
     np.testing.assert_array_equal(_check(aware, meta)[0], packed)
 
 
