@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from shared import registry
 from shared.batching import Batcher
-from shared.model_process import ModelProcess, resolve
+from shared.model_process import ModelProcess, ModelProcessError, resolve
 from shared.tracking import PRODUCTION, LoadedModel, client, load_registered, production_version
 
 log = logging.getLogger("tessera.serving")
@@ -336,7 +336,8 @@ class BatchingService(DomainService):
         self.model_process: ModelProcess | None = None
         run: Callable[[LoadedModel, list[Any]], Sequence[Any]]
         if setting(self.domain, "MODEL_PROCESS", 1):
-            run = self.model_process = ModelProcess(self.batch_function, name=f"{self.domain}-model")
+            self.model_process = ModelProcess(self.batch_function, name=f"{self.domain}-model")
+            run = functools.partial(in_model_process, self.model_process)
         else:
             run = resolve(self.batch_function)
         self.batcher: Batcher[Any, Any] = Batcher(
@@ -357,6 +358,15 @@ class BatchingService(DomainService):
         self.batcher.close()
         if self.model_process is not None:
             self.model_process.close()
+
+
+def in_model_process(process: ModelProcess, loaded: LoadedModel, items: list[Any]) -> Sequence[Any]:
+    """``process(loaded, items)``; a model process that died while running the batch makes each of its requests a
+    503 with the reason (the process starts again with the next batch), not a 500."""
+    try:
+        return process(loaded, items)
+    except ModelProcessError as exc:
+        raise ModelUnavailable(f"{exc}: try again") from exc
 
 
 def packed_model(instance: Any) -> str | None:

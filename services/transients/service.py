@@ -72,15 +72,15 @@ class Transients(BatchingService):
     batch_function = "services.transients.inference:run_items"
     max_batch_items = 512  # objects
 
-
     async def _classify(self, curves_of: Callable[[dict[str, Any]], list[Curve]]) -> ClassifyResponse:
         started = time.perf_counter()
         loaded = self.holder.get()
         meta = self.card_of(loaded)
         rows = await self.batcher.submit(loaded, curves_of(meta))  # on the model the objects were checked on
-        return ClassifyResponse(objects=[ObjectClasses(**row) for row in rows], classes=list(meta["classes"]),
-                                latency_ms=(time.perf_counter() - started) * 1000,
-                                model=ModelRef(**loaded.describe()))
+        # built from the model process's rows (str, float, bool and int already) without validating them again
+        return ClassifyResponse.model_construct(
+            objects=[ObjectClasses.model_construct(**row) for row in rows], classes=list(meta["classes"]),
+            latency_ms=(time.perf_counter() - started) * 1000, model=ModelRef(**loaded.describe()))
 
     @bentoml.api(route="/classify")
     @answers_errors

@@ -68,6 +68,18 @@ def test_a_child_that_dies_fails_its_batch_and_is_started_again() -> None:
         process.close()
 
 
+def test_a_service_answers_503_for_the_batch_of_a_child_that_died() -> None:
+    from shared.serving import ModelUnavailable, in_model_process
+
+    process = ModelProcess("tests.shared.model_functions:dies", name="test-model", env=ENV)
+    try:
+        with pytest.raises(ModelUnavailable, match="exit code 3.*try again") as info:
+            in_model_process(process, {"factor": 1}, [1.0])  # type: ignore[arg-type]
+        assert info.value.status == 503
+    finally:
+        process.close()
+
+
 def test_close_ends_the_child(process: ModelProcess) -> None:
     process({"factor": 1}, [1.0])
     child = process.pid
