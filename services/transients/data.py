@@ -443,18 +443,16 @@ def _slog(x: np.ndarray) -> np.ndarray:
 
 def _colour(t: np.ndarray, band: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per observation: the magnitude difference to the nearest-in-time observation in another band (its band
-    minus the other, in magnitudes / 2) and the log days to it (COLOUR_NONE_DAYS when no other band is seen)."""
+    minus the other, in magnitudes / 2) and the log days to it (COLOUR_NONE_DAYS when no other band is seen).
+    Ties go to the earlier observation (its index)."""
     n = len(t)
-    colour = np.zeros(n)
-    gap = np.full(n, np.log1p(COLOUR_NONE_DAYS) / 3.0)
     mag = -2.5 * np.log10(np.maximum(flux, 1e-6))
-    for b in np.unique(band):
-        here, other = np.flatnonzero(band == b), np.flatnonzero(band != b)
-        if not len(other):
-            continue
-        nearest = other[np.argmin(np.abs(t[here, None] - t[None, other]), axis=1)]
-        colour[here] = (mag[here] - mag[nearest]) / 2.0
-        gap[here] = np.log1p(np.abs(t[here] - t[nearest])) / 3.0
+    distance = np.abs(t[:, None] - t[None, :])  # (n, n): one product for all bands, not one per band
+    distance[band[:, None] == band[None, :]] = np.inf
+    nearest = np.argmin(distance, axis=1)
+    other = np.isfinite(distance[np.arange(n), nearest])  # some observation in another band exists
+    colour = np.where(other, (mag - mag[nearest]) / 2.0, 0.0)
+    gap = np.where(other, np.log1p(np.abs(t - t[nearest])) / 3.0, np.log1p(COLOUR_NONE_DAYS) / 3.0)
     return colour, gap
 
 
@@ -504,12 +502,16 @@ def tokens(curve: Curve, use_redshift: bool, features: np.ndarray | None = None)
     flux, err, t = curve.flux, curve.flux_err, curve.mjd
     scale, t0 = _scale_and_start(curve)
     t_peak = float(t[det][np.argmax(flux[det])]) if det.any() else float(t[np.argmax(flux)])
+    # per band, in the curve's order: days since the band's previous observation, and its first observation
+    order = np.argsort(curve.passband, kind="stable")
+    in_order = curve.passband[order]
+    first = np.ones(len(curve), dtype=bool)
+    first[1:] = in_order[1:] != in_order[:-1]
     since_prev = np.zeros(len(curve))
+    later = ~first[1:]
+    since_prev[order[1:][later]] = (t[order[1:]] - t[order[:-1]])[later]
     first_in_band = np.zeros(len(curve))
-    for b in np.unique(curve.passband):
-        idx = np.flatnonzero(curve.passband == b)
-        since_prev[idx[1:]] = np.diff(t[idx])
-        first_in_band[idx[0]] = 1.0
+    first_in_band[order[first]] = 1.0
     brightest = np.maximum.accumulate(np.maximum(flux, 1e-6))
     colour, colour_gap = _colour(t, curve.passband, np.maximum(flux, err))
     values = np.stack([flux / scale, err / scale, np.arcsinh(flux / FLUX_SOFT) / 3.0, np.arcsinh(flux / err) / 3.0,

@@ -170,3 +170,36 @@ def test_gp_resampled_views_keep_the_bands_and_follow_the_curve() -> None:
     assert np.array_equal(augment(curve, off, np.random.default_rng(2), gp, wavelengths).mjd, curve.mjd)
     with pytest.raises(ValueError, match="gp_resample_prob"):
         TransientsConfig(model="t2", gp_resample_prob=0.5)
+
+
+def _per_band_reference(t: np.ndarray, band: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The per-band loops that tokens' since-previous, first-in-band and colour columns were first written with
+    (one numpy pass per band): the faster code must give exactly these."""
+    n = len(t)
+    since_prev, first_in_band = np.zeros(n), np.zeros(n)
+    colour, gap = np.zeros(n), np.full(n, np.log1p(1000.0) / 3.0)
+    mag = -2.5 * np.log10(np.maximum(flux, 1e-6))
+    for b in np.unique(band):
+        idx, other = np.flatnonzero(band == b), np.flatnonzero(band != b)
+        since_prev[idx[1:]] = np.diff(t[idx])
+        first_in_band[idx[0]] = 1.0
+        if len(other):
+            nearest = other[np.argmin(np.abs(t[idx, None] - t[None, other]), axis=1)]
+            colour[idx] = (mag[idx] - mag[nearest]) / 2.0
+            gap[idx] = np.log1p(np.abs(t[idx] - t[nearest])) / 3.0
+    return since_prev, first_in_band, colour, gap
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tokens_per_band_columns_are_those_of_the_per_band_loops(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for n, bands in [(1, 1), (2, 2), (7, 1), (40, 6), (120, 3)]:
+        t = np.sort(rng.choice(np.arange(0.0, 60.0, 0.5), size=n))  # repeated times: ties between bands
+        band = rng.integers(0, bands, size=n)
+        flux = rng.normal(50.0, 80.0, size=n)
+        err = rng.uniform(1.0, 20.0, size=n)
+        curve = Curve("x", t, band, flux, err, flux > 0 if (flux > 0).any() else np.ones(n, dtype=bool))
+        values = tokens(curve, use_redshift=False)["values"]
+        since_prev, first_in_band, colour, gap = _per_band_reference(t, band, np.maximum(flux, err))
+        expected = np.clip(np.stack([np.log1p(since_prev) / 3.0, first_in_band, colour, gap], axis=1), -10, 10)
+        np.testing.assert_array_equal(values[:, [6, 7, 10, 11]], expected.astype(np.float32))
