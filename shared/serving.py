@@ -346,12 +346,16 @@ class BatchingService(DomainService):
     @bentoml.on_startup
     def start_model_process(self) -> None:
         """The child starts with the service (torch's import and the model's transfer are not a request's),
-        with the service's declared CPUs as torch's threads."""
+        with the service's declared CPUs less the event loop's one as torch's threads. A child that cannot
+        start here is logged, not fatal: the first batch tries again, and fails with the reason."""
         if self.model_process is not None:
-            self.model_process.threads = max(1, declared_cpus(self) - 1)  # a core is the event loop's
+            self.model_process.threads = max(1, declared_cpus(self) - 1)
             loaded = self.holder.loaded
             if loaded is not None:
-                self.model_process.warm(loaded)
+                try:
+                    self.model_process.warm(loaded)
+                except Exception as exc:  # noqa: BLE001 - a failed warm-up must not stop the service's start
+                    log.warning("%s: the model process did not start: %r", self.domain, exc)
 
     @bentoml.on_shutdown
     def stop_batcher(self) -> None:
