@@ -77,7 +77,13 @@ class ModelProcess:
             key, payload, forget = self._key(model)
             assert self._send is not None and self._receive is not None
             try:
-                self._send.send_bytes(_dumps((key, payload, forget, items)))
+                message = _dumps((key, payload, forget, items))
+            except Exception:
+                if payload is not None:  # the child never got this model
+                    self._models.pop(key, None)
+                raise
+            try:
+                self._send.send_bytes(message)
                 ok, value = pickle.loads(self._receive.recv_bytes())
             except (EOFError, OSError) as exc:
                 code = self._stop(kill=True)
@@ -103,18 +109,22 @@ class ModelProcess:
 
     def _start(self) -> None:
         self._stop(kill=True)
-        to_child, from_parent = os.pipe()
-        to_parent, from_child = os.pipe()
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
         env = {**os.environ, **(self.env or {})}
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "shared.model_process", str(to_child), str(from_child), self.function,
-                 str(self.threads or 0)], pass_fds=(to_child, from_child), env=env, close_fds=True)
+                [sys.executable, "-m", "shared.model_process", str(child_reads), str(child_writes), self.function,
+                 str(self.threads or 0)], pass_fds=(child_reads, child_writes), env=env, close_fds=True)
+        except OSError as exc:
+            for fd in (parent_reads, parent_writes):
+                os.close(fd)
+            raise ModelProcessError(f"the {self.name} process could not start: {exc}") from exc
         finally:
-            os.close(to_child)
-            os.close(from_child)
-        self._send = Connection(from_parent, readable=False)
-        self._receive = Connection(to_parent, writable=False)
+            os.close(child_reads)
+            os.close(child_writes)
+        self._send = Connection(parent_writes, readable=False)
+        self._receive = Connection(parent_reads, writable=False)
         self._models.clear()
         self.starts += 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,11 @@ def test_a_wrong_function_name_fails_at_construction() -> None:
         resolve("no_colon")
     with pytest.raises(AttributeError):
         ModelProcess("tests.shared.model_functions:missing")
+
+
+def test_a_model_that_cannot_be_pickled_is_an_error_and_not_remembered_as_sent(process: ModelProcess) -> None:
+    unpicklable = {"factor": 1.0, "lock": threading.Lock()}
+    with pytest.raises(TypeError):
+        process(unpicklable, [1.0])
+    assert not any(held is unpicklable for held in process._models.values())
+    assert [value for value, _ in process({"factor": 3.0}, [1.0])] == [3.0]  # the child goes on
