@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shared import registry
 from shared.inferers import SimpleInferer
 from shared.serving import RequestError
 from shared.tracking import LoadedModel
@@ -30,7 +31,7 @@ class Checked(NamedTuple):
     """A request checked against the served model, what the model process needs of it."""
 
     history: np.ndarray  # (seq_len, N) raw values, the model's column order
-    times: np.ndarray | None  # their wall-clock times, datetime64[ns] (None: the model has no calendar features)
+    times: np.ndarray | None  # their wall-clock times, datetime64[ns] (None: the request sent no timestamps)
     steps: int  # rows to answer (<= pred_len)
 
 
@@ -69,18 +70,11 @@ def run(loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
     return (pred.float().cpu() * std + mean).numpy()  # (B, H, N)
 
 
-def plan(loaded: LoadedModel) -> dict[str, Any]:
-    """What :func:`pack` and :func:`future_stamps` read of the model card, from the model itself."""
-    cfg, state = loaded.cfg, loaded.state
-    return {"columns": list(state.columns), "seq_len": cfg.seq_len, "pred_len": cfg.pred_len,
-            "marks": list(state.marks), "step_seconds": state.step_seconds}
-
-
 def run_items(loaded: LoadedModel, items: list[Checked]) -> list[tuple[np.ndarray, list[str] | None]]:
     """The service's batch (in its model process): checked requests -> per request the (steps, N) forecast and
     the ISO times of its rows (None without timestamps). Packing (calendar features) and the answer's times are
     computed here, off the service's event loop."""
-    meta = plan(loaded)
+    meta = registry.get("forecasting").describe(loaded.cfg, loaded.state)  # the model card's inputs
     out = run(loaded, np.stack([pack(meta, item.history, item.times) for item in items]))
     return [(forecast[: item.steps], future_stamps(meta, item.times, item.steps))
             for forecast, item in zip(out, items, strict=True)]

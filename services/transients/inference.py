@@ -150,7 +150,6 @@ def run_items(loaded: Any, curves: list[Curve]) -> list[dict[str, Any]]:
 
 # --- the MLflow pyfunc model: a PLAsTiCC-layout table in, a table of probabilities out ----------------------
 
-
 def pyfunc_example(loaded: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     from .data import synthetic_curves
 
