@@ -11,6 +11,8 @@ is written once per strategy and cannot drift between training, evaluation and s
   (weather).
 - :class:`EnergyDescentInferer`: gradient descent on a learned energy from several starts, keeping the
   lowest-energy candidate, stopping early once the energy stops falling (robot_policy).
+- :class:`IndependentDescentInferer`: the same descent for problems that must not depend on each other (the
+  requests a service batches together): each with its own candidates, step budget and early stop.
 """
 
 from __future__ import annotations
@@ -139,3 +141,78 @@ class EnergyDescentInferer(Inferer):
             rows = torch.arange(problems, device=pick.device)
             best = x.detach().view(problems, self.candidates, *x.shape[1:])[rows, pick]
         return Descent(best=best, energy=energy[rows, pick], steps=taken, trace=trace, passes=1 + 2 * taken)
+
+
+@dataclass
+class Descents:
+    """The outcome of B independent energy descents."""
+
+    best: Tensor  # (B, ...) the lowest-energy candidate of each problem
+    energy: Tensor  # (B,) its final energy
+    steps: Tensor  # (B,) descent steps each problem took
+    passes: Tensor  # (B,) network passes over each problem's candidates: 1 + 2 * steps
+
+
+class IndependentDescentInferer(Inferer):
+    """:class:`EnergyDescentInferer`'s descent for problems that must not depend on each other, such as the
+    requests a service runs as one batch: problem b has ``candidates[b]`` starts and at most ``steps[b]`` steps,
+    stops on its own once none of its candidates' energy falls by ``early_stop_tol``, and then leaves the
+    batch (its rows are no longer computed). A problem's answer is the one it gets alone (up to float rounding),
+    whatever it was batched with; a batch-wide stop would let one problem's progress decide another's.
+
+    ``network(candidates, rows)`` maps (R, ...) candidates to (R,) energies; ``rows`` (R,) are their indices in
+    ``inputs`` so that the network can take their contexts. ``inputs`` are the (sum(candidates), ...) starts,
+    problem-major.
+    """
+
+    def __init__(self, early_stop_tol: float = 0.0) -> None:
+        if early_stop_tol < 0:
+            raise ValueError("early_stop_tol >= 0 is required")
+        self.early_stop_tol = early_stop_tol
+
+    def __call__(self, network: Callable[..., Any], inputs: Any, *args: Any, **kwargs: Any) -> Descents:
+        counts: Sequence[int] = kwargs.pop("candidates")
+        budgets: Sequence[int] = kwargs.pop("steps")
+        step_size: Tensor | float = kwargs.pop("step_size", 1.0)
+        if args or kwargs:
+            raise TypeError("IndependentDescentInferer takes candidates=, steps= and step_size= only")
+        if len(counts) != len(budgets) or sum(counts) != inputs.shape[0] or min(counts, default=1) < 1 \
+                or min(budgets, default=0) < 0:
+            raise ValueError(f"one count >= 1 and one budget >= 0 per problem, the counts summing to the "
+                             f"{inputs.shape[0]} inputs (got {list(counts)} and {list(budgets)})")
+        device = inputs.device
+        with autograd_enabled():  # (also the bookkeeping: tensors made under inference_mode cannot be updated here)
+            owner = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                            torch.as_tensor(counts, device=device))  # (N,) problem of each row
+            budget = torch.as_tensor(budgets, device=device).clone()
+            taken = torch.zeros_like(budget)
+            final = inputs.detach().clone()  # where each row ended
+            rows = torch.arange(inputs.shape[0], device=device)
+            x = inputs.detach().requires_grad_(True)
+            energy = network(x, rows)
+            final_energy = energy.detach().clone()
+            while True:
+                going = (taken < budget)[owner[rows]]
+                if not bool(going.any()):
+                    break
+                (grad,) = torch.autograd.grad(energy[going].sum(), x)
+                rows = rows[going]
+                x = (x.detach()[going] - step_size * grad[going]).requires_grad_(True)
+                new_energy = network(x, rows)
+                fell = (energy.detach()[going] - new_energy.detach())
+                energy = new_energy
+                moved = torch.zeros_like(budget, dtype=torch.bool)
+                moved[owner[rows]] = True
+                taken += moved.long()
+                final[rows], final_energy[rows] = x.detach(), energy.detach()
+                if self.early_stop_tol > 0:  # a problem none of whose candidates fell by the tolerance stops
+                    most = torch.full(budget.shape, -torch.inf, device=device, dtype=fell.dtype)
+                    most = most.scatter_reduce(0, owner[rows], fell, reduce="amax")
+                    stopped = moved & (most < self.early_stop_tol)
+                    budget[stopped] = taken[stopped]
+        best, lowest = [], []
+        for cands, energies in zip(final.split(list(counts)), final_energy.split(list(counts)), strict=True):
+            pick = int(energies.argmin())  # self-verification: the lowest final energy
+            best.append(cands[pick])
+            lowest.append(energies[pick])
+        return Descents(best=torch.stack(best), energy=torch.stack(lowest), steps=taken, passes=1 + 2 * taken)

@@ -1,12 +1,17 @@
-"""The robot policy as an MLflow pyfunc model: one observation history per row in, the planned chunk out.
+"""The robot policy's batch function for the service, and the policy as an MLflow pyfunc model.
 
-Rows are independent (``spark_udf`` can map them): the history's observations flattened as ``obs{t}_{name}``
-(oldest first) in, the chunk as ``action{k}_x`` / ``action{k}_y`` and its final ``energy`` out.
+The service (``run_items``): the checked requests that waited together are planned as one batch, each as it
+would be alone (its own noise, steps, candidates and early stop).
+
+The pyfunc model: one observation history per row in, the planned chunk out. Rows are independent
+(``spark_udf`` can map them): the history's observations flattened as ``obs{t}_{name}`` (oldest first) in, the
+chunk as ``action{k}_x`` / ``action{k}_y`` and its final ``energy`` out.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +19,49 @@ import pandas as pd
 import torch
 
 from .config import STATE_LAYOUT, WORKSPACE
-from .model import PolicyBase
+from .model import EBTPolicy, PolicyBase
+
+
+@dataclass(frozen=True)
+class Planning:
+    """One checked /act request: the raw history (To, 5) float32, the previous raw chunk (Ta, 2) or None, the
+    step budget and candidates (None: the model's) and the seed of its noise (None: unseeded)."""
+
+    obs: np.ndarray
+    previous: np.ndarray | None = None
+    steps: int | None = None
+    candidates: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A request's chunk (Ta, 2) in raw units, its final energy (NaN without one), descent steps and passes."""
+
+    actions: np.ndarray
+    energy: float
+    steps: int
+    passes: int
+
+
+def run_items(loaded: Any, items: list[Planning]) -> list[Planned]:
+    """The service's batch: the histories of many requests planned at once by the energy-based policy, each as
+    it would be alone; the diffusion baseline plans them one by one (its sampler draws one noise stream)."""
+    policy: PolicyBase = loaded.model
+    cfg = loaded.cfg
+    generators = [torch.Generator().manual_seed(i.seed) if i.seed is not None else None for i in items]
+    with torch.inference_mode():
+        if not isinstance(policy, EBTPolicy):
+            alone = [policy.plan(torch.from_numpy(i.obs)[None], generator=g)
+                     for i, g in zip(items, generators, strict=True)]
+            return [Planned(p.actions[0].numpy(), float(p.energy[0]), p.steps, p.passes) for p in alone]
+        plans = policy.plan_each(
+            torch.from_numpy(np.stack([i.obs for i in items])),
+            [torch.from_numpy(i.previous) if i.previous is not None else None for i in items],
+            [cfg.infer_steps if i.steps is None else i.steps for i in items],
+            [cfg.candidates if i.candidates is None else i.candidates for i in items], generators)
+    return [Planned(plans.actions[k].numpy(), float(plans.energy[k]), int(plans.steps[k]), int(plans.passes[k]))
+            for k in range(len(items))]
 
 
 def observation_columns(obs_horizon: int) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.attention import twice_differentiable
-from shared.inferers import EnergyDescentInferer, autograd_enabled
+from shared.inferers import EnergyDescentInferer, IndependentDescentInferer, autograd_enabled
 from shared.layers import Encoder, EncoderLayer, make_norm
 
 from .config import ACTION_DIM, RobotPolicyConfig
@@ -82,6 +83,16 @@ class Plan:
     steps: int  # descent / denoising steps taken
     energy_trace: list[float]  # mean energy of the kept candidates after each step (EBT)
     passes: int  # network forward(+backward) passes per chunk: steps * (fwd + bwd) or denoising steps
+
+
+@dataclass
+class Plans:
+    """Independent plans, one per observation history (:meth:`EBTPolicy.plan_each`)."""
+
+    actions: Tensor  # (B, Ta, 2) raw
+    energy: Tensor  # (B,) final energy
+    steps: Tensor  # (B,) descent steps each took
+    passes: Tensor  # (B,) network passes each took
 
 
 class PolicyBase(nn.Module):
@@ -181,6 +192,30 @@ class EBTPolicy(PolicyBase):
             taken, passes, trace = taken + more[2], passes + more[4], trace + more[3]
         raw = self.normalizer.unaction(best.clamp(-1.0, 1.0))
         return Plan(actions=raw, energy=energy, steps=taken, energy_trace=trace, passes=passes)
+
+    def plan_each(self, obs: Tensor, previous: Sequence[Tensor | None], steps: Sequence[int],
+                  candidates: Sequence[int], generators: Sequence[torch.Generator | None]) -> Plans:
+        """Independent plans for B observation histories (B requests batched together): raw obs (B, To, 5),
+        and per history its previous raw chunk (Ta, 2) or None, step budget, candidates and noise generator.
+        Each history gets the plan it would get alone (:class:`shared.inferers.IndependentDescentInferer`: its
+        own early stop; its noise drawn from its own generator, as :meth:`plan` draws it)."""
+        cfg = self.cfg
+        with autograd_enabled():
+            obs_n = self.normalizer.obs(obs.clone())
+            starts = []
+            for prev, n_cand, generator in zip(previous, candidates, generators, strict=True):
+                init = cfg.init_noise * torch.randn(n_cand, cfg.action_horizon, ACTION_DIM, generator=generator,
+                                                    device=obs.device)
+                if prev is not None:  # warm start: candidate 0 starts from the shifted plan
+                    init[0] = shift_chunk(self.normalizer.action(prev[None].clone().float()), cfg.action_exec)[0]
+                starts.append(init)
+            obs_c = obs_n.repeat_interleave(torch.as_tensor(list(candidates), device=obs.device), dim=0)
+            init, alpha = torch.cat(starts), self.alpha.detach()
+        descent = IndependentDescentInferer(cfg.early_stop_tol)(
+            lambda actions, rows: self.energy(obs_c[rows], actions), init,
+            candidates=candidates, steps=steps, step_size=alpha)
+        return Plans(actions=self.normalizer.unaction(descent.best.clamp(-1.0, 1.0)), energy=descent.energy,
+                     steps=descent.steps, passes=descent.passes)
 
     def _descend(self, obs_n: Tensor, starts: Tensor | None, steps: int, n_cand: int, tol: float,
                  generator: torch.Generator | None, alpha: Tensor) -> tuple[Tensor, Tensor, int, list[float], int]:

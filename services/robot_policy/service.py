@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import bentoml
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.robot_policy.client import example_request
 from services.robot_policy.config import ACTION_DIM, STATE_DIM, WORKSPACE
-from services.robot_policy.model import PolicyBase
-from shared.serving import BENTO_MAX_CONCURRENCY, DomainService, ModelRef, RequestError, answers_errors, guard
+from services.robot_policy.inference import Planning
+from shared.serving import BENTO_MAX_CONCURRENCY, BatchingService, ModelRef, RequestError, answers_errors, guard
 
 MAX_DESCENT_STEPS = 16
 MAX_CANDIDATES = 64
@@ -47,7 +47,7 @@ class ActResponse(BaseModel):
     energy: float | None
     descent_steps: int
     passes: int
-    latency_ms: float
+    latency_ms: float = Field(description="time in the service, the wait for a batch included")
     model: ModelRef
 
 
@@ -71,38 +71,40 @@ def check_rows(rows: list[list[float]], n_rows: int, width: int, what: str,
     return values.astype(np.float32)
 
 
-@bentoml.service(name="robot_policy", workers=1, resources={"cpu": "1"},
+def planning(cfg: Any, request: ActRequest) -> Planning:
+    """The request checked against the served model's settings, or a RequestError saying what is wrong."""
+    obs = check_rows(request.observations, cfg.obs_horizon, STATE_DIM, "observations", angle_column=4)
+    previous = None
+    if request.previous_actions is not None:
+        previous = check_rows(request.previous_actions, cfg.action_horizon, ACTION_DIM, "previous_actions")
+    if cfg.model != "ebt" and (request.descent_steps or request.candidates):
+        raise RequestError(f"descent_steps/candidates apply to the energy-based model; the served model is "
+                           f"{cfg.model!r}")
+    return Planning(obs, previous, request.descent_steps, request.candidates, request.seed)
+
+
+@bentoml.service(name="robot_policy", workers=1, resources={"cpu": "2"},
                  traffic={"timeout": 30, "max_concurrency": BENTO_MAX_CONCURRENCY})
-class RobotPolicy(DomainService):
+class RobotPolicy(BatchingService):
     """Push-T action chunks from EBT-Policy: send the observation history (oldest first) to `/act` and get the
-    planned chunk, how many of its actions to execute, and its final energy (higher: less familiar)."""
+    planned chunk, how many of its actions to execute, and its final energy (higher: less familiar).
+    (The histories of requests that arrive together are planned as one batch, each as it would be alone.)"""
 
     domain = "robot_policy"
+    batch_function = "services.robot_policy.inference:run_items"
+    max_batch_items = 32  # histories (each with its candidates): past ~16 a batch gains little on a CPU core
 
     @bentoml.api(route="/act")
     @answers_errors
-    def act(self, request: ActRequest, /) -> ActResponse:
+    async def act(self, request: ActRequest, /) -> ActResponse:
         """Plan the next action chunk from the observation history."""
-        loaded = self.holder.get()
-        cfg = loaded.cfg
-        obs = check_rows(request.observations, cfg.obs_horizon, STATE_DIM, "observations", angle_column=4)
-        previous = None
-        if request.previous_actions is not None:
-            previous = torch.from_numpy(check_rows(request.previous_actions, cfg.action_horizon, ACTION_DIM,
-                                                   "previous_actions"))[None]
-        if cfg.model != "ebt" and (request.descent_steps or request.candidates):
-            raise RequestError(f"descent_steps/candidates apply to the energy-based model; the served model is "
-                               f"{cfg.model!r}")
-        generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
         started = time.perf_counter()
-        policy: PolicyBase = loaded.model  # type: ignore[assignment]
-        plan = policy.plan(torch.from_numpy(obs)[None], previous, steps=request.descent_steps,
-                           candidates=request.candidates, generator=generator)
-        latency = (time.perf_counter() - started) * 1000
-        energy = float(plan.energy[0])
-        return ActResponse(actions=plan.actions[0].tolist(), execute=cfg.action_exec,
-                           energy=energy if math.isfinite(energy) else None, descent_steps=plan.steps,
-                           passes=plan.passes, latency_ms=latency, model=ModelRef(**loaded.describe()))
+        loaded = self.holder.get()
+        (plan,) = await self.batcher.submit(loaded, [planning(loaded.cfg, request)])
+        return ActResponse(actions=plan.actions.tolist(), execute=loaded.cfg.action_exec,
+                           energy=plan.energy if math.isfinite(plan.energy) else None, descent_steps=plan.steps,
+                           passes=plan.passes, latency_ms=(time.perf_counter() - started) * 1000,
+                           model=ModelRef(**loaded.describe()))
 
 
 guard(RobotPolicy, "robot_policy")

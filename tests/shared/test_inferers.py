@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.inferers import EnergyDescentInferer, RolloutInferer, SimpleInferer, SlidingWindowInferer
+from shared.inferers import (
+    EnergyDescentInferer,
+    IndependentDescentInferer,
+    RolloutInferer,
+    SimpleInferer,
+    SlidingWindowInferer,
+)
 
 
 def test_simple_inferer_is_one_forward_pass() -> None:
@@ -59,3 +65,37 @@ def test_energy_descent_moves_every_candidate_downhill_and_keeps_the_lowest() ->
     assert torch.allclose(descent.best[1], target[1], atol=1e-3)  # the candidate that started there
     early = EnergyDescentInferer(steps=50, candidates=3, early_stop_tol=1e-3)(energy, starts, step_size=0.25)
     assert early.steps < 50 and torch.allclose(early.best, target, atol=0.05)
+
+
+def test_independent_descents_stop_each_on_its_own_and_match_descents_alone() -> None:
+    """Problem 0 starts at its minimum (it stops after one step), problem 1 far from it (it runs its budget),
+    problem 2 has no steps; each answer equals that problem's descent alone, and computed rows are only those
+    of problems still going."""
+    target = torch.tensor([[1.0, -2.0], [3.0, 0.5], [0.0, 0.0]])
+    counts, budgets = [2, 3, 1], [40, 6, 0]
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    seen: list[int] = []
+
+    def energy(x: torch.Tensor, rows: torch.Tensor, owner: torch.Tensor = owner,
+               target: torch.Tensor = target) -> torch.Tensor:
+        seen.append(len(rows))
+        return ((x - target[owner[rows]]) ** 2).sum(dim=1)
+
+    starts = torch.cat([target[:1].expand(2, 2), torch.randn(3, 2, generator=torch.Generator().manual_seed(1)) * 4,
+                        torch.ones(1, 2)])
+    with torch.inference_mode():
+        together = IndependentDescentInferer(early_stop_tol=1e-3)(energy, starts, candidates=counts, steps=budgets,
+                                                                   step_size=0.1)
+    assert together.steps.tolist() == [1, 6, 0] and together.passes.tolist() == [3, 13, 1]
+    assert seen == [6, 5] + [3] * 5  # all rows; then problem 2 is done; then problem 0 has stopped too
+    assert torch.equal(together.best[0], target[0]) and torch.equal(together.best[2], torch.ones(2))
+    offsets = [0, 2, 5, 6]
+    for b in range(3):
+        alone_owner = torch.full((counts[b],), b)
+        alone = IndependentDescentInferer(early_stop_tol=1e-3)(
+            lambda x, rows, o=alone_owner: energy(x, rows, o), starts[offsets[b]:offsets[b + 1]],
+            candidates=[counts[b]], steps=[budgets[b]], step_size=0.1)
+        assert alone.steps.tolist() == [together.steps[b]]
+        assert torch.allclose(alone.best[0], together.best[b]) and torch.allclose(alone.energy[0], together.energy[b])
+    with pytest.raises(ValueError, match="one count"):
+        IndependentDescentInferer()(energy, starts, candidates=[2, 3], steps=[1, 1])
