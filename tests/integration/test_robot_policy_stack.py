@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.integration.conftest import submit_job, tiny
@@ -57,6 +59,20 @@ def test_act_returns_a_chunk_its_energy_and_the_steps_used(policy_model: dict) -
     assert warm.json()["descent_steps"] <= 2
     info = httpx.post(_url("/model"), json={}, timeout=30).json()
     assert info["obs_horizon"] == 2 and info["action_horizon"] == 16
+
+
+def test_concurrent_requests_get_the_plans_they_get_alone(policy_model: dict) -> None:
+    """Requests sent at once are planned together (the service batches them): each still gets its own seed's
+    plan, as when it was sent alone."""
+    bodies = [{"observations": [[200.0 + 10 * k, 300.0, 250.0, 260.0, 0.5], [205.0 + 10 * k, 298.0, 250.0, 260.0,
+                                                                          0.5]], "seed": k} for k in range(12)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: httpx.post(_url(), json=body, timeout=60), bodies))
+    for body, response in zip(bodies, together, strict=True):
+        assert response.status_code == 200, response.text
+        alone = httpx.post(_url(), json=body, timeout=30).json()
+        np.testing.assert_allclose(response.json()["actions"], alone["actions"], atol=0.01)
+        assert response.json()["descent_steps"] == alone["descent_steps"]
 
 
 @pytest.mark.parametrize(
