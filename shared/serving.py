@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from shared import registry
 from shared.batching import Batcher
+from shared.errors import ModelUnavailable, RequestError
 from shared.model_process import ModelProcess, ModelProcessError, resolve
 from shared.tracking import PRODUCTION, LoadedModel, client, load_registered, production_version
 
@@ -48,21 +49,6 @@ class ModelRef(BaseModel):
     version: str | None
     run_id: str | None
     architecture: str | None = None
-
-
-class RequestError(Exception):
-    """A request the service refuses, with the HTTP status and the reason shown to the caller."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ModelUnavailable(RequestError):
-    """No model holds the production alias yet (or the registry is unreachable): a 503 with the reason."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=503)
 
 
 def error_response(exc: RequestError) -> Any:

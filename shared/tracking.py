@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from shared import registry
 from shared.config import from_dict, to_dict
+from shared.loaded import LoadedModel
 from shared.saved import SavedState
 
 PRODUCTION = "production"
@@ -155,21 +155,6 @@ def save_pyfunc(path: Path, model: torch.nn.Module, domain: str, cfg: Any, state
             input_example=(example, params) if params else example, pip_requirements=pip_requirements(domain),
             metadata={"tessera_domain": domain, "architecture": str(getattr(cfg, "model", ""))})
     return path
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    cfg: Any
-    state: Any  # the domain's SavedState
-    domain: str
-    name: str | None = None  # registered model name
-    version: str | None = None
-    run_id: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "run_id": self.run_id,
-                "architecture": getattr(self.cfg, "model", None)}
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 
 from shared import registry
+from shared.errors import RequestError
 from shared.inferers import SimpleInferer
-from shared.serving import RequestError
-from shared.tracking import LoadedModel
+from shared.loaded import LoadedModel
 
 from .data import calendar_features, request_body
 

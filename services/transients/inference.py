@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shared.serving import RequestError
+from shared.errors import RequestError
 
 from .curves import Curve
 from .data import collate_grids, collate_packed, curve_features, object_globals, tokens
