@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from shared.inferers import RolloutInferer
 from shared.tracking import unwrap
@@ -32,7 +34,11 @@ def rollout(model: Any, history: Tensor, forcing: Tensor, steps: int, hours: Ten
             states = states.detach()
         return bare.advance(states, model(states, forcing[:, k], forcing[:, k + 1]), k, hours)  # (B, C, H, W)
 
-    return RolloutInferer(steps)(step, history)
+    # out of training, each spectrally normalized weight is the same at every step and every call of a layer:
+    # computed once per rollout, not at every call (the same values)
+    frozen = not torch.is_grad_enabled() and not bare.training
+    with parametrize.cached() if frozen else contextlib.nullcontext():
+        return RolloutInferer(steps)(step, history)
 
 
 def unpack(batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -445,3 +446,34 @@ def test_relaxation_that_keeps_the_mean_pulls_the_pattern_and_fits_truth_that_do
     assert torch.allclose(area_mean(kept - keeping.climate(hours)), start, atol=1e-4)
     assert torch.allclose(area_mean(pulled - plain.climate(hours)), 0.7 ** steps * start, atol=1e-4)
 
+
+
+def test_an_inference_rollout_computes_each_spectral_norm_once_with_the_same_values() -> None:
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    from services.weather import training
+    from services.weather.training import rollout, unpack
+
+    torch.manual_seed(0)
+    cfg = _cfg(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)
+    prepared = prepare(cfg)
+    model = WXFormer(cfg, prepared.state).eval()
+    batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=2)))
+    history, forcing, _, hours = unpack(batch, torch.device("cpu"))
+    calls = {"n": 0}
+    original = _SpectralNorm.forward
+
+    def counted(self: Any, weight: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return original(self, weight)
+
+    layers = sum(isinstance(m, _SpectralNorm) for m in model.modules())
+    with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
+        patch.setattr(_SpectralNorm, "forward", counted)
+        found = rollout(model, history, forcing, 2, hours)
+        once = calls["n"]
+        calls["n"] = 0
+        patch.setattr(training.parametrize, "cached", contextlib.nullcontext)  # as before: at every call
+        expected = rollout(model, history, forcing, 2, hours)
+    assert once <= layers < calls["n"]  # once per layer at most, against every call of every step
+    assert all(torch.equal(a, b) for a, b in zip(expected, found, strict=True))
