@@ -423,8 +423,10 @@ class Trainer:
             seen += cfg.batch_size
             if (step + 1) % report_every == 0 or step + 1 == steps:
                 rate = seen / (time.perf_counter() - started)
+                speed = f"{rate:.0f} samples/s" if rate >= 10 else f"{1 / rate:.2f} s/sample" if rate < 1 \
+                    else f"{rate:.1f} samples/s"  # 3-D patches take seconds each: "0 samples/s" said nothing
                 self.log(f"epoch {epoch + 1}/{cfg.epochs} [{'#' * ((step + 1) * 20 // steps):<20}] "
-                         f"{step + 1}/{steps} loss {float(total) / (step + 1):.4f} {rate:.0f} samples/s")
+                         f"{step + 1}/{steps} loss {float(total) / (step + 1):.4f} {speed}")
         elapsed = time.perf_counter() - started
         return {"epoch": epoch + 1, "train_loss": float(total) / max(1, steps), "lr": lr, "epoch_seconds": elapsed,
                 "samples_per_second": seen / elapsed}
