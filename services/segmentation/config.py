@@ -43,6 +43,9 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
     patches_per_epoch: int = 0  # > 0: an epoch revisits the training cases until it has drawn at least this many
     # patches (a few large volumes, as BraTS: one pass over 2 cases is one step); 0: each case once per epoch
     foreground_fraction: float = 0.67  # of patches centred on a labelled voxel (nnU-Net oversamples foreground)
+    augment: Literal["light", "strong"] = "light"  # light: flips and +-10 % intensity; strong: nnU-Net's kind
+    # of spatial and intensity augmentation too (rotation, scaling, noise, blur, per-channel brightness and
+    # gamma; see data.augmentation), for a few training cases that must carry over to a new one (BraTS)
 
     # the network: reversible mobile inverted bottlenecks at 1, 1/2 and 1/4 resolution, a transformer at 1/8
     channels: int = 16  # at full resolution (doubled at each of the first two downsamplings)
@@ -81,6 +84,8 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
         for name in ("foreground_fraction", "dropout", "overlap"):
             if not 0.0 <= getattr(self, name) < 1.0 + (name == "foreground_fraction"):
                 raise ValueError(f"{name}={getattr(self, name)} out of range")
+        if self.augment not in ("light", "strong"):
+            raise ValueError(f"augment={self.augment!r}: expected light or strong")
         if self.regions not in ("auto", "labels", *REGIONS):
             raise ValueError(f"regions={self.regions!r}: expected auto, labels or one of {list(REGIONS)}")
 

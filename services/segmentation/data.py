@@ -334,10 +334,19 @@ def preprocessing(state: SegmentationState, with_label: bool = True) -> Any:
 
 
 def augmentation(state: SegmentationState, cfg: SegmentationConfig) -> Any:
+    """Random patches (foreground-oversampled) and flips, with ``augment=light`` a +-10 % intensity jitter; with
+    ``augment=strong`` the kinds of nnU-Net's default augmentation, in MONAI's transforms and at about its
+    probabilities: rotation (+-30 degrees about each axis) and scaling (0.7-1.3) of the patch, Gaussian noise,
+    Gaussian blur, brightness per channel (x0.75-1.25), gamma (0.7-1.5, the intensity statistics kept), and
+    the flips. Each patch draws its own."""
     from monai.transforms import (
         Compose,
+        RandAdjustContrastd,
+        RandAffined,
         RandCropByPosNegLabeld,
         RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
         RandScaleIntensityd,
         RandShiftIntensityd,
         SpatialPadd,
@@ -345,13 +354,25 @@ def augmentation(state: SegmentationState, cfg: SegmentationConfig) -> Any:
 
     patch = tuple(state.patch)
     pos = cfg.foreground_fraction
-    return Compose([
+    crop = [
         SpatialPadd(["image", "label"], spatial_size=patch),
         RandCropByPosNegLabeld(["image", "label"], label_key="label", spatial_size=patch, pos=pos, neg=1 - pos,
                                num_samples=cfg.samples_per_case, allow_smaller=False),
-        *[RandFlipd(["image", "label"], prob=0.5, spatial_axis=axis) for axis in range(3)],
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+    ]
+    flips = [RandFlipd(["image", "label"], prob=0.5, spatial_axis=axis) for axis in range(3)]
+    if cfg.augment == "light":
+        return Compose([*crop, *flips, RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                        RandShiftIntensityd("image", offsets=0.1, prob=0.5)])
+    angle = np.pi / 6
+    return Compose([
+        *crop,
+        RandAffined(["image", "label"], prob=0.35, rotate_range=(angle, angle, angle), scale_range=(0.3, 0.3, 0.3),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandGaussianNoised("image", prob=0.15, std=0.1),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15, channel_wise=True),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        *flips,
     ])
 
 

@@ -206,3 +206,41 @@ def test_an_epoch_of_a_few_cases_revisits_them_to_draw_its_patches(tmp_path: Pat
     assert sorted(data._cache) == [0, 1]  # each case read once, however often it is visited
     with pytest.raises(ValueError, match="only for random patches"):
         VolumeDataset(found.cases, state, repeats=2)  # whole volumes (validation) are never repeated
+
+
+def test_strong_augmentation_moves_shapes_and_keeps_the_labels_whole() -> None:
+    """``augment=strong`` (nnU-Net's kinds: rotation, scaling, noise, blur, brightness, gamma) changes the
+    geometry of a patch, which flips and crops alone never do, keeps labels as the input's classes (nearest
+    interpolation), keeps the image finite, and draws reproducibly from a seeded state."""
+    from services.segmentation.data import augmentation
+
+    side = 16
+    image = torch.randn(2, side, side, side)
+    label = torch.zeros(1, side, side, side)
+    label[0, 4:12, 5:11, 3:13] = 1.0
+    label[0, 6:10, 7:9, 6:10] = 2.0
+    state = SegmentationState(data="s", fingerprint="f", layout="msd", channels=("a", "b"),
+                              label_values=(0, 1, 2), label_names=("bg", "x", "y"),
+                              regions={"x": (1,), "y": (2,)}, spacing=(1.0, 1.0, 1.0), patch=(side,) * 3,
+                              cases={"train": ("a",), "val": (), "test": ()})
+    counts: dict[str, set[int]] = {}
+    for kind in ("light", "strong"):
+        aug = augmentation(state, SegmentationConfig(augment=kind, samples_per_case=1))
+        aug.set_random_state(seed=3)
+        counts[kind] = set()
+        for _ in range(40):
+            (out,) = aug({"image": image.clone(), "label": label.clone()})
+            img, lab = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+            assert img.shape == (2, side, side, side) and lab.shape == (1, side, side, side)
+            assert torch.isfinite(img).all()
+            assert set(torch.unique(lab).tolist()) <= {0.0, 1.0, 2.0}
+            counts[kind].add(int((lab == 1).sum()))
+    assert counts["light"] == {int((label == 1).sum())}  # a whole-volume crop and flips keep every voxel
+    assert len(counts["strong"]) > 5  # rotated and scaled patches cover other voxels
+    aug = augmentation(state, SegmentationConfig(augment="strong", samples_per_case=1))
+    draws = []
+    for _ in range(2):
+        aug.set_random_state(seed=7)
+        draws.append([torch.as_tensor(aug({"image": image.clone(), "label": label.clone()})[0]["image"])
+                      for _ in range(5)])
+    assert all(torch.equal(a, b) for a, b in zip(*draws, strict=True))
