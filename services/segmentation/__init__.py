@@ -99,8 +99,11 @@ class SegmentationDomain(Domain):
 
     def build_model(self, cfg: SegmentationConfig, state: SegmentationState) -> torch.nn.Module:
         from .model import build
+        from .training import region_classes
 
-        return build(cfg, len(state.channels), len(state.label_values), tuple(state.patch))
+        model = build(cfg, len(state.channels), len(state.label_values), tuple(state.patch))
+        model.region_classes = region_classes(state.regions, state.label_values)  # validation scores regions
+        return model
 
     def collate(self, cfg: SegmentationConfig) -> Callable[[list[Any]], Any] | None:
         from .data import collate

@@ -122,6 +122,8 @@ class Segmenter(nn.Module):
 
         self.net = RevUNet(cfg, in_channels, n_classes)
         self.in_channels, self.n_classes = in_channels, n_classes
+        # evaluation region -> class indices (set by the domain from the data's regions): what validation scores
+        self.region_classes: dict[str, tuple[int, ...]] = {}
         self.inferer = SlidingWindowInferer(tuple(int(p) for p in patch), sw_batch_size=cfg.sw_batch_size,
                                             overlap=cfg.overlap, mode="gaussian")
 

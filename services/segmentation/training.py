@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,34 +43,69 @@ def case_dice(probabilities: Tensor, label: Tensor, n_classes: int) -> Tensor:
     return torch.as_tensor(result)[0]
 
 
+def region_classes(regions: Mapping[str, Sequence[int]], label_values: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The evaluation regions (label values united) as the network's class indices."""
+    index = {int(v): i for i, v in enumerate(label_values)}
+    return {name: tuple(index[int(v)] for v in values if int(v) in index) for name, values in regions.items()}
+
+
+def case_region_dice(classes: Tensor, label: Tensor, regions: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
+    """Dice of each region (its classes united) of one case, from predicted and true class indices; NaN where
+    the truth has none of the region (MONAI ``compute_dice``, ``ignore_empty``)."""
+    from monai.metrics import compute_dice
+
+    out = {}
+    for name, members in regions.items():
+        wanted = torch.tensor(members, dtype=torch.long)
+        pred = torch.isin(classes, wanted).float()[None, None]
+        truth = torch.isin(label.long(), wanted).float()[None, None]
+        out[name] = float(compute_dice(pred, truth, include_background=True, ignore_empty=True)[0, 0])
+    return out
+
+
 @torch.no_grad()
 def metric_sums(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
-    """Per foreground class: the sum of per-case Dice and the number of cases it is defined on (whole volumes
-    through the sliding windows), added over workers."""
+    """Per foreground class, and per evaluation region where the model carries them (``region_classes``: BraTS
+    whole tumour, tumour core, enhancing; each label alone otherwise): the sum of per-case Dice and the number of
+    cases it is defined on (whole volumes through the sliding windows), added over workers."""
     segment = getattr(model, "segment")  # noqa: B009 (DDP wraps the module: the attribute of the inner one)
     n_classes = int(getattr(model, "n_classes"))  # noqa: B009
+    regions: Mapping[str, tuple[int, ...]] = getattr(model, "region_classes", None) or {}
     sums: dict[str, float] = {f"dice_sum_{k}": 0.0 for k in range(1, n_classes)}
     sums.update({f"dice_n_{k}": 0.0 for k in range(1, n_classes)})
+    sums.update({f"region_sum_{r}": 0.0 for r in regions} | {f"region_n_{r}": 0.0 for r in regions})
     sums["cases"] = 0.0
     for batch in batches:
         for image, label in batch.volumes():
-            probabilities = segment(image[None].to(device))
-            dice = case_dice(probabilities.cpu(), label[None].cpu(), n_classes)
+            probabilities = segment(image[None].to(device)).cpu()
+            dice = case_dice(probabilities, label[None].cpu(), n_classes)
             for k in range(1, n_classes):
                 value = float(dice[k - 1])
                 if math.isfinite(value):
                     sums[f"dice_sum_{k}"] += value
                     sums[f"dice_n_{k}"] += 1.0
+            if regions:
+                found = case_region_dice(probabilities.argmax(1)[0], label[0].cpu(), regions)
+                for name, value in found.items():
+                    if math.isfinite(value):
+                        sums[f"region_sum_{name}"] += value
+                        sums[f"region_n_{name}"] += 1.0
             sums["cases"] += 1.0
     return sums
 
 
 def metrics_from(sums: Mapping[str, float]) -> dict[str, float]:
-    """Mean Dice per class (``dice_<k>``), their mean (``dice``) and ``dice_loss`` = 1 - dice (the validation
-    metric: lower is better)."""
+    """Mean Dice per class (``dice_<k>``) and per region (``dice_<region>``); ``dice``, the mean over the
+    regions where there are any (the figure the evaluation reports: for BraTS whole tumour, tumour core and
+    enhancing, not its four labels), else over the classes; ``dice_loss`` = 1 - dice (the validation metric:
+    lower is better)."""
     classes = sorted(int(k.rsplit("_", 1)[1]) for k in sums if k.startswith("dice_sum_"))
     per_class = {k: sums[f"dice_sum_{k}"] / sums[f"dice_n_{k}"] for k in classes if sums.get(f"dice_n_{k}", 0) > 0}
-    if not per_class:
+    names = [k[len("region_sum_"):] for k in sums if k.startswith("region_sum_")]
+    per_region = {r: sums[f"region_sum_{r}"] / sums[f"region_n_{r}"] for r in names if sums.get(f"region_n_{r}", 0) > 0}
+    chosen = per_region if names else per_class
+    if not chosen:
         return {"dice": 0.0, "dice_loss": 1.0}
-    mean = sum(per_class.values()) / len(per_class)
-    return {**{f"dice_{k}": v for k, v in per_class.items()}, "dice": mean, "dice_loss": 1.0 - mean}
+    mean = sum(chosen.values()) / len(chosen)
+    return {**{f"dice_{k}": v for k, v in per_class.items()}, **{f"dice_{r}": v for r, v in per_region.items()},
+            "dice": mean, "dice_loss": 1.0 - mean}

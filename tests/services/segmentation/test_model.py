@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from services.segmentation.config import SegmentationConfig
+from services.segmentation.data import Batch
 from services.segmentation.evaluation import region_scores
 from services.segmentation.model import RevUNet
 from services.segmentation.training import case_dice, metrics_from
@@ -99,6 +100,38 @@ def test_case_dice_and_the_mean_over_cases() -> None:
     assert math.isclose(float(dice[0]), 2 * 16 / (16 + 32), rel_tol=1e-6) and math.isnan(float(dice[1]))
     found = metrics_from({"dice_sum_1": 1.5, "dice_n_1": 2.0, "dice_sum_2": 0.0, "dice_n_2": 0.0, "cases": 2.0})
     assert found == {"dice_1": 0.75, "dice": 0.75, "dice_loss": 0.25}
+
+
+def test_validation_scores_the_evaluation_regions() -> None:
+    """BraTS-style regions (labels united) are what validation means, and so what picks the kept epoch; with one
+    label per region (MSD hippocampus) the mean is the classes' mean, as before regions were scored."""
+    from services.segmentation.training import metric_sums, region_classes
+
+    assert region_classes({"whole": (1, 2, 4), "enhancing": (4,)}, (0, 1, 2, 4)) == {"whole": (1, 2, 3),
+                                                                                      "enhancing": (3,)}
+
+    class Fixed(torch.nn.Module):  # "segments" by returning the given probabilities
+        def __init__(self, probabilities: torch.Tensor, regions: dict[str, tuple[int, ...]]) -> None:
+            super().__init__()
+            self.probabilities, self.n_classes, self.region_classes = probabilities, 3, regions
+
+        def segment(self, image: torch.Tensor) -> torch.Tensor:
+            return self.probabilities
+
+    label = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    label[0, :2] = 1  # 32 voxels of class 1
+    label[0, 2] = 2  # 16 of class 2
+    pred = torch.zeros(1, 3, 4, 4, 4)
+    pred[0, 0] = 1.0
+    pred[0, 0, :3], pred[0, 2, :3] = 0.0, 1.0  # 48 voxels predicted 2: class 1 wrong, the union exact
+    batch = Batch([torch.zeros(1, 4, 4, 4)], [label], ["a"])
+    united = metrics_from(metric_sums(Fixed(pred, {"tumour": (1, 2), "core": (2,)}), [batch], torch.device("cpu")))
+    assert united["dice_1"] == 0.0 and math.isclose(united["dice_2"], 2 * 16 / (16 + 48), rel_tol=1e-6)
+    assert united["dice_tumour"] == 1.0 and math.isclose(united["dice_core"], united["dice_2"], rel_tol=1e-6)
+    assert math.isclose(united["dice"], (1.0 + 0.5) / 2, rel_tol=1e-6)  # the regions' mean, not the labels'
+    per_label = metrics_from(metric_sums(Fixed(pred, {"a": (1,), "b": (2,)}), [batch], torch.device("cpu")))
+    plain = metrics_from(metric_sums(Fixed(pred, {}), [batch], torch.device("cpu")))
+    assert math.isclose(per_label["dice"], plain["dice"], rel_tol=1e-6) and plain["dice"] == (0.0 + 0.5) / 2
 
 
 def test_region_dice_and_hd95_by_hand() -> None:
