@@ -25,14 +25,16 @@ from .inference import check_inputs, predict_classes
 def region_scores(pred: np.ndarray, truth: np.ndarray, regions: dict[str, tuple[int, ...]],
                   spacing: tuple[float, ...], percentile: float = 95.0) -> dict[str, dict[str, float]]:
     """Dice and the percentile Hausdorff distance (mm) of each region (label values united) for one case;
-    NaN where the truth has no voxel of the region (Dice) or either mask is empty (HD)."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    NaN where the truth has no voxel of the region (Dice) or either mask is empty (HD). The masks and the Dice
+    are validation's (``training.region_masks``, ``training.mask_dice``)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    from .training import mask_dice, region_masks
 
     dice, hd = {}, {}
     for name, values in regions.items():
-        p = torch.from_numpy(np.isin(pred, values))[None, None].float()
-        t = torch.from_numpy(np.isin(truth, values))[None, None].float()
-        dice[name] = float(compute_dice(p, t, include_background=True, ignore_empty=True)[0, 0])
+        p, t = region_masks(torch.from_numpy(pred), torch.from_numpy(truth), values)
+        dice[name] = mask_dice(p, t)
         if p.sum() == 0 or t.sum() == 0:
             hd[name] = math.nan
         else:

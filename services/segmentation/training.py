@@ -49,18 +49,24 @@ def region_classes(regions: Mapping[str, Sequence[int]], label_values: Sequence[
     return {name: tuple(index[int(v)] for v in values if int(v) in index) for name, values in regions.items()}
 
 
-def case_region_dice(classes: Tensor, label: Tensor, regions: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
-    """Dice of each region (its classes united) of one case, from predicted and true class indices; NaN where
-    the truth has none of the region (MONAI ``compute_dice``, ``ignore_empty``)."""
+def region_masks(pred: Tensor, truth: Tensor, members: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The predicted and true masks of one region (its values united; label values or class indices alike), as
+    MONAI's metrics take them: float, (1, 1, *spatial)."""
+    wanted = torch.as_tensor(tuple(members), dtype=torch.long)
+    return (torch.isin(pred.long(), wanted).float()[None, None], torch.isin(truth.long(), wanted).float()[None, None])
+
+
+def mask_dice(pred: Tensor, truth: Tensor) -> float:
+    """Dice of two masks from :func:`region_masks` (MONAI ``compute_dice``); NaN where the truth is empty
+    (``ignore_empty``: left out of the means)."""
     from monai.metrics import compute_dice
 
-    out = {}
-    for name, members in regions.items():
-        wanted = torch.tensor(members, dtype=torch.long)
-        pred = torch.isin(classes, wanted).float()[None, None]
-        truth = torch.isin(label.long(), wanted).float()[None, None]
-        out[name] = float(compute_dice(pred, truth, include_background=True, ignore_empty=True)[0, 0])
-    return out
+    return float(compute_dice(pred, truth, include_background=True, ignore_empty=True)[0, 0])
+
+
+def region_dice(pred: Tensor, truth: Tensor, regions: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Dice of each region of one case (see :func:`region_masks`, :func:`mask_dice`)."""
+    return {name: mask_dice(*region_masks(pred, truth, members)) for name, members in regions.items()}
 
 
 @torch.no_grad()
@@ -85,7 +91,7 @@ def metric_sums(model: nn.Module, batches: Iterable[Batch], device: torch.device
                     sums[f"dice_sum_{k}"] += value
                     sums[f"dice_n_{k}"] += 1.0
             if regions:
-                found = case_region_dice(probabilities.argmax(1)[0], label[0].cpu(), regions)
+                found = region_dice(probabilities.argmax(1)[0], label[0].cpu(), regions)
                 for name, value in found.items():
                     if math.isfinite(value):
                         sums[f"region_sum_{name}"] += value
