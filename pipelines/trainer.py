@@ -26,9 +26,10 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from shared.layers import unwrap
 from shared.registry import DataBundle, Domain
 from shared.saved import SavedState
-from shared.tracking import load_weights, unwrap
+from shared.tracking import load_weights
 
 
 class Tracker(Protocol):

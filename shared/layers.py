@@ -152,3 +152,13 @@ class SinusoidalPositionalEncoding(nn.Module):
         if offset + length > self.max_len:
             raise ValueError(f"positions up to {offset + length} exceed max_len={self.max_len}")
         return x + self.pe[offset:offset + length].to(x.dtype)  # (B, L, d_model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers (here, not in :mod:`shared.tracking`, so that a model
+    process rolls a model out without importing MLflow)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from shared import registry
 from shared.config import from_dict, to_dict
+from shared.layers import unwrap
 from shared.loaded import LoadedModel
 from shared.saved import SavedState
 
@@ -63,15 +64,6 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
 
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 def save_model_dir(path: Path, model: torch.nn.Module, domain: str, cfg: Any, state: SavedState) -> Path:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.tracking import unwrap
+from shared.layers import unwrap
 
 from .config import RobotPolicyConfig
 from .model import DiffusionPolicy, EBTPolicy, PolicyBase, shift_chunk
