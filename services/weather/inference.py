@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,33 @@ def forecast(model: Any, state: WeatherState, history: np.ndarray, init_times: n
         states = rollout(model, model.normalize(hist), force, steps, hours)  # steps x (n, C, H, W)
         out.append(model.denormalize(torch.stack(states, dim=1)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, steps, *history.shape[2:]), np.float32)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A checked request of the service, for its model process: ``history`` (h, C, H, W) in physical units, the
+    last state valid at ``init_time``, rolled out ``steps`` steps."""
+
+    history: np.ndarray
+    init_time: np.datetime64
+    steps: int
+
+
+def run_items(loaded: Any, items: list[Rollout]) -> list[np.ndarray]:
+    """The service's batch (in its model process): per request its (steps, C, H, W) rollout. The requests with
+    the same number of steps and the same history shape roll out as one batch (a rollout of the demo's model on
+    its 32 x 64 grid: ~25 ms alone, ~14 ms each in a batch of 8, one thread); each sample's states depend on its
+    own history only."""
+    out: dict[int, np.ndarray] = {}
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault((item.steps, item.history.shape), []).append(i)
+    for (steps, _), members in groups.items():
+        predicted = forecast(loaded.model, loaded.state, np.stack([items[i].history for i in members]),
+                             np.array([items[i].init_time for i in members]), steps, batch_size=len(members))
+        for row, i in enumerate(members):
+            out[i] = predicted[row]
+    return [out[i] for i in range(len(items))]
 
 
 # --- initial states from user data, and rollouts back to xarray (used by the service) ---------------------

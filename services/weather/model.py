@@ -17,6 +17,7 @@ the atmospheric state at t (plus static fields and forcings) to t + dt, rolled o
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,6 +198,7 @@ class WXFormer(nn.Module):
     def __init__(self, cfg: WeatherConfig, state: WeatherState) -> None:
         super().__init__()
         self.cfg = cfg
+        self.built_from = state  # what __reduce__ builds it again from
         grid = state.grid
         self.n_channels = len(state.channels)
         self.forcings = state.forcings
@@ -260,6 +262,14 @@ class WXFormer(nn.Module):
         # Stored divided by MIX_GAIN so that Adam's steps of about lr move the blend MIX_GAIN times faster.
         self.history_mix = nn.Parameter(torch.zeros(self.n_channels, cfg.history * self.n_channels)) \
             if cfg.history_skip else None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Parametrized modules (the spectral normalization) do not pickle, so a WXFormer pickles as what builds
+        it again: its config, the saved state it was built from, its state dict and the buffers outside it (the
+        calibration factors, the climatology, ...); a service's model process gets it whole."""
+        weights = self.state_dict()
+        buffers = {name: b for name, b in self.named_buffers() if name not in weights}
+        return _rebuilt, (self.cfg, self.built_from, weights, buffers, self.keep_mean, self.training)
 
     @staticmethod
     def _pads(size: int, factor: int, margin: int) -> tuple[int, int]:
@@ -362,6 +372,18 @@ class WXFormer(nn.Module):
 
     def denormalize(self, x: Tensor) -> Tensor:
         return x * self.std + self.mean
+
+
+def _rebuilt(cfg: WeatherConfig, state: WeatherState, weights: dict[str, Tensor], buffers: dict[str, Tensor],
+             keep_mean: bool, training: bool) -> WXFormer:
+    """A pickled WXFormer (:meth:`WXFormer.__reduce__`) built again."""
+    model = WXFormer(cfg, state)
+    model.load_state_dict(weights)
+    for name, tensor in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = tensor
+    model.keep_mean = keep_mean
+    return model.train(training)
 
 
 def build(cfg: WeatherConfig, state: WeatherState) -> WXFormer:

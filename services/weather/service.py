@@ -6,12 +6,17 @@
 - ``POST /forecast_json``: the initial state as JSON (small grids), returns values and summary statistics.
 - ``GET /model``: the served model's grid, channels, units and time step.
 
+The rollouts of requests that arrive together run as one batch in the service's model process
+(:class:`shared.serving.BatchingService`, ``inference.run_items``); reading an upload and writing the netCDF
+answer run on worker threads, off the event loop.
+
 Inputs are checked against the model's grid, variables, levels, units and values (a 422 saying what is
 wrong); uploads above ``TESSERA_WEATHER_MAX_BODY_BYTES`` (32 MiB) get a 413.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.weather.client import example_request
 from services.weather.data import WeatherState
-from services.weather.inference import StateError, forecast, lead_times, rollout_dataset, to_model_units
-from shared.serving import BENTO_MAX_CONCURRENCY, JSON, DomainService, ModelRef, RequestError, answers_errors, guard
-from shared.tracking import LoadedModel
+from services.weather.inference import Rollout, StateError, lead_times, rollout_dataset, to_model_units
+from shared.loaded import LoadedModel
+from shared.serving import BENTO_MAX_CONCURRENCY, JSON, BatchingService, ModelRef, RequestError, answers_errors, guard
 
 MAX_STEPS = 120  # 30 days of 6-hourly steps
 MAX_JSON_POINTS = 20_000  # grid points per field in the JSON form; larger grids go through netCDF
@@ -63,31 +68,27 @@ def _utc(value: datetime) -> np.datetime64:
 
 @bentoml.service(name="weather", workers=1, resources={"cpu": "2"},
                  traffic={"timeout": 300, "max_concurrency": BENTO_MAX_CONCURRENCY})
-class Weather(DomainService):
+class Weather(BatchingService):
     """Weather forecasts from WXFormer, rolled out step by step from an initial state: upload the state as
     netCDF (or GRIB) to `/forecast` and get the rollout back as netCDF in the data's own layout, or send a small
-    grid as JSON to `/forecast_json`. `/model` describes the grid, channels, units and time step."""
+    grid as JSON to `/forecast_json`. `/model` describes the grid, channels, units and time step. (Requests that
+    arrive together roll out as one batch.)"""
 
     domain = "weather"
+    batch_function = "services.weather.inference:run_items"
+    max_batch_items = 16
 
     @bentoml.api(route="/forecast")
     @answers_errors
-    def forecast(self, file: Path, steps: int = Field(default=4, ge=1, le=MAX_STEPS),
-                 format: Literal["netcdf", "json"] = "netcdf") -> Any:
+    async def forecast(self, file: Path, steps: int = Field(default=4, ge=1, le=MAX_STEPS),
+                       format: Literal["netcdf", "json"] = "netcdf") -> Any:
         """Roll out from an uploaded netCDF (or GRIB) initial state; the last ``history`` times are used."""
         loaded = self.holder.get()
-        ds = _open_upload(Path(file))
-        try:
-            states, init_time, notes = _state(ds, loaded.state, loaded.cfg.history)
-        finally:
-            ds.close()
-        predicted, latency = _run(loaded, states, init_time, steps)
+        states, init_time, notes = await asyncio.to_thread(_read_state, Path(file), loaded)
+        predicted, latency = await self._rollout(loaded, states, init_time, steps)
         if format == "json":
             return _summary(loaded, predicted, init_time, notes, latency, values=False)
-        attrs = {"title": "Tessera weather forecast", "model": f"{loaded.name} v{loaded.version}",
-                 "model_run_id": str(loaded.run_id), "architecture": str(loaded.cfg.model), "notes": "; ".join(notes)}
-        out = rollout_dataset(predicted, init_time, loaded.state, attrs)
-        content = bytes(out.to_netcdf())  # netCDF-4 (HDF5), built in memory
+        content = await asyncio.to_thread(_netcdf, loaded, predicted, init_time, notes)
         from starlette.responses import Response
 
         return Response(content, media_type="application/x-netcdf",
@@ -96,19 +97,35 @@ class Weather(DomainService):
 
     @bentoml.api(route="/forecast_json")
     @answers_errors
-    def forecast_json(self, request: ForecastJSON, /) -> ForecastSummary:
+    async def forecast_json(self, request: ForecastJSON, /) -> ForecastSummary:
         """Roll out from an initial state given as JSON (grids up to 20,000 points)."""
         loaded = self.holder.get()
         states, notes = _state_from_json(request, loaded.state, loaded.cfg.history)
         init_time = _utc(request.time)
-        predicted, latency = _run(loaded, states, init_time, request.steps)
+        predicted, latency = await self._rollout(loaded, states, init_time, request.steps)
         return _summary(loaded, predicted, init_time, notes, latency, values=request.include_values)
 
+    async def _rollout(self, loaded: LoadedModel, states: np.ndarray, init_time: np.datetime64,
+                       steps: int) -> tuple[np.ndarray, float]:
+        """(steps, C, H, W) from the (h, C, H, W) history, on the model the request was checked on, and the ms
+        it took (its wait for the batch included)."""
+        started = time.perf_counter()
+        (predicted,) = await self.batcher.submit(loaded, [Rollout(states, init_time, steps)])
+        return predicted, (time.perf_counter() - started) * 1000
 
-def _run(loaded: LoadedModel, states: np.ndarray, init_time: np.datetime64, steps: int) -> tuple[np.ndarray, float]:
-    started = time.perf_counter()
-    predicted = forecast(loaded.model, loaded.state, states[None], np.array([init_time]), steps)[0]
-    return predicted, (time.perf_counter() - started) * 1000
+
+def _read_state(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, np.datetime64, list[str]]:
+    ds = _open_upload(path)
+    try:
+        return _state(ds, loaded.state, loaded.cfg.history)
+    finally:
+        ds.close()
+
+
+def _netcdf(loaded: LoadedModel, predicted: np.ndarray, init_time: np.datetime64, notes: list[str]) -> bytes:
+    attrs = {"title": "Tessera weather forecast", "model": f"{loaded.name} v{loaded.version}",
+             "model_run_id": str(loaded.run_id), "architecture": str(loaded.cfg.model), "notes": "; ".join(notes)}
+    return bytes(rollout_dataset(predicted, init_time, loaded.state, attrs).to_netcdf())  # netCDF-4, in memory
 
 
 def _summary(loaded: LoadedModel, predicted: np.ndarray, init_time: np.datetime64, notes: list[str], latency: float,
@@ -183,7 +200,7 @@ def _state_from_json(request: ForecastJSON, state: WeatherState, history: int) -
             layers.append(to_model_units(values, units.get(channel), unit, channel))
         except StateError as exc:
             raise RequestError(str(exc)) from None
-    states = np.stack(layers)[None].astype(np.float32)  # (1, C, H, W)
+    states = np.stack(layers)[None].astype(np.float32)  # (1, C, H, W): a history of one state
     if not np.isfinite(states).all():
         raise RequestError("the state holds values too large for float32")
     return states, notes

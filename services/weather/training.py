@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from shared.inferers import RolloutInferer
-from shared.tracking import unwrap
+from shared.layers import unwrap
 
 
 def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:

@@ -477,3 +477,32 @@ def test_an_inference_rollout_computes_each_spectral_norm_once_with_the_same_val
         expected = rollout(model, history, forcing, 2, hours)
     assert once <= layers < calls["n"]  # once per layer at most, against every call of every step
     assert all(torch.equal(a, b) for a, b in zip(expected, found, strict=True))
+
+
+def test_a_pickled_model_is_built_again_whole_for_the_model_process() -> None:
+    """Spectrally normalized (parametrized) modules do not pickle by themselves: a WXFormer pickles as its config,
+    state, state dict and the buffers outside it, and comes back rolling out the same states, its calibration
+    factors and training mode included."""
+    import pickle
+
+    from services.weather.training import rollout, unpack
+
+    torch.manual_seed(0)
+    cfg = _cfg(synthetic_days=4, synthetic_grid=(16, 32), train_rollout=2)
+    prepared = prepare(cfg)
+    model = WXFormer(cfg, prepared.state)
+    with torch.no_grad():  # weights and a calibration unlike a fresh model's
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.set_damping(torch.tensor([[0.8, 0.5, 0.9], [0.3, 0.2, 0.6]]))
+    model.eval()
+    again = pickle.loads(pickle.dumps(model))
+    assert isinstance(again, WXFormer) and not again.training and again.keep_mean == model.keep_mean
+    assert torch.equal(again.damping, model.damping) and torch.equal(again.climatology, model.climatology)
+    batch = next(iter(torch.utils.data.DataLoader(prepared.datasets[0], batch_size=2)))
+    history, forcing, _, hours = unpack(batch, torch.device("cpu"))
+    with torch.inference_mode():
+        expected = rollout(model, history, forcing, 2, hours)
+        found = rollout(again, history, forcing, 2, hours)
+    assert all(torch.equal(a, b) for a, b in zip(expected, found, strict=True))
+    assert pickle.loads(pickle.dumps(model.train())).training

@@ -13,15 +13,18 @@ from services.weather.config import WeatherConfig, WeatherEvalConfig
 from services.weather.data import WeatherState, prepare
 from services.weather.evaluation import evaluate_forecasts
 from services.weather.inference import (
+    Rollout,
     StateError,
     forecast,
     rollout_dataset,
+    run_items,
     state_from_dataset,
     to_model_units,
 )
 from services.weather.model import WXFormer
 from services.weather.service import ForecastJSON, _state_from_json
 from services.weather.synthetic import synthetic_dataset
+from shared.loaded import LoadedModel
 from shared.serving import RequestError
 
 TINY = {"dims": (16, 32), "depths": (1, 1), "kernels": ((2, 4), (2, 4)), "strides": (2, 2), "local_window": 2,
@@ -127,6 +130,24 @@ def test_rollout_back_to_the_data_layout(trained: Any, state: Any) -> None:
     np.testing.assert_allclose(out["t2m"].values, predicted[:, 2])
     again, _, _ = state_from_dataset(out.isel(time=slice(-1, None)), saved, history=1)  # a forecast is a valid state
     np.testing.assert_allclose(again[0], predicted[-1], rtol=1e-6)
+
+
+def test_requests_batched_in_the_model_process_get_their_own_rollouts(trained: Any) -> None:
+    """run_items (what the service's model process runs): requests with the same steps roll out together, others
+    apart, and each gets the rollout it would get alone, in its own order."""
+    model, saved, cfg = trained
+    loaded = LoadedModel(model=model, cfg=cfg, state=saved, domain="weather", name="weather", version="1")
+    world = synthetic_dataset(days=1, grid=(16, 32), seed=0)
+    items = []
+    for hour, steps in ((3, 2), (9, 1), (14, 2), (20, 2)):
+        values, init_time, _ = state_from_dataset(world.isel(time=slice(hour, hour + 1)), saved, history=1)
+        items.append(Rollout(values, init_time, steps))
+    together = run_items(loaded, items)
+    assert [p.shape for p in together] == [(2, 3, 16, 32), (1, 3, 16, 32), (2, 3, 16, 32), (2, 3, 16, 32)]
+    for item, batched in zip(items, together, strict=True):
+        alone = forecast(model, saved, item.history[None], np.array([item.init_time]), item.steps)[0]
+        np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-4)  # K; float rounding of a batch only
+    assert not np.allclose(together[0], together[2])  # another initial state, another forecast
 
 
 def test_evaluation_reports_model_and_baselines_per_lead(trained: Any) -> None:
