@@ -7,6 +7,10 @@
   given spacing); returns the label volumes and, with ``include_mask``, the mask.
 - ``GET /model``: the channels, labels, regions, spacing, patch and limits.
 
+The network runs in the service's model process (:class:`shared.serving.BatchingService`,
+``inference.run_items``), one request after the other on its own core; reading, checking and writing volumes
+runs on worker threads, off the event loop.
+
 Wrong channel counts, channels whose shapes or affines disagree, non-3-D images, NaN, files that are not NIfTI:
 a 422 saying which file and why; uploads over ``TESSERA_SEGMENTATION_MAX_BODY_BYTES`` (256 MiB) a 413; no
 model yet a 503.
@@ -14,6 +18,7 @@ model yet a 503.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.segmentation.client import example_request, write_channels
-from services.segmentation.inference import MAX_VOXELS, Mask, check_inputs, segment
-from shared.serving import BENTO_MAX_CONCURRENCY, JSON, DomainService, ModelRef, RequestError, answers_errors, guard
+from services.segmentation.inference import MAX_VOXELS, Inputs, Mask, check_inputs
+from shared.loaded import LoadedModel
+from shared.serving import BENTO_MAX_CONCURRENCY, JSON, BatchingService, ModelRef, RequestError, answers_errors, guard
 
 MAX_JSON_VOXELS = 96**3  # per channel in the JSON form; larger volumes go through NIfTI uploads
 
@@ -51,32 +57,34 @@ class SegmentSummary(BaseModel):
 
 @bentoml.service(name="segmentation", workers=1, resources={"cpu": "2"},
                  traffic={"timeout": 600, "max_concurrency": BENTO_MAX_CONCURRENCY})
-class Segmentation(DomainService):
+class Segmentation(BatchingService):
     """3-D segmentation of medical volumes: upload one NIfTI per channel (or one 4-D NIfTI) to `/segment` and get
     the mask back as NIfTI on the input's own grid, affine and header (or label volumes with `format=json`);
     `/segment_json` takes a small volume as JSON. `/model` lists the channels and labels the model expects."""
 
     domain = "segmentation"
+    batch_function = "services.segmentation.inference:run_items"
+    max_batch_items = 4
 
     @bentoml.api(route="/segment")
     @answers_errors
-    def segment(self, files: list[Path], format: Literal["nifti", "json"] = "nifti") -> Any:
+    async def segment(self, files: list[Path], format: Literal["nifti", "json"] = "nifti") -> Any:
         """Segment the uploaded channels (in the order `/model` lists them)."""
         loaded = self.holder.get()
         started = time.perf_counter()
-        inputs = check_inputs([Path(f) for f in files], loaded.state.channels)
-        found = segment(loaded, inputs)
+        inputs = await asyncio.to_thread(check_inputs, [Path(f) for f in files], loaded.state.channels)
+        found = await self._segment(loaded, inputs)
         if format == "json":
             return _summary(loaded, found, started, include_mask=False)
         from starlette.responses import Response
 
-        return Response(found.nifti_bytes(), media_type="application/gzip",
+        return Response(await asyncio.to_thread(found.nifti_bytes), media_type="application/gzip",
                         headers={"Content-Disposition": 'attachment; filename="mask.nii.gz"',
                                  "X-Model-Version": str(loaded.version)})
 
     @bentoml.api(route="/segment_json")
     @answers_errors
-    def segment_json(self, request: SegmentJSON, /) -> SegmentSummary:
+    async def segment_json(self, request: SegmentJSON, /) -> SegmentSummary:
         """Segment a small volume sent as JSON (up to 96^3 voxels per channel)."""
         loaded = self.holder.get()
         started = time.perf_counter()
@@ -99,10 +107,19 @@ class Segmentation(DomainService):
                 raise RequestError(f"channel {name}: {int(np.prod(shape)):,} voxels; the JSON form takes up to "
                                    f"{MAX_JSON_VOXELS:,} (upload NIfTI to POST /segment)")
             volumes[name] = np.asarray(rows, dtype=np.float32)
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = write_channels(Path(tmp), volumes, channels, request.spacing)
-            found = segment(loaded, check_inputs(paths, channels))
+        with tempfile.TemporaryDirectory() as tmp:  # the model process reads the files before it is left
+            inputs = await asyncio.to_thread(_written, Path(tmp), volumes, channels, request.spacing)
+            found = await self._segment(loaded, inputs)
         return _summary(loaded, found, started, include_mask=request.include_mask)
+
+    async def _segment(self, loaded: LoadedModel, inputs: Inputs) -> Mask:
+        """The mask of checked inputs, on the model they were checked on, in the model process."""
+        (found,) = await self.batcher.submit(loaded, [inputs])
+        return found
+
+
+def _written(folder: Path, volumes: dict[str, np.ndarray], channels: list[str], spacing: list[float]) -> Inputs:
+    return check_inputs(write_channels(folder, volumes, channels, spacing), channels)
 
 
 def _summary(loaded: Any, found: Mask, started: float, include_mask: bool) -> SegmentSummary:

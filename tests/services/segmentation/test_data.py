@@ -3,7 +3,9 @@ generator, splits by case, the exact round trip to the input's grid, and the inp
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from services.segmentation.data import (
     split_cases,
     write_synthetic,
 )
-from services.segmentation.inference import check_inputs, predict_classes
+from services.segmentation.inference import check_inputs, predict_classes, run_items
+from shared.loaded import LoadedModel
 from shared.serving import RequestError
 
 REAL = Path(__file__).resolve().parents[4] / "shared" / "data" / "medical_segmentation"
@@ -124,6 +127,9 @@ class _Oracle:
     def parameters(self):  # type: ignore[no-untyped-def]
         return iter([self.weight])
 
+    def eval(self) -> _Oracle:
+        return self
+
     def segment(self, volume: torch.Tensor) -> torch.Tensor:
         assert volume.shape[2:] == self.classes.shape[1:]
         return torch.nn.functional.one_hot(self.classes[0], 3).permute(3, 0, 1, 2)[None].float()
@@ -147,6 +153,26 @@ def test_a_prediction_goes_back_to_the_inputs_grid_exactly(tmp_path: Path, affin
     assert oracle.classes.shape[1:] != label.shape or spacing != (1.0, 1.0, 1.0)  # the network's grid is another
     back = predict_classes(oracle, state, check_inputs([tmp_path / "i.nii.gz"], ("MRI",)))
     assert back.shape == label.shape and np.array_equal(back, label)
+
+
+def test_the_model_process_gets_picklable_inputs_and_answers_each_request(tmp_path: Path) -> None:
+    """run_items (the service's model process) on checked inputs that crossed a pipe: each request gets the
+    mask in label values on its own grid, with its file's affine and header."""
+    rng = np.random.default_rng(1)
+    label = rng.integers(0, 3, (10, 12, 8)).astype(np.uint8)
+    affine = np.diag([-1.5, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(rng.normal(size=label.shape).astype(np.float32), affine), str(tmp_path / "i.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "l.nii.gz"))
+    state = dataclasses.replace(_state((1.0, 1.0, 1.0)), label_values=(0, 3, 7))
+    oracle = _Oracle(state, str(tmp_path / "i.nii.gz"), str(tmp_path / "l.nii.gz"))
+    inputs = pickle.loads(pickle.dumps(check_inputs([tmp_path / "i.nii.gz"], ("MRI",))))
+    loaded = LoadedModel(model=oracle, cfg=None, state=state, domain="segmentation")  # type: ignore[arg-type]
+    masks = run_items(loaded, [inputs, inputs])
+    assert len(masks) == 2
+    for mask in masks:
+        assert np.array_equal(mask.mask, np.array([0, 3, 7])[label]) and np.allclose(mask.affine, affine)
+        assert mask.volumes_ml == {"a": round(float((label == 1).sum()) * 1.5**3 / 1000, 4),
+                                   "b": round(float((label == 2).sum()) * 1.5**3 / 1000, 4)}
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
