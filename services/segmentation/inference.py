@@ -144,9 +144,9 @@ def segment(loaded: Any, inputs: Inputs) -> Mask:
 
 def run_items(loaded: Any, items: list[Inputs]) -> list[Mask]:
     """The service's batch (in its model process): each request's mask, one after the other. Volumes do not
-    batch well on a CPU (the demo's model: 29 ms for one 32^3 window, 42 ms each for two or four), but one
-    torch thread in a process of its own runs them at that speed, where requests on the service's threads
-    fought over the cores and the GIL (~170-230 ms of CPU an answer under load)."""
+    batch well on a CPU (the demo's model: 29 ms for one 32^3 window, 42 ms each for two or four); one torch
+    thread in a process of its own spends less CPU per answer than requests on the service's threads did (62
+    against 89 ms under the load benchmark, 8 Dec 2026)."""
     return [segment(loaded, inputs) for inputs in items]
 
 
