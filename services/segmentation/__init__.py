@@ -84,7 +84,7 @@ class SegmentationDomain(Domain):
               f"channels {list(collection.channels)}, labels {labels}", flush=True)
         for note in collection.notes:
             print(f"segmentation data: {note}", flush=True)
-        parts = split_cases(len(cases), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        parts = split_cases(len(cases), cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.folds, cfg.fold)
         chosen = [[cases[i] for i in p] for p in parts]
         state = SegmentationState(
             data=collection.name, fingerprint=fingerprint(cases), layout=collection.layout,

@@ -32,6 +32,10 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
     synthetic_shape: tuple[int, ...] = (48, 48, 48)
     val_fraction: float = 0.1  # cases held out for validation (at least one)
     test_fraction: float = 0.2  # cases held out for test (at least one)
+    # k-fold cross-validation by case (nnU-Net's 5 folds, say): > 1 cuts the seed's order of the cases into that
+    # many parts and tests on part `fold` (0-based), validating on val_fraction of the rest; 0: test_fraction
+    folds: int = 0
+    fold: int = 0
     max_cases: int = 0  # > 0: use only that many cases (smoke runs)
 
     # the grid the network sees: canonical orientation (RAS) and this voxel spacing (mm)
@@ -81,6 +85,9 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
             raise ValueError(f"max_patch={self.max_patch} must be a multiple of 8")
         if not (0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5):
             raise ValueError("val_fraction and test_fraction must be in (0, 0.5)")
+        if self.folds == 1 or self.folds < 0 or not 0 <= self.fold < max(self.folds, 1):
+            raise ValueError(f"folds={self.folds} fold={self.fold}: folds is 0 (no cross-validation) or at least 2, "
+                             f"and 0 <= fold < folds")
         for name in ("foreground_fraction", "dropout", "overlap"):
             if not 0.0 <= getattr(self, name) < 1.0 + (name == "foreground_fraction"):
                 raise ValueError(f"{name}={getattr(self, name)} out of range")

@@ -264,11 +264,24 @@ class SegmentationState(SavedState):
     cases: dict[str, tuple[str, ...]]  # train / val / test case ids
 
 
-def split_cases(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], ...]:
-    """Train / validation / test indices by case (each held-out part at least one case)."""
+def split_cases(n: int, val_fraction: float, test_fraction: float, seed: int, folds: int = 0,
+                fold: int = 0) -> tuple[list[int], ...]:
+    """Train / validation / test indices by case (each held-out part at least one case), from the ``seed``'s
+    order of the cases. ``folds`` > 1: k-fold cross-validation, the test cases are part ``fold`` of that order
+    cut into ``folds`` (every case is tested in exactly one fold), validation ``val_fraction`` of the rest."""
     if n < 3:
         raise ValueError(f"{n} labelled case(s): at least 3 are needed (train, validation, test)")
     order = np.random.default_rng(seed).permutation(n)
+    if folds:
+        if not 2 <= folds <= n or not 0 <= fold < folds:
+            raise ValueError(f"folds={folds} fold={fold}: need 2 <= folds <= {n} cases and 0 <= fold < folds")
+        test = np.array_split(order, folds)[fold]
+        rest = order[~np.isin(order, test)]
+        if len(rest) < 2:
+            raise ValueError(f"folds={folds} of {n} cases leave {len(rest)} case(s) for training and validation")
+        n_val = min(max(1, round(len(rest) * val_fraction)), len(rest) - 1)
+        val, train = rest[:n_val], rest[n_val:]
+        return sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist())
     n_test = max(1, round(n * test_fraction))
     n_val = max(1, round(n * val_fraction))
     if n - n_test - n_val < 1:

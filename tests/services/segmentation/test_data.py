@@ -110,6 +110,21 @@ def test_splits_are_by_case_disjoint_and_complete() -> None:
         split_cases(2, 0.1, 0.2, seed=0)
 
 
+@pytest.mark.parametrize(("n", "folds"), [(4, 4), (208, 5), (7, 3)])
+def test_cross_validation_folds_test_every_case_exactly_once(n: int, folds: int) -> None:
+    splits = [split_cases(n, 0.1, 0.2, seed=0, folds=folds, fold=k) for k in range(folds)]
+    tested = sorted(i for _, _, test in splits for i in test)
+    assert tested == list(range(n))  # each case in one fold's test part
+    for train, val, test in splits:
+        assert sorted(train + val + test) == list(range(n)) and train and val
+        assert abs(len(test) - n / folds) < 1
+    assert [len(v) for _, v, _ in splits] == [max(1, round((n - len(t)) * 0.1)) for _, _, t in splits]
+    with pytest.raises(ValueError, match="folds=5"):
+        split_cases(4, 0.1, 0.2, seed=0, folds=5, fold=0)
+    with pytest.raises(ValueError, match="fold=4"):
+        SegmentationConfig(folds=4, fold=4)
+
+
 def _state(spacing: tuple[float, ...]) -> SegmentationState:
     return SegmentationState(data="t", fingerprint="f", layout="msd", channels=("MRI",), label_values=(0, 1, 2),
                              label_names=("background", "a", "b"), regions={"a": (1,), "b": (2,)}, spacing=spacing,
