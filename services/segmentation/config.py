@@ -35,7 +35,7 @@ class SegmentationConfig(RunSettings, batch_size=2, lr=1e-3, lr_schedule="cosine
     # k-fold cross-validation by case (nnU-Net's 5 folds, say): > 1 cuts the seed's order of the cases into that
     # many parts and tests on part `fold` (0-based), validating on val_fraction of the rest; 0: test_fraction
     folds: int = 0
-    fold: int = 0
+    fold: int = 0  # the part tested when folds > 1 (0-based)
     max_cases: int = 0  # > 0: use only that many cases (smoke runs)
 
     # the grid the network sees: canonical orientation (RAS) and this voxel spacing (mm)
