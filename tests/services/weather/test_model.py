@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Any
 
@@ -505,4 +506,9 @@ def test_a_pickled_model_is_built_again_whole_for_the_model_process() -> None:
         expected = rollout(model, history, forcing, 2, hours)
         found = rollout(again, history, forcing, 2, hours)
     assert all(torch.equal(a, b) for a, b in zip(expected, found, strict=True))
+    copied = copy.deepcopy(model)  # the trainer's moving average copies the model this way: through __reduce__ too
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(expected, rollout(copied, history, forcing, 2, hours),
+                                                      strict=True))
+    assert [n for n, _ in copied.named_buffers()] == [n for n, _ in model.named_buffers()]  # the EMA zips them
     assert pickle.loads(pickle.dumps(model.train())).training
